@@ -1,0 +1,225 @@
+"""Library entry points behind the CLI: fit, load a run back, zero-shot, retrieval.
+
+The CLI only parses arguments and calls these, so the library and the CLI behave identically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from medvlp import config as C
+from medvlp.datamodules.base import DEMO_ROOT, DataRootError
+from medvlp.registry import DATAMODULES, METHODS
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.yaml"
+TEXT_DIR = "text_encoder"
+CKPT_DIR = "checkpoints"
+
+
+# --------------------------------------------------------------------------- data
+def resolve_data_root(cfg: DictConfig) -> None:
+    """Replace ``data.root=demo`` by the generated synthetic dataset; check the root's layout."""
+    dm_cls = DATAMODULES.get(cfg.data.name)
+    if cfg.data.root == DEMO_ROOT:
+        if not getattr(dm_cls, "demo_kind", ""):
+            raise DataRootError(f"data.root=demo: the {cfg.data.name} datamodule has no synthetic demo version.")
+        from medvlp.datamodules.demo import ensure_demo
+
+        cfg.data.root = str(ensure_demo(dm_cls.demo_kind, size=cfg.data.demo_size, seed=0))
+    if OmegaConf.is_missing(cfg.data, "root"):
+        raise DataRootError(dm_cls.root_message("???", "is not set"))
+    dm_cls.check_root(cfg.data)
+
+
+def build_datamodule(cfg: DictConfig, tokenizer: Any = None):
+    return DATAMODULES.get(cfg.data.name)(cfg.data, tokenizer=tokenizer)
+
+
+# --------------------------------------------------------------------------- runs
+def _run_info(cfg: DictConfig) -> dict[str, Any]:
+    import lightning
+    import torch
+    import transformers
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "command": sys.argv,
+        "git_commit": commit,
+        "python": platform.python_version(),
+        "versions": {"torch": torch.__version__, "lightning": lightning.__version__, "transformers": transformers.__version__},
+    }
+
+
+def new_run_dir(cfg: DictConfig) -> Path:
+    name = cfg.run.name or f"{cfg.method.name}-{Path(str(cfg.data.root)).name or cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.run.out_dir) / name
+    if (run_dir / CONFIG_NAME).exists():
+        raise C.ConfigError(f"Run directory {run_dir} already holds a run; resume it with `medvlp fit --resume {run_dir}` or set run.name.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir.resolve()
+
+
+def build_method(cfg: DictConfig):
+    return METHODS.get(cfg.method.name)(cfg.method, cfg.optim)
+
+
+def _trainer(cfg: DictConfig, run_dir: Path):
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    class FinalCheckpoint(Callback):
+        """Writes ``last.ckpt`` when training ends, whatever the checkpoint interval."""
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            trainer.save_checkpoint(run_dir / CKPT_DIR / "last.ckpt")
+
+    t = cfg.trainer
+    every = t.checkpoint_every_n_steps or None
+    ckpt = ModelCheckpoint(
+        dirpath=run_dir / CKPT_DIR,
+        filename="step{step}",
+        auto_insert_metric_name=False,
+        save_last=True,
+        every_n_train_steps=every,
+        every_n_epochs=None if every else 1,
+        save_top_k=1,
+    )
+    loggers = [CSVLogger(run_dir, name="", version=""), TensorBoardLogger(run_dir, name="tb", version="")]
+    return L.Trainer(
+        default_root_dir=run_dir,
+        max_epochs=t.max_epochs,
+        max_steps=t.max_steps,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val or None,
+        log_every_n_steps=t.log_every_n_steps,
+        val_check_interval=t.val_check_interval,
+        check_val_every_n_epoch=t.check_val_every_n_epoch,
+        limit_val_batches=t.limit_val_batches,
+        num_sanity_val_steps=t.num_sanity_val_steps,
+        enable_progress_bar=t.enable_progress_bar,
+        deterministic=t.deterministic,
+        logger=loggers,
+        callbacks=[ckpt, FinalCheckpoint(), LearningRateMonitor(logging_interval="step")],
+    )
+
+
+def fit(cfg: DictConfig, resume: str | Path | None = None) -> Path:
+    """Train ``cfg`` (or continue the run in ``resume``); returns the run directory."""
+    import lightning as L
+    import torch
+
+    if resume is not None:
+        run_dir = Path(resume).resolve()
+        ckpt_path = latest_checkpoint(run_dir)
+    else:
+        resolve_data_root(cfg)
+        C.resolve(cfg)
+        run_dir = new_run_dir(cfg)
+        ckpt_path = None
+    L.seed_everything(cfg.run.seed, workers=True, verbose=False)
+    method = build_method(cfg)
+    if cfg.trainer.compile:
+        method.image_encoder = torch.compile(method.image_encoder)
+    dm = build_datamodule(cfg, tokenizer=method.tokenizer)
+    if resume is None:
+        C.save(cfg, run_dir / CONFIG_NAME)
+        method.text_encoder.save_pretrained_parts(run_dir / TEXT_DIR)
+        (run_dir / "run_info.json").write_text(json.dumps(_run_info(cfg), indent=2))
+    trainer = _trainer(cfg, run_dir)
+    trainer.fit(method, train_dataloaders=dm.train_dataloader(), val_dataloaders=dm.val_dataloader(), ckpt_path=ckpt_path)
+    return run_dir
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    """``checkpoints/last.ckpt``, else the newest checkpoint of the run."""
+    ckdir = Path(run_dir) / CKPT_DIR
+    if (ckdir / "last.ckpt").is_file():
+        return ckdir / "last.ckpt"
+    cands = sorted(ckdir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not cands:
+        raise FileNotFoundError(f"No checkpoint in {ckdir}: the run stopped before its first checkpoint; start it again.")
+    return cands[-1]
+
+
+def load_config(run_dir: str | Path) -> DictConfig:
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no {CONFIG_NAME}).")
+    return C.compose(config_file=str(run_dir / CONFIG_NAME))
+
+
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None):
+    """Rebuild a trained method from its run directory alone (no hub access); returns (method, cfg)."""
+    import torch
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir)
+    offline = cfg.copy()
+    offline.method.text_encoder.model = str(run_dir / TEXT_DIR)
+    offline.method.text_encoder.tokenizer = ""
+    offline.method.text_encoder.pretrained = False
+    offline.method.image_encoder.pretrained = False
+    offline.method.image_encoder.inflate_from = ""  # weights come from the checkpoint
+    method = build_method(offline)
+    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    method.load_state_dict(state["state_dict"])
+    method.eval()
+    return method, cfg
+
+
+def evaluate(run_dir: str | Path, tasks: tuple[str, ...] = ("zeroshot", "retrieval"), split: str = "test",
+             data_overrides: list[str] | None = None) -> dict[str, Any]:
+    """Zero-shot AUROC and / or retrieval recall of a run on a split of its dataset."""
+    method, cfg = load_run(run_dir)
+    if data_overrides:
+        cfg = OmegaConf.merge(cfg, C.parse_overrides(data_overrides))
+    out = evaluate_method(method, cfg, tasks, split)
+    out["run"] = str(run_dir)
+    return out
+
+
+def evaluate_method(method, cfg: DictConfig, tasks: tuple[str, ...] = ("zeroshot", "retrieval"),
+                    split: str = "test") -> dict[str, Any]:
+    """Evaluate an in-memory method on ``split`` of the dataset in ``cfg.data``."""
+    from medvlp.downstream.embed import extract
+    from medvlp.downstream.retrieval import retrieval_recall
+    from medvlp.downstream.zero_shot import load_prompts, zero_shot_auc
+
+    resolve_data_root(cfg)
+    dm = build_datamodule(cfg, tokenizer=method.tokenizer)
+    loader = {"test": dm.test_dataloader, "val": dm.val_dataloader, "train": dm.train_dataloader}[split]()
+    emb = extract(method, loader)
+    out: dict[str, Any] = {"split": split, "n": len(emb.study_ids)}
+    if "zeroshot" in tasks:
+        prompts = load_prompts(dm.prompt_file())
+        out["zeroshot"] = zero_shot_auc(method, emb, list(dm.label_names), dm.eval_label_names(), prompts, cfg.data.max_length)
+    if "retrieval" in tasks:
+        out["retrieval"] = retrieval_recall(method, emb)
+    return out
+
+
+__all__ = ["fit", "load_run", "evaluate", "evaluate_method", "resolve_data_root"]

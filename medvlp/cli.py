@@ -1,0 +1,173 @@
+"""``medvlp`` command line: parse, compose the config, call one function of :mod:`medvlp.api`.
+
+Heavy libraries (torch, Lightning, timm, transformers) are imported only by the sub-command that
+needs them, so ``medvlp --help`` and ``medvlp list`` answer at once and a wrong ``data.root`` fails
+before any of them loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+EXAMPLES = """examples:
+  medvlp fit --method clip                        train on the built-in synthetic chest X-rays
+  medvlp fit --method clip trainer.max_steps=50   ... for 50 optimiser steps
+  medvlp fit --method clip --data demo_ct         ... on the synthetic CT volumes
+  medvlp fit --method clip --data mimic_cxr data.root=/data/mimic-cxr-jpg/2.0.0
+  medvlp fit --config configs/experiment/x.yaml data.root=/data/...
+  medvlp fit --resume runs/clip-mimic-cxr-...     continue an interrupted run
+  medvlp zeroshot --run runs/clip-...             per-finding zero-shot AUROC on the test split
+  medvlp retrieve --run runs/clip-...             image<->report recall@1/5/10
+  medvlp demo --out demo_data                     write the synthetic datasets
+  medvlp list                                     methods, datamodules, encoders, tasks, configs
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="medvlp",
+        description="Medical vision-language pre-training: one interface for 2D and 3D methods.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="show debug logs and full tracebacks")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    fit = sub.add_parser("fit", help="pre-train a method", description="Pre-train a method. Overrides are key=value (e.g. trainer.max_steps=50).")
+    fit.add_argument("--method", help="configs/method/<name>.yaml (default clip)")
+    fit.add_argument("--data", help="configs/data/<name>.yaml (default demo_cxr: the synthetic chest X-rays)")
+    fit.add_argument("--trainer", help="configs/trainer/<name>.yaml (default: default)")
+    fit.add_argument("--config", help="a saved run config or configs/experiment/*.yaml")
+    fit.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    fit.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    fit.add_argument("overrides", nargs="*", help="key=value config overrides")
+
+    for name, text in (("zeroshot", "per-finding zero-shot AUROC of a run"), ("retrieve", "image<->report retrieval recall of a run")):
+        ev = sub.add_parser(name, help=text, description=text.capitalize() + ".")
+        ev.add_argument("--run", required=True, metavar="RUN_DIR")
+        ev.add_argument("--split", default="test", choices=["test", "val", "train"])
+        ev.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+        ev.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.root=/other/copy")
+
+    demo = sub.add_parser("demo", help="write the synthetic demo datasets", description="Write the synthetic radiology world in the real dataset formats.")
+    demo.add_argument("--out", required=True)
+    demo.add_argument("--kind", default="all", choices=["all", "cxr", "ct"])
+    demo.add_argument("--size", default="default", choices=["tiny", "default"])
+    demo.add_argument("--seed", type=int, default=0)
+
+    ls = sub.add_parser("list", help="list registered components and config files")
+    ls.add_argument("what", nargs="?", default="all",
+                    choices=["all", "methods", "datamodules", "image_encoders", "text_encoders", "tasks", "configs"])
+    return p
+
+
+def cmd_list(what: str) -> None:
+    from medvlp import config as C
+    from medvlp.registry import ALL
+
+    for kind, reg in ALL.items():
+        if what in ("all", kind):
+            print(f"{kind}:")
+            for name in reg.names():
+                print(f"  {name:<16} {reg.describe(name)}")
+    if what in ("all", "configs"):
+        for group in ("method", "data", "trainer", "experiment"):
+            print(f"configs/{group}: {', '.join(C.group_options(group)) or '(none)'}")
+
+
+def compose_fit(args: argparse.Namespace):
+    """Compose and validate the fit config; ``data.root`` is checked before the method loads."""
+    from medvlp import api
+    from medvlp import config as C
+
+    light = C.compose(args.method, args.data, args.trainer, args.config, args.overrides, sections=("data", "trainer", "optim", "run"))
+    api.resolve_data_root(light)  # fast: no torch yet
+    cfg = C.compose(args.method, args.data, args.trainer, args.config, args.overrides)
+    cfg.data.root = light.data.root
+    return C.resolve(cfg)
+
+
+def cmd_fit(args: argparse.Namespace) -> None:
+    from medvlp import api
+    from medvlp import config as C
+
+    if args.resume:
+        if args.method or args.data or args.config or args.overrides:
+            raise C.ConfigError("--resume continues a run with its saved config; do not combine it with --method/--data/--config/overrides.")
+        cfg = api.load_config(args.resume)
+    else:
+        cfg = compose_fit(args)
+    if args.print_config:
+        print(C.to_yaml(cfg))
+        return
+    run_dir = api.fit(cfg, resume=args.resume)
+    print(f"\nrun directory: {run_dir}\nnext: medvlp zeroshot --run {run_dir}   |   medvlp retrieve --run {run_dir}")
+
+
+def _print_table(rows: list[tuple[str, str]], header: tuple[str, str]) -> None:
+    width = max(len(r[0]) for r in [*rows, header])
+    print(f"{header[0]:<{width}}  {header[1]}")
+    for a, b in rows:
+        print(f"{a:<{width}}  {b}")
+
+
+def cmd_eval(args: argparse.Namespace, task: str) -> None:
+    from medvlp import api
+
+    res = api.evaluate(args.run, tasks=(task,), split=args.split, data_overrides=args.overrides)
+    if task == "zeroshot":
+        z = res["zeroshot"]
+        rows = [(lab, f"{auc:.3f}   (pos {z['positives'][lab]}, neg {z['negatives'][lab]})") for lab, auc in z["auroc"].items()]
+        rows.append(("mean", f"{z['mean_auroc']:.3f}"))
+        print(f"zero-shot AUROC on the {args.split} split ({res['n']} images)")
+        _print_table(rows, ("finding", "AUROC"))
+    else:
+        r = res["retrieval"]
+        print(f"retrieval on the {args.split} split ({r['n_images']} images, {r['n_reports']} reports; chance R@5 = {r['chance_R@5_i2t']:.3f})")
+        rows = [(d.replace("_", " "), "  ".join(f"{k} {v:.3f}" for k, v in r[d].items())) for d in ("image_to_text", "text_to_image")]
+        _print_table(rows, ("direction", "recall"))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=2)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from medvlp.datamodules.demo import main_demo
+
+    main_demo(args.out, kind=args.kind, size=args.size, seed=args.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from medvlp.config import ConfigError
+    from medvlp.datamodules.base import DataError
+    from medvlp.registry import RegistryError
+
+    handlers: dict[str, Any] = {
+        "fit": cmd_fit,
+        "zeroshot": lambda a: cmd_eval(a, "zeroshot"),
+        "retrieve": lambda a: cmd_eval(a, "retrieval"),
+        "demo": cmd_demo,
+        "list": lambda a: cmd_list(a.what),
+    }
+    try:
+        handlers[args.command](args)
+    except (ConfigError, DataError, RegistryError, FileNotFoundError, OSError, ValueError) as err:
+        if args.verbose:
+            raise
+        print(f"medvlp {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,370 @@
+"""Config schemas and composition.
+
+A run's config has five sections, each validated against a dataclass schema:
+
+* ``method``  - the method's ``Config`` (a :class:`MethodConfig` subclass), chosen by ``method.name``;
+* ``data``    - the datamodule's ``Config`` (a :class:`~medvlp.datamodules.base.DataConfig` subclass);
+* ``trainer`` - :class:`TrainerConfig` (Lightning ``Trainer`` arguments we expose);
+* ``optim``   - :class:`OptimConfig` (AdamW, warm-up + cosine);
+* ``run``     - :class:`RunConfig` (output directory, name, seed).
+
+Layers merge in this order: schema defaults -> ``configs/method/<m>.yaml`` -> ``configs/data/<d>.yaml``
+-> ``configs/trainer/<t>.yaml`` -> ``--config FILE`` -> command-line dot-list. Every file is a partial
+config with those top-level keys; a ``compose:`` key in a ``--config`` file names the group files
+to start from (``compose: {method: mgca, data: mimic_cxr, trainer: gpu}``). Struct mode is on:
+an unknown key fails with its full path and the closest valid key; a wrong type fails with the
+expected type. This module does not import torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+SECTIONS = ("method", "data", "trainer", "optim", "run")
+
+
+class ConfigError(ValueError):
+    """A config value or key is invalid; the message names the key, the value and the fix."""
+
+
+# --------------------------------------------------------------------------- schemas
+@dataclass
+class ImageEncoderConfig:
+    """``method.image_encoder``: a registered image encoder and its arguments.
+
+    ``timm`` (2D) reads ``model``, ``pretrained``, ``in_chans``, ``img_size``, ``drop_path`` and
+    ``kwargs`` (passed to ``timm.create_model``). ``vit3d`` reads ``img_size`` (D, H, W),
+    ``patch_size`` (per axis), ``width``, ``depth``, ``heads``, ``mlp_ratio``, ``pos_embed``,
+    ``inflate_from`` (a timm ViT whose weights are inflated to 3D) and ``pretrained``.
+    """
+
+    name: str = "timm"
+    model: str = "vit_base_patch16_224"
+    pretrained: bool = True
+    in_chans: int = 3
+    img_size: list[int] = field(default_factory=lambda: [224])
+    drop_path: float = 0.0
+    grad_checkpointing: bool = False
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # 3D ViT
+    patch_size: list[int] = field(default_factory=lambda: [16, 16, 16])
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    pos_embed: str = "learned"  # learned (interpolated to the grid) | sincos (fixed)
+    inflate_from: str = ""  # timm ViT name, e.g. vit_base_patch16_224.mae; "" = random init
+
+
+@dataclass
+class TextEncoderConfig:
+    """``method.text_encoder``: a transformers encoder (hub name, local directory or ``tiny``)."""
+
+    name: str = "hf"
+    model: str = "emilyalsentzer/Bio_ClinicalBERT"
+    pretrained: bool = True
+    tokenizer: str = ""  # "" = the model's own tokenizer (a run directory stores a copy)
+    num_layers: int = 0  # >0 keeps only the first N transformer layers (MGCA keeps 6)
+    freeze_layers: int = 0  # >0 freezes the embeddings and the first N layers
+    attn_implementation: str = "sdpa"
+    grad_checkpointing: bool = False
+    config_overrides: dict[str, Any] = field(default_factory=dict)  # fields of the HF config
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method shares (``method.*``). Methods extend this dataclass."""
+
+    name: str = MISSING
+    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    embed_dim: int = 512
+    loss_weights: dict[str, float] = field(default_factory=dict)  # loss term -> weight (missing = 1)
+
+
+@dataclass
+class OptimConfig:
+    """``optim.*``: AdamW with linear warm-up and cosine decay, stepped every optimiser step."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # used when warmup_steps == 0: fraction of the total steps
+    schedule: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.0  # final lr = lr * min_lr_ratio
+    no_decay_norm_bias: bool = True  # no weight decay on norms, biases and 1-d parameters
+    text_lr_mult: float = 1.0  # lr multiplier of the text encoder
+
+
+@dataclass
+class TrainerConfig:
+    """``trainer.*``: the Lightning Trainer arguments medvlp exposes."""
+
+    max_epochs: int = 10
+    max_steps: int = -1
+    accelerator: str = "auto"
+    devices: str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float = 0.0
+    log_every_n_steps: int = 10
+    val_check_interval: float = 1.0
+    check_val_every_n_epoch: int = 1
+    limit_val_batches: float = 1.0
+    num_sanity_val_steps: int = 0
+    checkpoint_every_n_steps: int = 0  # 0 = at the end of every epoch only
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+    compile: bool = False
+
+
+@dataclass
+class RunConfig:
+    """``run.*``: where the run directory goes."""
+
+    out_dir: str = "runs"
+    name: str = ""  # "" = <method>-<data>-<timestamp>
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- files
+def config_dir() -> Path:
+    """The ``configs/`` folder: ``$MEDVLP_CONFIG_DIR``, the source checkout's, or the packaged copy."""
+    env = os.environ.get("MEDVLP_CONFIG_DIR")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent / "configs", here / "configs"):
+        if cand.is_dir():
+            return cand
+    raise ConfigError(f"No configs/ folder found next to {here}; set MEDVLP_CONFIG_DIR.")
+
+
+def group_file(group: str, name: str) -> Path:
+    """``configs/<group>/<name>.yaml``; a path to an existing file is accepted as is."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    path = config_dir() / group / f"{name}.yaml"
+    if not path.is_file():
+        options = group_options(group)
+        close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"No {group} config '{name}' ({path}).{hint} Available: {', '.join(options)}.")
+    return path
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+
+
+def load_yaml(path: str | Path) -> DictConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file '{path}' does not exist.")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as err:
+        raise ConfigError(f"Config file '{path}' is not valid YAML: {err}") from err
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"Config file '{path}' must hold a mapping, got {type(cfg).__name__}.")
+    return cfg
+
+
+# --------------------------------------------------------------------------- composition
+def _schema_keys(schema: Any, prefix: str) -> list[str]:
+    """Every valid dotted key under a dataclass schema (for suggestions)."""
+    out = []
+    for f in fields(schema):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        out.append(key)
+        val = getattr(schema, f.name, None)
+        if is_dataclass(val):
+            out.extend(_schema_keys(val, key))
+    return out
+
+
+def _translate(err: OmegaConfBaseException, source: str, schemas: dict[str, Any]) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    if isinstance(err, ConfigKeyError | ConfigAttributeError):
+        all_keys = [k for sec, sch in schemas.items() for k in [sec, *_schema_keys(sch, sec)]]
+        close = difflib.get_close_matches(key, all_keys, n=1, cutoff=0.6)
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        siblings = sorted(k.rsplit(".", 1)[-1] for k in all_keys if k.rsplit(".", 1)[0] == parent and "." in k)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        valid = f" Valid keys under '{parent}': {', '.join(siblings)}." if siblings else ""
+        return ConfigError(f"Unknown config key '{key}' (from {source}).{hint}{valid}")
+    if isinstance(err, ValidationError):
+        expected = _expected_type(schemas, key)
+        return ConfigError(
+            f"Config key '{key}' (from {source}) expects {expected}, got {err.msg.split(chr(10))[0]}"
+        )
+    return ConfigError(f"Invalid config (from {source}) at '{key}': {err.msg if hasattr(err, 'msg') else err}")
+
+
+def _expected_type(schemas: dict[str, Any], key: str) -> str:
+    parts = key.split(".")
+    obj: Any = schemas.get(parts[0])
+    for part in parts[1:]:
+        if not is_dataclass(obj):
+            return "a valid value"
+        fmap = {f.name: f for f in fields(obj)}
+        if part not in fmap:
+            return "a valid value"
+        if part == parts[-1]:
+            t = fmap[part].type
+            return f"type {t if isinstance(t, str) else getattr(t, '__name__', t)}"
+        obj = getattr(obj, part)
+    return "a valid value"
+
+
+def _merge(base: DictConfig, layer: DictConfig | dict, source: str, schemas: dict[str, Any]) -> DictConfig:
+    layer = OmegaConf.create(layer) if isinstance(layer, dict) else layer
+    unknown = [k for k in layer if k not in SECTIONS]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), SECTIONS, n=1, cutoff=0.5)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(
+            f"Unknown config section '{unknown[0]}' (from {source}).{hint} Sections: {', '.join(SECTIONS)}."
+        )
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as err:
+        raise _translate(err, source, schemas) from None
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    """Dot-list ``key=value`` arguments to a config (values parsed as YAML)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"Override '{item}' is not of the form key=value (e.g. trainer.max_steps=50).")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"Could not parse the overrides {overrides}: {err}") from None
+
+
+def _name_in(layers: list[DictConfig], section: str) -> str | None:
+    name = None
+    for layer in layers:
+        sec = layer.get(section) if isinstance(layer, DictConfig) else None
+        if isinstance(sec, DictConfig) and sec.get("name") not in (None, MISSING, "???"):
+            name = str(sec.get("name"))
+    return name
+
+
+def compose(
+    method: str | None = None,
+    data: str | None = None,
+    trainer: str | None = None,
+    config_file: str | None = None,
+    overrides: list[str] | None = None,
+    sections: tuple[str, ...] = SECTIONS,
+) -> DictConfig:
+    """Compose and validate a run config (see the module docstring for the layer order).
+
+    Args:
+        method: a ``configs/method`` name (defaults to ``method.name`` of the config file, or clip).
+        data: a ``configs/data`` name (defaults to the config file's, or ``demo_cxr``).
+        trainer: a ``configs/trainer`` name (default ``default``).
+        config_file: a saved or experiment config; with a ``compose:`` key it names its groups.
+        overrides: command-line ``key=value`` items.
+        sections: compose only these sections (``medvlp fit`` checks ``data`` before it imports
+            the method, so that a wrong path fails fast).
+
+    Returns:
+        The merged config in struct mode, interpolations unresolved.
+    """
+    from medvlp.registry import DATAMODULES, METHODS
+
+    file_cfg = load_yaml(config_file) if config_file else OmegaConf.create({})
+    groups = file_cfg.pop("compose", None) or {}
+    if groups:
+        bad = [k for k in groups if k not in ("method", "data", "trainer")]
+        if bad:
+            raise ConfigError(f"compose: in {config_file} has unknown group {bad}; use method, data, trainer.")
+    dot = parse_overrides(overrides or [])
+    # A full saved config (no compose key) already holds every section: merge no group files.
+    saved = bool(config_file) and not groups and all(s in file_cfg for s in ("method", "data"))
+    method = method or groups.get("method") or (None if saved else _name_in([file_cfg, dot], "method")) or (None if saved else "clip")
+    data = data or groups.get("data") or (None if saved else "demo_cxr")
+    trainer = trainer or groups.get("trainer") or (None if saved else "default")
+
+    layers: list[tuple[str, DictConfig]] = []
+    if method:
+        layers.append((f"configs/method/{method}.yaml", load_yaml(group_file("method", method))))
+    if data:
+        layers.append((f"configs/data/{data}.yaml", load_yaml(group_file("data", data))))
+    if trainer:
+        layers.append((f"configs/trainer/{trainer}.yaml", load_yaml(group_file("trainer", trainer))))
+    if config_file:
+        layers.append((str(config_file), file_cfg))
+    layers.append(("the command line", dot))
+
+    all_layers = [layer for _, layer in layers]
+    schemas: dict[str, Any] = {"trainer": TrainerConfig(), "optim": OptimConfig(), "run": RunConfig()}
+    if "data" in sections:
+        data_name = _name_in(all_layers, "data") or "mimic_cxr"
+        schemas["data"] = DATAMODULES.get(data_name).Config()
+    if "method" in sections:
+        method_name = _name_in(all_layers, "method")
+        if not method_name:
+            raise ConfigError("No method given: use --method NAME (see `medvlp list methods`).")
+        schemas["method"] = METHODS.get(method_name).Config()
+
+    cfg = OmegaConf.structured({k: v for k, v in schemas.items() if k in sections or k in ("trainer", "optim", "run")})
+    OmegaConf.set_struct(cfg, True)
+    for sec, schema in schemas.items():
+        if sec in cfg:
+            open_dict_fields(cfg[sec], schema)
+    for source, layer in layers:
+        layer = OmegaConf.masked_copy(layer, [k for k in layer if k in cfg]) if _sections_only(layer) else layer
+        cfg = _merge(cfg, layer, source, schemas)
+    return cfg
+
+
+def open_dict_fields(node: DictConfig, schema: Any) -> None:
+    """Let free-form ``dict`` fields (``kwargs``, ``loss_weights``, ...) take new keys in struct mode."""
+    for f in fields(schema):
+        value = getattr(schema, f.name)
+        if is_dataclass(value):
+            open_dict_fields(node[f.name], value)
+        elif isinstance(value, dict):
+            OmegaConf.set_struct(node[f.name], False)
+
+
+def _sections_only(layer: DictConfig) -> bool:
+    """True when every key of the layer is a known section (unknown ones are reported by _merge)."""
+    return all(k in SECTIONS for k in layer)
+
+
+def resolve(cfg: DictConfig) -> DictConfig:
+    """Resolve interpolations and check that no required value (``???``) is left."""
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"Could not resolve the config: {err}") from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"Required config values are not set: {', '.join(missing)} (set them as key=value).")
+    return cfg
+
+
+def save(cfg: DictConfig, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, path, resolve=True)
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

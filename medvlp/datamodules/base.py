@@ -1,0 +1,247 @@
+"""The datamodule contract shared by every dataset.
+
+A dataset subclass provides:
+
+* ``Config``: a dataclass derived from :class:`DataConfig` (the schema of ``configs/data/*.yaml``);
+* ``EXPECTED_LAYOUT``: the on-disk layout, printed when ``data.root`` is wrong;
+* ``check_root(cfg)``: a cheap test (no decoding) that the root looks like the dataset;
+* ``build_records(split)``: a list of :class:`Record` read from the official files;
+* ``load_image(record, train)``: the image tensor of a record (``[C, H, W]`` or ``[C, D, H, W]``);
+* ``label_names``: the label columns attached to records (``Record.labels`` follows this order).
+
+The base class does the rest: datasets, error policy (``data.on_error``), tokenisation and
+collation into :class:`~medvlp.batch.ImageTextBatch`, and the zero-shot prompt sets.
+
+Import cost matters here: ``medvlp fit`` validates ``data.root`` through ``check_root`` before it
+imports torch or Lightning, so that a wrong path fails within a second or two. Dataset modules
+therefore import torch (and their image readers) inside the functions that need them, never at
+module level. The trainer receives the dataloaders directly, so no LightningDataModule is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from medvlp.batch import ImageTextBatch
+
+log = logging.getLogger(__name__)
+
+DEMO_ROOT = "demo"  # data.root value meaning "the built-in synthetic dataset, generated on demand"
+
+
+class DataError(RuntimeError):
+    """A dataset file or row is missing, unreadable or malformed. The message names it."""
+
+
+class DataRootError(DataError):
+    """``data.root`` does not exist or does not look like the dataset."""
+
+
+@dataclass
+class DataConfig:
+    """Fields common to every datamodule (``data.*``)."""
+
+    name: str = "mimic_cxr"
+    root: str = "???"  # dataset root as downloaded, or "demo" for the synthetic world
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    num_workers: int = 0
+    pin_memory: bool = False
+    persistent_workers: bool = False
+    max_length: int = 112  # text tokens, padded to this length
+    on_error: str = "raise"  # raise | skip  (skip counts and reports every dropped item)
+    seed: int = 0
+    limit_train: int = 0  # 0 = all records; >0 keeps the first N (debugging)
+    eval_labels: list[str] = field(default_factory=list)  # labels scored by zeroshot; [] = all
+    prompts: str = ""  # prompt file (yaml) for zero-shot; "" = the dataset's default
+    demo_size: str = "default"  # size preset of the synthetic world when root == "demo"
+
+
+@dataclass
+class Record:
+    """One sample as read from the official files (no pixels)."""
+
+    study_id: str
+    image_path: str | list[str]  # a list for several images / scans per study
+    text: str
+    labels: np.ndarray | None = None  # float32 [K], NaN unknown
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class RecordDataset:
+    """Loads one record per item; applies the ``on_error`` policy.
+
+    With ``on_error=skip`` an unreadable item becomes ``None``; the collate function drops it and
+    counts it in ``ImageTextBatch.skipped`` (so counts survive worker processes).
+    """
+
+    def __init__(self, dm: VLPDataModule, records: list[Record], train: bool) -> None:
+        self.dm = dm
+        self.records = records
+        self.train = train
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, idx: int) -> dict[str, Any] | None:
+        rec = self.records[idx]
+        try:
+            image = self.dm.load_image(rec, train=self.train)
+        except Exception as err:
+            msg = f"{type(err).__name__}: {err}" if not isinstance(err, DataError) else str(err)
+            if self.dm.cfg.on_error == "skip":
+                log.warning("skipping study %s: %s", rec.study_id, msg)
+                return None
+            if isinstance(err, DataError):
+                raise
+            raise DataError(
+                f"Could not load study {rec.study_id} from {rec.image_path}: {msg}. "
+                f"Set data.on_error=skip to skip (and count) unreadable items."
+            ) from err
+        return {"image": image, "text": rec.text, "study_id": rec.study_id, "labels": rec.labels, "meta": rec.meta}
+
+
+class VLPDataModule:
+    """Base class of every image-text datamodule (see the module docstring for the contract)."""
+
+    Config: ClassVar[type[DataConfig]] = DataConfig
+    EXPECTED_LAYOUT: ClassVar[str] = ""
+    modality: ClassVar[str] = "2d"  # "2d" | "3d"
+    default_prompts: ClassVar[str] = ""  # name of a file in configs/prompts/
+    demo_kind: ClassVar[str] = ""  # synthetic world written for data.root=demo ("cxr" | "ct"); "" = none
+    label_names: list[str] = []
+
+    def __init__(self, cfg: DataConfig, tokenizer: Any = None) -> None:
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self._records: dict[str, list[Record]] = {}
+
+    # ------------------------------------------------------------------ dataset-specific
+    @classmethod
+    def check_root(cls, cfg: DataConfig) -> None:
+        """Raise :class:`DataRootError` naming the path and ``EXPECTED_LAYOUT`` if root is wrong."""
+        root = Path(cfg.root)
+        if not root.is_dir():
+            raise DataRootError(cls.root_message(cfg.root, "does not exist or is not a directory"))
+
+    @classmethod
+    def root_message(cls, path: str | os.PathLike, problem: str) -> str:
+        return (
+            f"data.root '{path}' {problem}. The {cls.__name__} expects the dataset exactly as "
+            f"distributed:\n{cls.EXPECTED_LAYOUT.rstrip()}\nSet data.root=/path/to/the/download "
+            f"(or omit --data to train on the synthetic demo set)."
+        )
+
+    def build_records(self, split: str) -> list[Record]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def load_image(self, record: Record, train: bool) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared machinery
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def records(self, split: str) -> list[Record]:
+        """Records of ``split`` in {"train", "val", "test"}, read once and kept."""
+        if split not in self._records:
+            recs = self.build_records(split)
+            if split == "train" and self.cfg.limit_train > 0:
+                recs = recs[: self.cfg.limit_train]
+            if not recs:
+                raise DataError(f"{type(self).__name__}: split '{split}' of {self.cfg.root} has no usable records.")
+            self._records[split] = recs
+        return self._records[split]
+
+    def dataset(self, split: str) -> RecordDataset:
+        return RecordDataset(self, self.records(split), train=split == "train")
+
+    def collate(self, items: list[dict[str, Any] | None]) -> ImageTextBatch:
+        import torch
+
+        from medvlp.batch import ImageTextBatch
+
+        kept = [it for it in items if it is not None]
+        skipped = len(items) - len(kept)
+        if not kept:
+            raise DataError(f"Every item of a batch failed to load ({skipped} skipped); check data.root={self.cfg.root}.")
+        if self.tokenizer is None:
+            raise RuntimeError("The datamodule has no tokenizer; call set_tokenizer(method.tokenizer) first.")
+        texts = [it["text"] for it in kept]
+        tok = self.tokenizer(
+            texts, padding="max_length", truncation=True, max_length=self.cfg.max_length, return_tensors="pt"
+        )
+        labels = None
+        if all(it["labels"] is not None for it in kept):
+            labels = torch.as_tensor(np.stack([it["labels"] for it in kept]), dtype=torch.float32)
+        return ImageTextBatch(
+            images=torch.stack([it["image"] for it in kept]),
+            input_ids=tok["input_ids"],
+            attention_mask=tok["attention_mask"],
+            study_ids=[it["study_id"] for it in kept],
+            texts=texts,
+            labels=labels,
+            skipped=skipped,
+        )
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int, drop_last: bool = False) -> DataLoader:
+        import torch
+        from torch.utils.data import DataLoader
+
+        g = torch.Generator()
+        g.manual_seed(self.cfg.seed)
+        workers = self.cfg.num_workers
+        return DataLoader(
+            self.dataset(split),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=workers,
+            pin_memory=self.cfg.pin_memory,
+            persistent_workers=self.cfg.persistent_workers and workers > 0,
+            collate_fn=self.collate,
+            generator=g,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        n = len(self.records("train"))
+        return self._loader("train", shuffle=True, batch_size=self.cfg.batch_size, drop_last=n > self.cfg.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False, batch_size=self.cfg.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False, batch_size=self.cfg.eval_batch_size)
+
+    def texts(self, split: str) -> list[str]:
+        return [r.text for r in self.records(split)]
+
+    def eval_label_names(self) -> list[str]:
+        """Labels scored by zero-shot evaluation (``data.eval_labels`` or every label)."""
+        names = list(self.cfg.eval_labels) or list(self.label_names)
+        unknown = [n for n in names if n not in self.label_names]
+        if unknown:
+            raise DataError(f"data.eval_labels has {unknown}, not labels of {type(self).__name__}: {self.label_names}")
+        return names
+
+    def prompt_file(self) -> Path:
+        from medvlp.config import config_dir
+
+        if self.cfg.prompts:
+            p = Path(self.cfg.prompts)
+            if not p.is_file():
+                p = config_dir() / "prompts" / self.cfg.prompts
+            if not p.is_file():
+                raise DataError(f"data.prompts '{self.cfg.prompts}' is not a file (nor one in {config_dir() / 'prompts'}).")
+            return p
+        return config_dir() / "prompts" / self.default_prompts

@@ -1,0 +1,1 @@
+"""Evaluation protocols over any pretrained method."""

@@ -1,0 +1,47 @@
+"""Metrics with exact, dependency-free definitions (checked against hand-computed values)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def auroc(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U; ties count one half). NaN targets are ignored.
+
+    Returns NaN when only one class is present.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.float64)
+    keep = ~np.isnan(targets)
+    scores, targets = scores[keep], targets[keep] > 0.5
+    n_pos, n_neg = int(targets.sum()), int((~targets).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    # average ranks over ties
+    i = 0
+    while i < len(sorted_scores):
+        j = i
+        while j + 1 < len(sorted_scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    u = ranks[targets].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def recall_at_k(sim: np.ndarray, query_ids: list[str], gallery_ids: list[str], ks: tuple[int, ...] = (1, 5, 10)) -> dict[int, float]:
+    """Fraction of queries whose top-k gallery items include one with the same id.
+
+    Args:
+        sim: ``[Q, G]`` scores, higher = more similar.
+        query_ids / gallery_ids: the study id of each query row / gallery column.
+    """
+    sim = np.asarray(sim)
+    gallery = np.asarray(gallery_ids)
+    match = np.asarray(query_ids)[:, None] == gallery[None, :]
+    order = np.argsort(-sim, axis=1, kind="mergesort")
+    ranked_match = np.take_along_axis(match, order, axis=1)
+    return {k: float(ranked_match[:, :k].any(axis=1).mean()) for k in ks}

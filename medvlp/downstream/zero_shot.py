@@ -1,0 +1,64 @@
+"""Zero-shot classification with prompt pairs: score = sim(image, positive) - sim(image, negative).
+
+Several prompts per side are embedded, averaged and re-normalised (as CheXzero / GLoRIA / MGCA
+average prompt ensembles); the score is the difference of the two similarities, i.e. the logit of
+the two-way softmax over {positive, negative}. AUROC per label over the images whose label is
+known (NaN labels are left out).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medvlp.datamodules.base import DataError
+from medvlp.downstream.embed import Embeddings, embed_prompts
+from medvlp.downstream.metrics import auroc
+
+
+def load_prompts(path: str | Path) -> dict[str, dict[str, list[str]]]:
+    """Read a prompt file: ``{label: {positive: [...], negative: [...]}}``."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(OmegaConf.load(path))
+    if not isinstance(raw, dict):
+        raise DataError(f"Prompt file {path} must map each label to {{positive: [...], negative: [...]}}.")
+    out = {}
+    for label, sides in raw.items():
+        if not isinstance(sides, dict) or not sides.get("positive") or not sides.get("negative"):
+            raise DataError(f"Prompt file {path}: label '{label}' needs non-empty 'positive' and 'negative' lists.")
+        out[str(label)] = {"positive": list(sides["positive"]), "negative": list(sides["negative"])}
+    return out
+
+
+def zero_shot_auc(method, emb: Embeddings, label_names: list[str], eval_labels: list[str],
+                  prompts: dict[str, dict[str, list[str]]], max_length: int) -> dict[str, Any]:
+    """Per-label and mean AUROC of prompt-pair zero-shot scores.
+
+    Args:
+        method: a trained ``VLPMethod``.
+        emb: image embeddings of the split with their ``labels`` (``label_names`` order).
+        eval_labels: the labels to score (each needs an entry in ``prompts``).
+    """
+    if emb.labels is None:
+        raise DataError("Zero-shot evaluation needs labels, but this split has none.")
+    missing = [lab for lab in eval_labels if lab not in prompts]
+    if missing:
+        raise DataError(f"No prompts for {missing}; add them to the prompt file (data.prompts).")
+    result: dict[str, Any] = {"auroc": {}, "positives": {}, "negatives": {}}
+    for lab in eval_labels:
+        pos = embed_prompts(method, prompts[lab]["positive"], max_length)
+        neg = embed_prompts(method, prompts[lab]["negative"], max_length)
+        with torch.no_grad():
+            sims = method.similarity(emb.images.to(pos.device), torch.stack([pos, neg]).to(emb.images.dtype)).float()
+        score = (sims[:, 0] - sims[:, 1]).cpu().numpy()
+        y = emb.labels[:, label_names.index(lab)].numpy()
+        result["auroc"][lab] = auroc(score, y)
+        result["positives"][lab] = int(np.nansum(y > 0.5))
+        result["negatives"][lab] = int(np.sum(y < 0.5))
+    vals = [v for v in result["auroc"].values() if not np.isnan(v)]
+    result["mean_auroc"] = float(np.mean(vals)) if vals else float("nan")
+    return result

@@ -1,0 +1,182 @@
+"""A ViT over volumes: 3D patch embedding, positions for variable grids, 2D->3D inflation.
+
+Blocks are timm ``Block`` modules (fused SDPA attention), so weights of any timm ViT of the same
+width can be inflated into it: the blocks, norms and [CLS] token are copied, the 2D patch kernel
+``[D, C, ph, pw]`` becomes ``[D, C, pd, ph, pw]`` by repeating it along depth and dividing by ``pd``
+(average inflation: a volume of identical slices gives the 2D response), and the 2D position
+table is resized to the (h, w) grid and repeated along depth.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from medvlp.batch import ImageFeatures
+from medvlp.config import ImageEncoderConfig
+from medvlp.encoders.image2d import LastAttentionRecorder
+from medvlp.registry import register_image_encoder
+
+
+def sincos_pos_embed_3d(grid: tuple[int, int, int], dim: int) -> Tensor:
+    """Fixed sine-cosine positions ``[d*h*w, dim]`` (a third of the channels per axis, rest zero)."""
+    per_axis = (dim // 6) * 2  # even number of channels per axis
+    out = []
+    for axis, size in enumerate(grid):
+        pos = torch.arange(size, dtype=torch.float32)
+        omega = 1.0 / (10000 ** (torch.arange(per_axis // 2, dtype=torch.float32) / max(per_axis // 2, 1)))
+        ang = pos[:, None] * omega[None]
+        emb = torch.cat([ang.sin(), ang.cos()], dim=1)  # [size, per_axis]
+        shape = [1, 1, 1, per_axis]
+        shape[axis] = size
+        out.append(emb.reshape(shape).expand(*grid, per_axis))
+    table = torch.cat(out, dim=-1).reshape(-1, 3 * per_axis)
+    return F.pad(table, (0, dim - table.shape[1]))
+
+
+class PatchEmbed3D(nn.Module):
+    """Non-overlapping 3D patches: ``[B, C, D, H, W]`` -> ``[B, d*h*w, width]`` and the grid."""
+
+    def __init__(self, in_chans: int, width: int, patch_size: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv3d(in_chans, width, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+        for axis, (size, p) in enumerate(zip(x.shape[2:], self.patch_size)):
+            if size % p:
+                raise ValueError(
+                    f"Volume axis {axis} has {size} voxels, not a multiple of the patch size {p} "
+                    f"(method.image_encoder.patch_size={list(self.patch_size)}); crop or pad the volume "
+                    f"(data.size) to a multiple."
+                )
+        x = self.proj(x)
+        grid = (int(x.shape[2]), int(x.shape[3]), int(x.shape[4]))
+        return x.flatten(2).transpose(1, 2), grid
+
+
+@register_image_encoder("vit3d")
+class ViT3DEncoder(nn.Module):
+    """Vision Transformer over volumes.
+
+    Config keys: ``img_size`` (D, H, W of the reference grid), ``patch_size`` (pd, ph, pw),
+    ``in_chans``, ``width``, ``depth``, ``heads``, ``mlp_ratio``, ``drop_path``, ``pos_embed``
+    (``learned``: a table over the reference grid, trilinearly resized for other grids;
+    ``sincos``: fixed), ``inflate_from`` + ``pretrained`` (inflate a timm 2D ViT),
+    ``grad_checkpointing``.
+    """
+
+    def __init__(self, cfg: ImageEncoderConfig) -> None:
+        super().__init__()
+        from timm.models.vision_transformer import Block
+
+        if len(cfg.patch_size) != 3:
+            raise ValueError(f"method.image_encoder.patch_size must have 3 entries (d, h, w), got {list(cfg.patch_size)}")
+        if len(cfg.img_size) != 3:
+            raise ValueError(f"method.image_encoder.img_size must have 3 entries (D, H, W) for vit3d, got {list(cfg.img_size)}")
+        if cfg.width % cfg.heads:
+            raise ValueError(f"method.image_encoder.width={cfg.width} is not divisible by heads={cfg.heads}")
+        self.cfg = cfg
+        self.patch_size = tuple(int(p) for p in cfg.patch_size)
+        self.ref_grid = tuple(int(s) // p for s, p in zip(cfg.img_size, self.patch_size))
+        self.patch_embed = PatchEmbed3D(cfg.in_chans, cfg.width, self.patch_size)  # type: ignore[arg-type]
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        if cfg.pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.zeros(1, cfg.width, *self.ref_grid))
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        elif cfg.pos_embed == "sincos":
+            self.register_parameter("pos_embed", None)
+        else:
+            raise ValueError(f"method.image_encoder.pos_embed must be 'learned' or 'sincos', got '{cfg.pos_embed}'")
+        dpr = [x.item() for x in torch.linspace(0, cfg.drop_path, cfg.depth)]
+        self.blocks = nn.ModuleList(
+            Block(cfg.width, cfg.heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True, drop_path=dpr[i],
+                  norm_layer=partial(nn.LayerNorm, eps=1e-6))
+            for i in range(cfg.depth)
+        )
+        self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(self._init_weights)
+        self.grad_checkpointing = cfg.grad_checkpointing
+        self.out_dim = self.local_dim = cfg.width
+        if cfg.inflate_from:
+            self.inflate_from_2d(cfg.inflate_from, pretrained=cfg.pretrained)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def positions(self, grid: tuple[int, int, int]) -> Tensor:
+        """Position table ``[1, d*h*w, width]`` for ``grid``."""
+        if self.pos_embed is None:
+            return sincos_pos_embed_3d(grid, self.cfg.width).to(self.cls_token)[None]
+        table = self.pos_embed
+        if grid != self.ref_grid:
+            table = F.interpolate(table, size=grid, mode="trilinear", align_corners=False)
+        return table.flatten(2).transpose(1, 2)
+
+    def forward(self, volumes: Tensor, return_attention: bool = False) -> ImageFeatures:
+        """Encode ``volumes`` ``[B, C, D, H, W]`` (each axis a multiple of the patch size).
+
+        Returns:
+            ImageFeatures: ``pooled`` the [CLS] token ``[B, width]``, ``tokens`` ``[B, d*h*w, width]``,
+            ``grid`` ``(d, h, w)``, and with ``return_attention`` the last block's attention.
+        """
+        x, grid = self.patch_embed(volumes)
+        x = x + self.positions(grid)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        attn = None
+        for i, blk in enumerate(self.blocks):
+            last = i == len(self.blocks) - 1
+            if last and return_attention:
+                with LastAttentionRecorder(blk.attn) as rec:
+                    x = blk(x)
+                attn = rec.probs()
+            elif self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        x = self.norm(x)
+        return ImageFeatures(pooled=x[:, 0], tokens=x[:, 1:], grid=grid, attentions=attn)
+
+    @torch.no_grad()
+    def inflate_from_2d(self, name: str, pretrained: bool = True) -> None:
+        """Copy a timm 2D ViT's weights into this encoder (average inflation of the patch kernel)."""
+        import timm
+
+        src = timm.create_model(name, pretrained=pretrained, num_classes=0, in_chans=self.cfg.in_chans)
+        if src.embed_dim != self.cfg.width or len(src.blocks) < self.cfg.depth:
+            raise ValueError(
+                f"Cannot inflate '{name}' (width {src.embed_dim}, {len(src.blocks)} blocks) into a vit3d of "
+                f"width {self.cfg.width} and depth {self.cfg.depth}."
+            )
+        for dst, s in zip(self.blocks, src.blocks):
+            dst.load_state_dict(s.state_dict())
+        self.norm.load_state_dict(src.norm.state_dict())
+        if getattr(src, "cls_token", None) is not None:
+            self.cls_token.copy_(src.cls_token)
+        w2d = src.patch_embed.proj.weight  # [D, C, ph, pw]
+        pd, ph, pw = self.patch_size
+        if w2d.shape[-2:] != (ph, pw):
+            w2d = F.interpolate(w2d, size=(ph, pw), mode="bicubic", align_corners=False) * (
+                w2d.shape[-2] * w2d.shape[-1] / (ph * pw)
+            )
+        self.patch_embed.proj.weight.copy_(w2d[:, :, None].repeat(1, 1, pd, 1, 1) / pd)
+        self.patch_embed.proj.bias.copy_(src.patch_embed.proj.bias)
+        if self.pos_embed is not None and getattr(src, "pos_embed", None) is not None:
+            n_prefix = int(getattr(src, "num_prefix_tokens", 1)) if not getattr(src, "no_embed_class", False) else 0
+            table = src.pos_embed[0, n_prefix:]  # [n, width]
+            side = int(math.isqrt(table.shape[0]))
+            table = table.T.reshape(1, -1, side, side)
+            table = F.interpolate(table, size=self.ref_grid[1:], mode="bicubic", align_corners=False)
+            self.pos_embed.copy_(table[:, :, None].expand(-1, -1, self.ref_grid[0], -1, -1))

@@ -1,0 +1,136 @@
+"""Text encoders through transformers, and the offline ``tiny`` preset.
+
+``method.text_encoder.model`` is a hub name (``emilyalsentzer/Bio_ClinicalBERT``), a local
+directory in the transformers layout, or ``tiny``: a 2-layer BERT with a WordPiece tokenizer
+trained (with the ``tokenizers`` library) on the synthetic demo reports, for tests and the demo,
+since neither needs - nor here can reach - a model hub. Attention runs through PyTorch SDPA.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from medvlp.batch import TextFeatures
+from medvlp.config import TextEncoderConfig
+from medvlp.registry import register_text_encoder
+
+TINY_VERSION = 1
+TINY_VOCAB = 2000
+TINY_BERT = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 128,
+    "max_position_embeddings": 512,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+}
+SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"}
+
+
+def tiny_tokenizer_dir() -> Path:
+    """Directory of the ``tiny`` WordPiece tokenizer, trained once on the demo report corpus."""
+    from medvlp.datamodules import demo
+
+    target = demo.cache_dir() / "tokenizers" / f"tiny-v{TINY_VERSION}-g{demo.GEN_VERSION}"
+    if (target / "tokenizer.json").is_file():
+        return target
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = list(SPECIAL_TOKENS.values())
+    trainer = trainers.WordPieceTrainer(vocab_size=TINY_VOCAB, special_tokens=specials, min_frequency=1)
+    tok.train_from_iterator(demo.report_corpus(), trainer=trainer)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=512, **SPECIAL_TOKENS)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    fast.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@register_text_encoder("hf")
+class HFTextEncoder(nn.Module):
+    """A BERT-family encoder from transformers; ``pooled`` is the last layer's [CLS] token.
+
+    Config keys: ``model``, ``pretrained``, ``tokenizer``, ``num_layers`` (keep the first N layers),
+    ``freeze_layers`` (freeze embeddings + first N layers), ``attn_implementation`` (``sdpa``),
+    ``grad_checkpointing``, ``config_overrides``.
+    """
+
+    def __init__(self, cfg: TextEncoderConfig) -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig
+
+        self.cfg = cfg
+        name = cfg.model
+        try:
+            if name == "tiny":
+                self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or tiny_tokenizer_dir())
+                hf_cfg = BertConfig(vocab_size=len(self.tokenizer), pad_token_id=self.tokenizer.pad_token_id, **TINY_BERT)
+            else:
+                self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or name)
+                hf_cfg = AutoConfig.from_pretrained(name)
+        except OSError as err:
+            raise OSError(
+                f"method.text_encoder: could not load '{cfg.tokenizer or name}' ({err}). It must be a model "
+                f"hub name reachable from this machine or a local directory in the transformers layout; "
+                f"use method.text_encoder.model=tiny to run offline."
+            ) from err
+        if cfg.num_layers > 0:
+            hf_cfg.num_hidden_layers = cfg.num_layers
+        for key, value in cfg.config_overrides.items():
+            if not hasattr(hf_cfg, key):
+                raise ValueError(f"method.text_encoder.config_overrides: '{key}' is not a field of {type(hf_cfg).__name__}")
+            setattr(hf_cfg, key, value)
+        kwargs: dict[str, Any] = {"attn_implementation": cfg.attn_implementation}
+        if hf_cfg.model_type == "bert":
+            kwargs["add_pooling_layer"] = False  # unused: a pooler without gradients breaks DDP
+        if cfg.pretrained and name != "tiny":
+            self.model = AutoModel.from_pretrained(name, config=hf_cfg, **kwargs)
+        else:
+            self.model = AutoModel.from_config(hf_cfg, **kwargs)
+        if cfg.grad_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.out_dim = int(hf_cfg.hidden_size)
+        self._freeze(cfg.freeze_layers)
+
+    def _freeze(self, n: int) -> None:
+        if n <= 0:
+            return
+        layers = self.model.encoder.layer
+        if n > len(layers):
+            raise ValueError(f"method.text_encoder.freeze_layers={n} but the encoder has {len(layers)} layers")
+        for module in [self.model.embeddings, *layers[:n]]:
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, return_attention: bool = False) -> TextFeatures:
+        """Encode token ids ``[B, T]``; returns [CLS] ``pooled`` ``[B, D]`` and ``tokens`` ``[B, T, D]``."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=return_attention)
+        tokens = out.last_hidden_state
+        attn = out.attentions[-1] if return_attention and out.attentions else None
+        return TextFeatures(pooled=tokens[:, 0], tokens=tokens, mask=attention_mask, attentions=attn)
+
+    def save_pretrained_parts(self, directory: str | Path) -> None:
+        """Write the tokenizer and the model config, so a run can be rebuilt offline from its directory."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(directory)
+        self.model.config.save_pretrained(directory)

@@ -1,0 +1,47 @@
+"""InfoNCE / CLIP losses with optional distributed gathering.
+
+Local-loss form (open_clip): each rank scores its own samples against the gathered batch of
+every rank, so the global batch supplies the negatives while the logits stay ``[B, world * B]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from medvlp.distributed import gather, world
+
+
+def info_nce(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy of each row of ``logits`` ``[N, M]`` against its target column ``[N]``."""
+    return F.cross_entropy(logits, targets)
+
+
+def clip_loss(
+    img_emb: Tensor,
+    txt_emb: Tensor,
+    logit_scale: Tensor | float,
+    gather_distributed: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Symmetric InfoNCE between paired embeddings.
+
+    Args:
+        img_emb: ``[B, D]`` L2-normalised image embeddings (row i pairs with ``txt_emb[i]``).
+        txt_emb: ``[B, D]`` L2-normalised text embeddings.
+        logit_scale: the inverse temperature ``1 / tau`` (already exponentiated / clamped).
+        gather_distributed: use the negatives of every rank (gradients flow to all of them).
+
+    Returns:
+        ``(loss, loss_i2t, loss_t2i)`` with ``loss = (loss_i2t + loss_t2i) / 2``.
+    """
+    rank, size = world()
+    if gather_distributed and size > 1:
+        all_txt, all_img = gather(txt_emb), gather(img_emb)
+        offset = rank * img_emb.shape[0]
+    else:
+        all_txt, all_img, offset = txt_emb, img_emb, 0
+    targets = torch.arange(img_emb.shape[0], device=img_emb.device) + offset
+    loss_i2t = info_nce(logit_scale * img_emb @ all_txt.T, targets)
+    loss_t2i = info_nce(logit_scale * txt_emb @ all_img.T, targets)
+    return (loss_i2t + loss_t2i) / 2, loss_i2t, loss_t2i

@@ -1,0 +1,1 @@
+"""Pre-training methods: ``base.VLPMethod`` and one file per method."""

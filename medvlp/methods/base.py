@@ -1,0 +1,157 @@
+"""``VLPMethod``: the one interface every pre-training method implements.
+
+A method writes ``build()`` (its heads, prototypes, decoders) and ``losses(batch)`` (a dict of
+named terms), plus ``embed_image`` / ``embed_text`` when its retrieval embedding is not the
+projected global feature. The base class owns the rest: encoders built from config through the
+registries, the weighted sum and logging of every term (``train/loss_<name>``), AdamW with
+warm-up + cosine per optimiser step, parameter groups, skipped-item reporting, and rebuilding a
+trained method from its run directory alone (:func:`medvlp.api.load_run`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from medvlp.batch import ImageFeatures, ImageTextBatch, TextFeatures
+from medvlp.config import MethodConfig, OptimConfig
+from medvlp.registry import IMAGE_ENCODERS, TEXT_ENCODERS
+
+log = logging.getLogger(__name__)
+
+
+def as_config(schema: type, value: Any) -> Any:
+    """Validate ``value`` (dataclass, dict or DictConfig) against ``schema``; returns a DictConfig."""
+    base = OmegaConf.structured(schema)
+    if value is None:
+        return base
+    return OmegaConf.merge(base, value if isinstance(value, DictConfig) else OmegaConf.structured(value))
+
+
+class VLPMethod(L.LightningModule):
+    """Base class of every vision-language pre-training method.
+
+    Args:
+        cfg: the method section (``method.*``) - an instance of ``Config`` or a mapping.
+        optim: the optimiser section (``optim.*``).
+    """
+
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, cfg: Any, optim: Any = None) -> None:
+        super().__init__()
+        self.cfg = as_config(self.Config, cfg)
+        self.optim_cfg = as_config(OptimConfig, optim)
+        self.save_hyperparameters(
+            {"method": OmegaConf.to_container(self.cfg, resolve=True), "optim": OmegaConf.to_container(self.optim_cfg, resolve=True)}
+        )
+        self.image_encoder = IMAGE_ENCODERS.get(self.cfg.image_encoder.name)(self.cfg.image_encoder)
+        self.text_encoder = TEXT_ENCODERS.get(self.cfg.text_encoder.name)(self.cfg.text_encoder)
+        self._skipped = 0
+        self.build()
+
+    # ------------------------------------------------------------------ to implement
+    def build(self) -> None:
+        """Create the method's own modules (projection heads, prototypes, decoders)."""
+
+    def losses(self, batch: ImageTextBatch) -> dict[str, Tensor]:
+        """The method: every loss term by name (weighted by ``method.loss_weights`` in the base)."""
+        raise NotImplementedError
+
+    def embed_image(self, images: Tensor) -> Tensor:
+        """Retrieval / zero-shot image embedding ``[B, D]`` (or ``[B, Q, D]`` if ``similarity`` says so)."""
+        raise NotImplementedError
+
+    def embed_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Retrieval / zero-shot text embedding ``[B, D]``."""
+        raise NotImplementedError
+
+    def similarity(self, img_emb: Tensor, txt_emb: Tensor) -> Tensor:
+        """Scores ``[B_img, B_txt]`` used by every zero-shot and retrieval evaluation (cosine)."""
+        return img_emb @ txt_emb.T
+
+    # ------------------------------------------------------------------ shared
+    @property
+    def tokenizer(self) -> Any:
+        return self.text_encoder.tokenizer
+
+    def encode_image(self, images: Tensor, return_attention: bool = False) -> ImageFeatures:
+        return self.image_encoder(images, return_attention=return_attention)
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor, return_attention: bool = False) -> TextFeatures:
+        return self.text_encoder(input_ids, attention_mask, return_attention=return_attention)
+
+    def loss_weight(self, name: str) -> float:
+        return float(self.cfg.loss_weights.get(name, 1.0))
+
+    def _step(self, batch: ImageTextBatch, stage: str) -> Tensor:
+        terms = self.losses(batch)
+        if not terms:
+            raise RuntimeError(f"{type(self).__name__}.losses returned no terms")
+        total = sum(self.loss_weight(k) * v for k, v in terms.items())
+        bs = len(batch)
+        on_step = stage == "train"
+        for k, v in terms.items():
+            self.log(f"{stage}/loss_{k}", v.detach(), batch_size=bs, on_step=on_step, on_epoch=True, sync_dist=not on_step)
+        self.log(f"{stage}/loss", total.detach(), batch_size=bs, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=not on_step)
+        return total
+
+    def training_step(self, batch: ImageTextBatch, batch_idx: int) -> Tensor:
+        self._skipped += batch.skipped
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: ImageTextBatch, batch_idx: int) -> Tensor:
+        self._skipped += batch.skipped
+        return self._step(batch, "val")
+
+    def on_train_epoch_end(self) -> None:
+        if self._skipped:
+            log.warning("%d unreadable items were skipped this epoch (data.on_error=skip).", self._skipped)
+            self.log("data/skipped", float(self._skipped), reduce_fx="sum", sync_dist=True)
+            self._skipped = 0
+
+    # ------------------------------------------------------------------ optimisation
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: no weight decay on norms / biases / 1-d tensors; text lr multiplier."""
+        o = self.optim_cfg
+        text_ids = {id(p) for p in self.text_encoder.parameters()}
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            no_decay = o.no_decay_norm_bias and (p.ndim <= 1 or name.endswith(".bias") or "logit_scale" in name)
+            groups.setdefault((no_decay, id(p) in text_ids), []).append(p)
+        out = []
+        for (no_decay, is_text), params in groups.items():
+            out.append({
+                "params": params,
+                "weight_decay": 0.0 if no_decay else o.weight_decay,
+                "lr": o.lr * (o.text_lr_mult if is_text else 1.0),
+            })
+        return out
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        o = self.optim_cfg
+        opt = torch.optim.AdamW(self.param_groups(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = o.warmup_steps or int(o.warmup_ratio * total)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warmup, total, o.schedule, o.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Linear warm-up to 1 over ``warmup`` steps, then cosine (or constant) down to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule != "cosine":
+        raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got '{schedule}'")
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -1,0 +1,74 @@
+"""`medvlp fit` end to end through the CLI: run directory, zero-shot, retrieval, kill + resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "medvlp.cli"]
+
+
+def final_step(run_dir: Path) -> int:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    t0 = time.time()
+    proc = subprocess.run([*CLI, "fit", "--method", "clip", "trainer.max_steps=50", f"run.out_dir={out}", "run.name=full",
+                           "trainer.enable_progress_bar=false"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    elapsed = time.time() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "full", elapsed
+
+
+def test_fit_50_steps_writes_run_dir(full_run):
+    run_dir, elapsed = full_run
+    assert elapsed < 180, f"fit took {elapsed:.0f}s"
+    for rel in ("config.yaml", "run_info.json", "text_encoder/tokenizer.json", "text_encoder/config.json",
+                "checkpoints/last.ckpt", "metrics.csv"):
+        assert (run_dir / rel).exists(), rel
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0]
+    assert "train/loss_itc_step" in header and "val/loss_itc" in header
+    assert final_step(run_dir) == 50
+
+
+def test_zeroshot_and_retrieve_on_run(full_run):
+    run_dir, _ = full_run
+    proc = subprocess.run([*CLI, "zeroshot", "--run", str(run_dir)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for finding in ("Cardiomegaly", "Pleural Effusion", "Consolidation", "Pneumothorax", "Lung Lesion", "mean"):
+        assert finding in proc.stdout
+    proc = subprocess.run([*CLI, "retrieve", "--run", str(run_dir)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0 and "R@5" in proc.stdout and "image to text" in proc.stdout
+
+
+def test_sigkill_and_resume_reaches_same_step(full_run, tmp_path):
+    run_dir, _ = full_run
+    target = final_step(run_dir)
+    args = [*CLI, "fit", "--method", "clip", "trainer.max_steps=50", "trainer.checkpoint_every_n_steps=5",
+            f"run.out_dir={tmp_path}", "run.name=killed", "trainer.enable_progress_bar=false"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ckdir = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and not any(int(p.stem[4:]) >= 15 for p in ckdir.glob("step*.ckpt")):
+            assert proc.poll() is None, "training ended before it could be killed"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert any(ckdir.glob("step*.ckpt")), "no checkpoint before the kill"
+    killed_at = torch.load(ckdir / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
+    assert 15 <= killed_at < target
+    res = subprocess.run([*CLI, "fit", "--resume", str(tmp_path / "killed")], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert final_step(tmp_path / "killed") == target
