@@ -11,6 +11,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,8 @@ def _trainer(cfg: DictConfig, run_dir: Path):
         def on_train_end(self, trainer, pl_module) -> None:
             trainer.save_checkpoint(run_dir / CKPT_DIR / "last.ckpt")
 
+    # The run directory already holds config.yaml; the CSV logger appends to metrics.csv on resume.
+    warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
     t = cfg.trainer
     every = t.checkpoint_every_n_steps or None
     ckpt = ModelCheckpoint(

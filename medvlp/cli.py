@@ -141,13 +141,24 @@ def cmd_demo(args: argparse.Namespace) -> None:
     main_demo(args.out, kind=args.kind, size=args.size, seed=args.seed)
 
 
+def _setup_logging(verbose: bool) -> None:
+    """medvlp's own messages on stderr (Lightning configures its own loggers)."""
+    logger = logging.getLogger("medvlp")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return 0
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _setup_logging(args.verbose)
     from medvlp.config import ConfigError
     from medvlp.datamodules.base import DataError
     from medvlp.registry import RegistryError

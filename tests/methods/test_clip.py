@@ -63,7 +63,7 @@ def test_loss_falls_on_a_fixed_batch():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert loss.item() < 0.5 * first
+    assert loss.item() < 0.7 * first
 
 
 def test_embeddings_unit_norm_and_similarity_shape():

@@ -1,0 +1,542 @@
+"""CT-RATE chest CT volumes + reports + 18 abnormality labels, read as distributed on Hugging Face.
+
+Official files (``specs/datasets.md`` §8): ``dataset/{train,valid}/<split>_<p>/<split>_<p>_<s>/
+<split>_<p>_<s>_<r>.nii.gz`` (v1, raw stored values), the same names under ``{train,valid}_fixed/``
+(v2, int16 HU), ``radiology_text_reports/{train,validation}_reports.csv``,
+``multi_abnormality_labels/{train,valid}_predicted_labels.csv`` and
+``metadata/{train,validation}_metadata.csv``.
+
+Config keys: see :class:`CTRateConfig`. Splits: ``train`` = official train minus a seeded
+patient-level holdout (``data.val_fraction``), ``val`` = that holdout, ``test`` = official valid.
+One record = one scan (``train_1_a``), the level at which reports and labels are written.
+
+Volume pipeline per item (``load_image``): read -> (v1) spacing/origin/direction from the metadata
+CSV -> HU = stored * RescaleSlope + RescaleIntercept (v1 only, by default) -> orientation
+``data.orientation`` -> resample to ``data.spacing`` (z, y, x) mm -> HU sanity check -> window
+``data.window`` to [0, 1] -> centre pad/crop to ``data.size`` -> (x - mean) / std -> ``[1, D, H, W]``.
+
+Differences from the official code:
+    * HLIP (``data/ct_rate/process.py``) applies the metadata rescale to every file it reads and
+      never reorients; we rescale v1 files only (v2 ``*_fixed`` files are HU already) and reorient
+      to ``data.orientation`` (set ``orientation: ""`` to keep the stored axis order).
+    * HLIP builds the text with ``str(field)``, which writes ``nan`` for empty cells; empty fields
+      and the placeholder ``Not given.`` are left out here, and a scan with no text is dropped.
+    * HLIP trains on all of official train and evaluates on official valid; ``val`` here is a
+      patient-level holdout of train.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import logging
+import math
+import os
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from medvlp.datamodules.base import DataConfig, DataError, DataRootError, Record, VLPDataModule
+from medvlp.registry import register_datamodule
+
+if TYPE_CHECKING:  # heavy imports stay inside functions (base.py: check_root must not pay for them)
+    import pandas as pd
+    import torch
+
+    from medvlp.datamodules.transforms import VolumeTransform
+
+log = logging.getLogger(__name__)
+
+REPORTS = {"train": "radiology_text_reports/train_reports.csv", "valid": "radiology_text_reports/validation_reports.csv"}
+LABEL_FILES = {"train": "multi_abnormality_labels/train_predicted_labels.csv", "valid": "multi_abnormality_labels/valid_predicted_labels.csv"}
+METADATA = {"train": "metadata/train_metadata.csv", "valid": "metadata/validation_metadata.csv"}
+OFFICIAL_SPLIT = {"train": "train", "val": "train", "test": "valid"}
+
+LABELS = [
+    "Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",
+    "Coronary artery wall calcification", "Hiatal hernia", "Lymphadenopathy", "Emphysema", "Atelectasis",
+    "Lung nodule", "Lung opacity", "Pulmonary fibrotic sequela", "Pleural effusion",
+    "Mosaic attenuation pattern", "Peribronchial thickening", "Consolidation", "Bronchiectasis",
+    "Interlobular septal thickening",
+]
+UNREADABLE = ["train_1267_a_4", "train_11755_a_3", "train_11755_a_4"]  # HLIP excludes these
+VERSIONS = ("auto", "v1", "v2")
+RECONSTRUCTIONS = ("one", "all")
+TEXTS = ("impressions+findings", "findings", "impressions")
+PLACEHOLDERS = {"", "not given.", "not given", "nan"}
+_NAME = re.compile(r"^(train|valid)_(\d+)_([a-z]+)_(\d+)$")
+_HLIP_STRIP = str.maketrans("", "", "\"'()")
+
+
+@dataclass
+class CTRateConfig(DataConfig):
+    """``data.*`` keys of the CT-RATE datamodule (``configs/data/ct_rate.yaml``)."""
+
+    name: str = "ct_rate"
+    batch_size: int = 16  # HLIP: 16 per GPU
+    eval_batch_size: int = 16
+    max_length: int = 512  # HLIP's CT-RATE text context
+    version: str = "auto"  # auto: v2 (train_fixed/) where the file exists, else v1 | v1 | v2
+    apply_metadata_rescale: str = "auto"  # auto: on for v1 files, off for v2 | on | off
+    hu_sanity_check: bool = True  # raise if the air/lung region of a converted volume is not plausible
+    hu_check_range: list[float] = field(default_factory=lambda: [-1100.0, -500.0])
+    spacing: list[float] = field(default_factory=lambda: [3.0, 1.0, 1.0])  # target (z, y, x) mm; [] = keep
+    size: list[int] = field(default_factory=lambda: [112, 336, 336])  # (D, H, W) centre pad/crop; [] = keep
+    window: list[float] = field(default_factory=lambda: [-1150.0, 350.0])  # HU -> [0, 1]
+    mean: float = 0.449
+    std: float = 0.226
+    flip_prob: float = 0.0  # train-time flip of each axis (fVLM: 0.2)
+    orientation: str = "LPS"  # canonical frame of the arrays; "" = stored order
+    reconstructions: str = "one"  # one: one volume per scan (random at train) | all: every volume
+    text: str = "impressions+findings"  # impressions+findings (HLIP) | findings | impressions
+    exclude: list[str] = field(default_factory=lambda: list(UNREADABLE))  # VolumeNames left out
+    val_fraction: float = 0.05  # patients of official train held out as the val split
+    val_seed: int = 0  # seed of that holdout (independent of data.seed, so runs share one val split)
+    cache_size: int = 0  # volumes kept in memory per process after preprocessing (0 = none)
+
+
+def dataset_dir(root: str | os.PathLike) -> Path | None:
+    """The CT-RATE ``dataset/`` folder: ``root`` itself or ``root/dataset``; None if neither."""
+    root = Path(root)
+    for candidate in (root, root / "dataset"):
+        if (candidate / "radiology_text_reports").is_dir() or (candidate / "multi_abnormality_labels").is_dir():
+            return candidate
+    return None
+
+
+def volume_key(name: str) -> str:
+    """``train_1_a_1.nii.gz`` -> ``train_1_a_1``."""
+    name = str(name).strip()
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def parse_name(name: str) -> tuple[str, int, str, int]:
+    """``train_12_b_10`` -> ("train", 12, "b", 10); ValueError if it is not a CT-RATE volume name."""
+    m = _NAME.match(volume_key(name))
+    if m is None:
+        raise ValueError(f"'{name}' is not a CT-RATE volume name (<train|valid>_<patient>_<scan>_<recon>)")
+    return m.group(1), int(m.group(2)), m.group(3), int(m.group(4))
+
+
+def scan_of(name: str) -> str:
+    return volume_key(name).rsplit("_", 1)[0]
+
+
+def patient_of(name: str) -> str:
+    return volume_key(name).rsplit("_", 2)[0]
+
+
+def clean_field(value: Any) -> str:
+    """A report field as text; NaN, empty and the ``Not given.`` placeholder become ``""``."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    text = str(value).strip()
+    return "" if text.lower() in PLACEHOLDERS else text
+
+
+def report_text(findings: Any, impressions: Any, mode: str = "impressions+findings") -> str | None:
+    """Training text of a CT-RATE report, or None if the requested fields are empty.
+
+    ``impressions+findings`` follows HLIP: ``"The volume shows: <impressions> The volume looks like:
+    <findings>"`` with ``"``, ``'``, ``(`` and ``)`` removed; an empty field's phrase is left out.
+    """
+    f, i = clean_field(findings), clean_field(impressions)
+    if mode == "findings":
+        return f or None
+    if mode == "impressions":
+        return i or None
+    parts = []
+    if i:
+        parts.append(f"The volume shows: {i}")
+    if f:
+        parts.append(f"The volume looks like: {f}")
+    return " ".join(parts).translate(_HLIP_STRIP) if parts else None
+
+
+_META_COLUMNS = ["XYSpacing", "ZSpacing", "RescaleSlope", "RescaleIntercept", "ImagePositionPatient", "ImageOrientationPatient"]
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value.strip())
+
+
+@functools.lru_cache(maxsize=65536)
+def _parse_cell(text: str) -> tuple[float, ...]:
+    parsed = ast.literal_eval(text.strip())
+    if isinstance(parsed, (int, float)):
+        parsed = [parsed]
+    return tuple(float(v) for v in parsed)
+
+
+def _cell(value: Any, length: int, column: str) -> tuple[float, ...]:
+    """A numeric metadata cell: a number or a Python-list string such as ``"[0.7, 0.7]"``."""
+    if _blank(value):
+        raise ValueError(f"{column} is empty")
+    values = _parse_cell(str(value))
+    if len(values) != length or any(math.isnan(v) for v in values):
+        raise ValueError(f"{column} should hold {length} number(s), got {value!r}")
+    return values
+
+
+@functools.lru_cache(maxsize=1024)
+def _direction(iop: tuple[float, ...]) -> tuple[float, ...]:
+    from medvlp.datamodules.formats.nifti import direction_from_iop
+
+    return direction_from_iop(iop)
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    """How to turn one volume file into HU (everything from the CSVs, resolved once)."""
+
+    name: str
+    path: str
+    version: str  # v1 | v2
+    slope: float = 1.0
+    intercept: float = 0.0
+    rescale: bool = False
+    spacing_zyx: tuple[float, float, float] | None = None  # metadata spacing (v1); None = header
+    origin: tuple[float, ...] | None = None
+    direction: tuple[float, ...] | None = None
+
+
+@register_datamodule("ct_rate")
+class CTRateDataModule(VLPDataModule):
+    """CT-RATE (3D chest CT, 18 report-derived abnormality labels per scan)."""
+
+    Config = CTRateConfig
+    modality = "3d"
+    default_prompts = "ct_rate.yaml"
+    demo_kind = "ct"
+    label_names = list(LABELS)
+    EXPECTED_LAYOUT = """\
+<root>/dataset/                                 (data.root may be dataset/ itself)
+  train/train_1/train_1_a/train_1_a_1.nii.gz    v1 volumes (and valid/...)
+  train_fixed/..., valid_fixed/...              v2 volumes, same names (optional)
+  radiology_text_reports/train_reports.csv, validation_reports.csv
+  multi_abnormality_labels/train_predicted_labels.csv, valid_predicted_labels.csv
+  metadata/train_metadata.csv, validation_metadata.csv
+"""
+
+    def __init__(self, cfg: CTRateConfig, tokenizer: Any = None) -> None:
+        super().__init__(cfg, tokenizer)
+        _choice("data.version", cfg.version, VERSIONS)
+        _choice("data.reconstructions", cfg.reconstructions, RECONSTRUCTIONS)
+        _choice("data.text", cfg.text, TEXTS)
+        self.rescale_mode = _rescale_mode(cfg.apply_metadata_rescale)
+        if list(cfg.spacing) and (len(cfg.spacing) != 3 or min(float(s) for s in cfg.spacing) <= 0):
+            raise ValueError(f"data.spacing must be 3 positive numbers (z, y, x) in mm or [], got {list(cfg.spacing)}")
+        if list(cfg.size) and (len(cfg.size) != 3 or min(int(s) for s in cfg.size) <= 0):
+            raise ValueError(f"data.size must be 3 positive integers (D, H, W) or [], got {list(cfg.size)}")
+        if len(cfg.window) != 2 or float(cfg.window[0]) >= float(cfg.window[1]):
+            raise ValueError(f"data.window must be [low, high] HU with low < high, got {list(cfg.window)}")
+        if len(cfg.hu_check_range) != 2:
+            raise ValueError(f"data.hu_check_range must be [low, high] HU, got {list(cfg.hu_check_range)}")
+        if not 0.0 <= float(cfg.val_fraction) < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
+        if float(cfg.std) <= 0 or not 0.0 <= float(cfg.flip_prob) <= 1.0:
+            raise ValueError(f"data.std must be > 0 and data.flip_prob in [0, 1], got {cfg.std} and {cfg.flip_prob}")
+        _validate_orientation(cfg.orientation)
+        self.label_names = list(LABELS)
+        self._tables: dict[str, Any] = {}
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._transform: VolumeTransform | None = None
+
+    @property
+    def transform(self) -> VolumeTransform:
+        """Normalisation + flips (built on first use; imports torch)."""
+        if self._transform is None:
+            from medvlp.datamodules.transforms import VolumeTransform
+
+            cfg = self.cfg
+            self._transform = VolumeTransform(mean=float(cfg.mean), std=float(cfg.std), flip_prob=float(cfg.flip_prob))
+        return self._transform
+
+    # ------------------------------------------------------------------ layout
+    @classmethod
+    def check_root(cls, cfg: DataConfig) -> None:
+        root = Path(cfg.root)
+        if not root.is_dir():
+            raise DataRootError(cls.root_message(cfg.root, "does not exist or is not a directory"))
+        ds = dataset_dir(root)
+        if ds is None:
+            raise DataRootError(cls.root_message(cfg.root, "has neither radiology_text_reports/ nor dataset/radiology_text_reports/"))
+        required = [*REPORTS.values(), *LABEL_FILES.values()]
+        version = getattr(cfg, "version", "auto")
+        rescale = _rescale_mode(getattr(cfg, "apply_metadata_rescale", "auto"))
+        if version != "v2" or rescale == "on":
+            required += list(METADATA.values())
+        for rel in required:
+            if not (ds / rel).is_file():
+                raise DataRootError(cls.root_message(cfg.root, f"has no {rel} under {ds}"))
+        folders = ["train", "valid"] if version == "v1" else ["train_fixed", "valid_fixed"] if version == "v2" else [
+            "train", "valid", "train_fixed", "valid_fixed"
+        ]
+        if not any((ds / f).is_dir() for f in folders):
+            raise DataRootError(cls.root_message(cfg.root, f"has no volume folder ({', '.join(f + '/' for f in folders)}) under {ds}"))
+
+    @property
+    def root(self) -> Path:
+        ds = dataset_dir(self.cfg.root)
+        if ds is None:
+            self.check_root(self.cfg)
+        return ds  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ tables
+    def _read_csv(self, rel: str, columns: list[str]) -> pd.DataFrame:
+        """An official CSV, every cell a string (blank -> NaN), VolumeName without extension, unique."""
+        import pandas as pd
+
+        path = self.root / rel
+        if not path.is_file():
+            raise DataRootError(self.root_message(self.cfg.root, f"has no {rel}"))
+        try:
+            df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+        except Exception as err:
+            raise DataError(f"Could not read {path}: {type(err).__name__}: {err}") from err
+        missing = [c for c in columns if c not in df.columns]
+        if missing:
+            raise DataError(f"{path} lacks the column(s) {missing}; found {list(df.columns)}.")
+        df["VolumeName"] = df["VolumeName"].map(volume_key)
+        dup = df["VolumeName"].duplicated()
+        if dup.any():
+            raise DataError(f"{path} lists VolumeName {df.loc[dup, 'VolumeName'].iloc[0]} more than once.")
+        return df
+
+    def reports(self, official: str) -> dict[str, tuple[Any, Any]]:
+        """VolumeName -> (Findings_EN, Impressions_EN) as read (NaN for empty cells)."""
+        key = f"reports:{official}"
+        if key not in self._tables:
+            df = self._read_csv(REPORTS[official], ["VolumeName", "Findings_EN", "Impressions_EN"])
+            self._tables[key] = dict(zip(df["VolumeName"], zip(df["Findings_EN"], df["Impressions_EN"], strict=True), strict=True))
+        return self._tables[key]
+
+    def labels(self, official: str) -> dict[str, np.ndarray]:
+        """VolumeName -> float32 labels (file column order), in file row order; sets ``label_names``."""
+        key = f"labels:{official}"
+        if key not in self._tables:
+            import pandas as pd
+
+            df = self._read_csv(LABEL_FILES[official], ["VolumeName"])
+            names = [c for c in df.columns if c != "VolumeName"]
+            if names != LABELS:
+                log.warning("ct_rate: %s has label columns %s, not the 18 documented ones", LABEL_FILES[official], names)
+            values = df[names].apply(pd.to_numeric, errors="coerce")
+            bad = values.isna() & df[names].notna()
+            if bad.any().any():
+                raise DataError(f"{self.root / LABEL_FILES[official]} has non-numeric labels, e.g. {sorted(map(str, df[names][bad].stack()))[:3]}.")
+            arr = np.array(values.to_numpy(dtype=np.float32), copy=True)
+            self._tables[key] = dict(zip(df["VolumeName"], arr, strict=True))
+            self.label_names = names
+        return self._tables[key]
+
+    def metadata(self, official: str) -> dict[str, dict[str, Any]]:
+        """VolumeName -> the metadata cells this loader uses."""
+        key = f"metadata:{official}"
+        if key not in self._tables:
+            df = self._read_csv(METADATA[official], ["VolumeName", *_META_COLUMNS])
+            cols = [df[c].tolist() for c in _META_COLUMNS]
+            self._tables[key] = {
+                n: dict(zip(_META_COLUMNS, cells, strict=True)) for n, *cells in zip(df["VolumeName"], *cols, strict=True)
+            }
+        return self._tables[key]
+
+    def volume_files(self, official: str) -> dict[str, dict[str, str]]:
+        """{"v1": {name: path}, "v2": {name: path}} found by walking ``<split>/`` and ``<split>_fixed/``."""
+        key = f"files:{official}"
+        if key not in self._tables:
+            found: dict[str, dict[str, str]] = {}
+            for version, folder in (("v1", official), ("v2", f"{official}_fixed")):
+                index: dict[str, str] = {}
+                top = self.root / folder
+                if top.is_dir():
+                    for dirpath, _, files in os.walk(top):
+                        for f in files:
+                            if not (f.endswith(".nii.gz") or f.endswith(".nii")):
+                                continue
+                            name = volume_key(f)
+                            if name in index:
+                                raise DataError(f"Volume {name} appears twice under {top}: {index[name]} and {os.path.join(dirpath, f)}.")
+                            index[name] = os.path.join(dirpath, f)
+                found[version] = index
+            self._tables[key] = found
+        return self._tables[key]
+
+    def holdout_patients(self) -> set[str]:
+        """Patients of official train held out as ``val`` (seeded by ``data.val_seed``)."""
+        if "holdout" not in self._tables:
+            excluded = {volume_key(n) for n in self.cfg.exclude}
+            names = [n for n in self.labels("train") if n not in excluded]
+            patients = sorted({patient_of(n) for n in names}, key=lambda p: int(p.rsplit("_", 1)[1]))
+            n_val = int(round(float(self.cfg.val_fraction) * len(patients)))
+            if self.cfg.val_fraction > 0 and len(patients) > 1:
+                n_val = min(max(n_val, 1), len(patients) - 1)
+            order = np.random.default_rng(int(self.cfg.val_seed)).permutation(len(patients))
+            self._tables["holdout"] = {patients[i] for i in order[:n_val]}
+        return self._tables["holdout"]
+
+    def _volume_spec(self, name: str, official: str) -> VolumeSpec:
+        """Resolve file, version and (v1) metadata geometry/rescale of a volume; DataError if impossible."""
+        files = self.volume_files(official)
+        want = self.cfg.version
+        if want == "v2" or (want == "auto" and name in files["v2"]):
+            version, path = "v2", files["v2"].get(name)
+        else:
+            version, path = "v1", files["v1"].get(name)
+        if path is None:
+            folder = f"{official}_fixed" if version == "v2" else official
+            raise DataError(
+                f"Volume {name} is listed in {LABEL_FILES[official]} but no {name}.nii.gz exists under "
+                f"{self.root / folder} (data.version={want})."
+            )
+        rescale = self.rescale_mode == "on" or (self.rescale_mode == "auto" and version == "v1")
+        spec: dict[str, Any] = {"name": name, "path": path, "version": version, "rescale": rescale}
+        if version == "v1" or rescale:
+            row = self.metadata(official).get(name)
+            if row is None:
+                raise DataError(f"Volume {name} has no row in {self.root / METADATA[official]} (needed for its spacing and HU rescale).")
+            try:
+                if rescale:
+                    spec["slope"] = _cell(row["RescaleSlope"], 1, "RescaleSlope")[0]
+                    spec["intercept"] = _cell(row["RescaleIntercept"], 1, "RescaleIntercept")[0]
+                if version == "v1":
+                    x, y = _cell(row["XYSpacing"], 2, "XYSpacing")
+                    (z,) = _cell(row["ZSpacing"], 1, "ZSpacing")
+                    spec["spacing_zyx"] = (z, y, x)
+                    if not _blank(row["ImagePositionPatient"]):
+                        spec["origin"] = _cell(row["ImagePositionPatient"], 3, "ImagePositionPatient")
+                    if not _blank(row["ImageOrientationPatient"]):
+                        spec["direction"] = _direction(_cell(row["ImageOrientationPatient"], 6, "ImageOrientationPatient"))
+            except (ValueError, SyntaxError, TypeError) as err:
+                raise DataError(f"{self.root / METADATA[official]}, volume {name}: {err}") from err
+        return VolumeSpec(**spec)
+
+    # ------------------------------------------------------------------ contract
+    def build_records(self, split: str) -> list[Record]:
+        if split not in OFFICIAL_SPLIT:
+            raise ValueError(f"Unknown split '{split}'; expected one of {list(OFFICIAL_SPLIT)}.")
+        official = OFFICIAL_SPLIT[split]
+        labels = self.labels(official)
+        reports = self.reports(official)
+        excluded = {volume_key(n) for n in self.cfg.exclude}
+        problems: list[str] = []
+
+        names = [n for n in labels if n not in excluded]
+        bad_names = [n for n in names if not _NAME.match(n) or not n.startswith(official + "_")]
+        problems += [f"{LABEL_FILES[official]} row '{n}' is not a {official} volume name" for n in bad_names]
+        names = [n for n in names if n not in set(bad_names)]
+        if split in ("train", "val"):
+            holdout = self.holdout_patients()
+            names = [n for n in names if (patient_of(n) in holdout) == (split == "val")]
+        files = self.volume_files(official)
+        listed = set(labels)
+        for version, index in files.items():
+            for n in sorted(set(index) - listed - excluded):
+                problems.append(f"volume file {index[n]} ({version}) has no row in {LABEL_FILES[official]}")
+
+        specs: dict[str, VolumeSpec] = {}
+        for n in names:
+            if n not in reports:
+                problems.append(f"volume {n} has no row in {REPORTS[official]}")
+                continue
+            try:
+                specs[n] = self._volume_spec(n, official)
+            except DataError as err:
+                problems.append(str(err))
+        if problems:
+            summary = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems in all)" if len(problems) > 5 else "")
+            if self.cfg.on_error != "skip":
+                raise DataError(
+                    f"CT-RATE {split} ({self.root}): {summary}. Fix the download, list broken volumes in "
+                    f"data.exclude, or set data.on_error=skip to skip (and count) them."
+                )
+            log.warning("ct_rate %s: skipped %d volumes/rows: %s", split, len(problems), summary)
+
+        scans: dict[str, list[str]] = {}
+        for n in sorted(specs, key=parse_name):
+            scans.setdefault(scan_of(n), []).append(n)
+        records: list[Record] = []
+        dropped = 0
+        for scan, vols in scans.items():
+            first = vols[0]  # lowest reconstruction number: reports and labels are per scan
+            findings, impressions = reports[first]
+            text = report_text(findings, impressions, self.cfg.text)
+            if text is None:
+                dropped += 1
+                continue
+            lab = labels[first]
+            vol_specs = [specs[v] for v in vols]
+            meta = {"patient": patient_of(first), "split": split, "volumes": vol_specs}
+            if self.cfg.reconstructions == "one":
+                records.append(Record(scan, [s.path for s in vol_specs], text, lab.copy(), meta))
+            else:
+                for s in vol_specs:
+                    records.append(Record(scan, s.path, text, lab.copy(), {**meta, "volumes": [s]}))
+        if dropped:
+            log.info("ct_rate %s: dropped %d of %d scans whose %s text is empty or 'Not given.'", split, dropped, len(scans), self.cfg.text)
+        log.info("ct_rate %s: %d records from %d scans", split, len(records), len(scans) - dropped)
+        return records
+
+    def load_image(self, record: Record, train: bool) -> torch.Tensor:
+        import torch
+
+        vols: list[VolumeSpec] = record.meta["volumes"]
+        index = int(torch.randint(len(vols), ()).item()) if train and len(vols) > 1 else 0
+        return self.transform(self.volume(vols[index]), train=train)
+
+    def volume(self, spec: VolumeSpec) -> np.ndarray:
+        """Windowed, resampled, cropped volume ``[D, H, W]`` in ``[0, 1]`` (cached if ``data.cache_size``)."""
+        from medvlp.datamodules.formats import nifti
+
+        cached = self._cache.get(spec.path)
+        if cached is not None:
+            self._cache.move_to_end(spec.path)
+            return cached
+        cfg = self.cfg
+        img = nifti.read_image(spec.path)
+        if spec.spacing_zyx is not None or spec.origin is not None or spec.direction is not None:
+            nifti.set_geometry(img, spec.spacing_zyx, spec.origin, spec.direction)
+        img = nifti.rescale(img, spec.slope, spec.intercept) if spec.rescale else nifti.rescale(img)
+        img = nifti.orient(img, cfg.orientation)
+        if list(cfg.spacing):
+            img = nifti.resample(img, [float(s) for s in cfg.spacing], default_value=float(cfg.window[0]))
+        hu = nifti.to_array(img)
+        if cfg.hu_sanity_check:
+            nifti.check_hu(hu, spec.path, [float(v) for v in cfg.hu_check_range])
+        vol = nifti.window(hu, float(cfg.window[0]), float(cfg.window[1]))
+        if list(cfg.size):
+            vol = np.ascontiguousarray(nifti.center_crop_or_pad(vol, [int(s) for s in cfg.size], pad_value=0.0))
+        if cfg.cache_size > 0:
+            self._cache[spec.path] = vol
+            while len(self._cache) > cfg.cache_size:
+                self._cache.popitem(last=False)
+        return vol
+
+
+def _rescale_mode(value: Any) -> str:
+    text = str(value).strip().lower()
+    mapping = {"auto": "auto", "on": "on", "true": "on", "1": "on", "yes": "on", "off": "off", "false": "off", "0": "off", "no": "off"}
+    if text not in mapping:
+        raise ValueError(f"data.apply_metadata_rescale='{value}' is not valid; choose auto, on (true) or off (false).")
+    return mapping[text]
+
+
+def _validate_orientation(code: str) -> None:
+    from medvlp.datamodules.formats.nifti import validate_orientation
+
+    try:
+        validate_orientation(code)
+    except ValueError as err:
+        raise ValueError(f"data.orientation: {err}") from err
+
+
+def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ValueError(f"{key}='{value}' is not valid; choose one of {', '.join(options)}.")

@@ -1,0 +1,280 @@
+"""CT-RATE datamodule on the synthetic fixture of specs/datasets.md §8.7."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import CT_LABELS, CTVolume, truncate, write_ct_rate
+
+from medvlp.batch import ImageTextBatch
+from medvlp.datamodules.base import DataError, DataRootError
+from medvlp.datamodules.ct_rate import (
+    CTRateConfig,
+    CTRateDataModule,
+    parse_name,
+    report_text,
+)
+from medvlp.registry import DATAMODULES
+
+SPACING = [5.0, 1.6, 1.6]
+SIZE = [8, 16, 16]
+
+
+def make(root, **kw) -> CTRateDataModule:
+    kw.setdefault("spacing", SPACING)
+    kw.setdefault("size", SIZE)
+    return CTRateDataModule(CTRateConfig(root=str(root), **kw))
+
+
+def all_train(dm):
+    return {r.study_id: r for r in dm.records("train") + dm.records("val")}
+
+
+def test_registered_and_class_contract():
+    assert DATAMODULES.get("ct_rate") is CTRateDataModule
+    assert CTRateDataModule.modality == "3d"
+    assert CTRateDataModule.default_prompts == "ct_rate.yaml"
+    assert CTRateDataModule.label_names == CT_LABELS
+    assert CTRateConfig().exclude == ["train_1267_a_4", "train_11755_a_3", "train_11755_a_4"]
+
+
+def test_check_root(ct_root, tmp_path):
+    t0 = time.perf_counter()
+    CTRateDataModule.check_root(CTRateConfig(root=str(ct_root)))  # parent of dataset/
+    CTRateDataModule.check_root(CTRateConfig(root=str(ct_root / "dataset")))  # dataset/ itself
+    assert time.perf_counter() - t0 < 1.0
+    with pytest.raises(DataRootError, match="does not exist") as err:
+        CTRateDataModule.check_root(CTRateConfig(root=str(tmp_path / "nope")))
+    assert "radiology_text_reports/train_reports.csv" in str(err.value)
+    broken = tmp_path / "broken"
+    shutil.copytree(ct_root / "dataset", broken / "dataset")
+    (broken / "dataset/metadata/validation_metadata.csv").unlink()
+    with pytest.raises(DataRootError, match="validation_metadata.csv"):
+        CTRateDataModule.check_root(CTRateConfig(root=str(broken)))
+    CTRateDataModule.check_root(CTRateConfig(root=str(broken), version="v2"))  # v2 needs no metadata
+    with pytest.raises(DataRootError, match="validation_metadata.csv"):
+        CTRateDataModule.check_root(CTRateConfig(root=str(broken), version="v2", apply_metadata_rescale="on"))
+
+
+def test_names_sort_numerically():
+    names = ["train_3_a_10", "train_3_a_2", "train_12_a_1", "train_3_b_1"]
+    assert sorted(names, key=parse_name) == ["train_3_a_2", "train_3_a_10", "train_3_b_1", "train_12_a_1"]
+    with pytest.raises(ValueError):
+        parse_name("train_3_a")
+
+
+def test_report_text_rules():
+    assert report_text("Lungs clear (both).", "No 'acute' findings.") == (
+        "The volume shows: No acute findings. The volume looks like: Lungs clear both."
+    )
+    assert report_text(float("nan"), "Cardiomegaly.") == "The volume shows: Cardiomegaly."
+    assert report_text("Nodule.", "Not given.") == "The volume looks like: Nodule."
+    assert report_text("", float("nan")) is None
+    assert report_text("Nodule (3 mm).", "X.", mode="findings") == "Nodule (3 mm)."
+    assert report_text("Nodule.", "", mode="impressions") is None
+
+
+def test_records_splits_text_and_labels(ct_root, caplog):
+    dm = make(ct_root)
+    with caplog.at_level(logging.INFO, logger="medvlp.datamodules.ct_rate"):
+        scans = all_train(dm)
+    assert sorted(scans) == ["train_1_a", "train_2_a", "train_2_b", "train_3_a", "train_5_a", "train_6_a", "train_7_a"]
+    assert "dropped 1 of" in caplog.text  # train_4_a: empty findings, impressions 'Not given.'
+    train_p = {r.meta["patient"] for r in dm.records("train")}
+    val_p = {r.meta["patient"] for r in dm.records("val")}
+    assert val_p and train_p and not train_p & val_p  # patient-level holdout
+    assert val_p == dm.holdout_patients()
+    assert make(ct_root).holdout_patients() == val_p  # seeded
+    assert [r.study_id for r in dm.records("test")] == ["valid_1_a", "valid_2_a"]
+
+    s = scans["train_1_a"]
+    assert s.text == "The volume shows: No acute findings. The volume looks like: Lungs are clear. No effusion left or right."
+    assert scans["train_2_a"].text == "The volume shows: Cardiomegaly."
+    assert scans["train_2_b"].text == "The volume looks like: Small nodule in the right lung."
+    assert all("nan" not in r.text.lower() for r in scans.values())
+    assert [Path(p).name for p in scans["train_3_a"].image_path] == ["train_3_a_2.nii.gz", "train_3_a_10.nii.gz"]
+    assert dm.label_names == CT_LABELS
+    assert s.labels.dtype == np.float32 and s.labels.shape == (18,)
+    np.testing.assert_array_equal(s.labels[:4], [1, 0, 1, 0])
+    findings_only = all_train(make(ct_root, text="findings"))
+    assert "train_2_a" not in findings_only and findings_only["train_2_b"].text == "Small nodule in the right lung."
+
+
+def test_version_and_rescale_resolution(ct_root):
+    vols = {v.name: v for r in all_train(make(ct_root)).values() for v in r.meta["volumes"]}
+    assert vols["train_1_a_1"].version == "v2" and not vols["train_1_a_1"].rescale
+    assert "train_fixed" in vols["train_1_a_1"].path and vols["train_1_a_1"].spacing_zyx is None
+    v1 = vols["train_1_a_2"]
+    assert v1.version == "v1" and v1.rescale and v1.intercept == -8192 and v1.slope == 1
+    assert v1.spacing_zyx == pytest.approx((2.5, 0.8, 0.8))
+    assert vols["train_2_a_1"].intercept == -1024
+    assert vols["train_2_a_1"].direction == pytest.approx((1, 0, 0, 0, 1, 0, 0, 0, 1))
+    forced = {v.name: v for r in all_train(make(ct_root, version="v1")).values() for v in r.meta["volumes"]}
+    assert forced["train_1_a_1"].version == "v1" and forced["train_1_a_1"].rescale
+    with pytest.raises(DataError, match="train_1_a_2.*train_fixed"):
+        make(ct_root, version="v2").records("train")
+    only_v2 = all_train(make(ct_root, version="v2", on_error="skip"))
+    assert sorted(only_v2) == ["train_1_a", "train_3_a"]
+
+
+def test_v1_and_v2_give_the_same_volume(ct_root):
+    """-8192 v1 file rescaled from the CSV == the v2 int16 HU file read as is (no double rescale)."""
+    auto, v1 = make(ct_root), make(ct_root, version="v1")
+    rec_auto = all_train(auto)["train_1_a"]
+    rec_v1 = all_train(v1)["train_1_a"]
+    a = auto.load_image(rec_auto, train=False)  # recon 1 at eval = the v2 file
+    b = v1.load_image(rec_v1, train=False)
+    assert a.shape == (1, *SIZE) and a.dtype == torch.float32
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    # air (-1000 HU) -> window (-1000 + 1150) / 1500 = 0.1 -> (0.1 - mean) / std; a wrong rescale would
+    # saturate it at 0 or 1
+    assert a.min().item() == pytest.approx((0.1 - 0.449) / 0.226, abs=0.03)
+    for scan in ("train_2_a", "valid_2_a"):  # -1024 intercepts, uint16 and int16 stored
+        rec = (all_train(auto) | {r.study_id: r for r in auto.records("test")})[scan]
+        assert auto.load_image(rec, train=False).shape == (1, *SIZE)
+
+
+def test_wrong_rescale_is_caught(ct_root):
+    dm = make(ct_root, apply_metadata_rescale="on")  # would double-rescale the v2 file
+    with pytest.raises(DataError, match="train_1_a_1.nii.gz.*HU"):
+        dm.load_image(all_train(dm)["train_1_a"], train=False)
+    dm = make(ct_root, apply_metadata_rescale="off", version="v1")  # raw stored values
+    with pytest.raises(DataError, match="train_1_a_1.nii.gz"):
+        dm.load_image(all_train(dm)["train_1_a"], train=False)
+    off = make(ct_root, apply_metadata_rescale="off", version="v1", hu_sanity_check=False)
+    assert off.load_image(all_train(off)["train_1_a"], train=False).shape == (1, *SIZE)
+
+
+def test_spacing_comes_from_metadata_for_v1(ct_root):
+    dm = make(ct_root, size=[], version="v1")
+    scans = all_train(dm)
+    # metadata spacing (2.5, 0.8, 0.8) -> (16*2.5/5, 32*0.8/1.6, ...); the header says 1 mm
+    assert dm.load_image(scans["train_1_a"], train=False).shape == (1, 8, 16, 16)
+    assert dm.load_image(scans["train_3_a"], train=False).shape == (1, 9, 14, 14)  # 3.0 / 0.7 mm
+
+
+def test_reconstructions_one_and_all(ct_root):
+    dm = make(ct_root, reconstructions="all")
+    recs = dm.records("train") + dm.records("val")
+    names = [Path(r.image_path).name for r in recs if r.study_id == "train_3_a"]
+    assert names == ["train_3_a_2.nii.gz", "train_3_a_10.nii.gz"]
+    assert len(recs) == 9
+    one = make(ct_root)
+    rec = all_train(one)["train_3_a"]  # two recons with different noise
+    eval_a = one.load_image(rec, train=False)
+    assert torch.equal(eval_a, one.load_image(rec, train=False))  # eval: always recon 2 (lowest number)
+    assert torch.equal(eval_a, dm.load_image(recs[[r.study_id for r in recs].index("train_3_a")], train=False))
+    torch.manual_seed(0)
+    drawn = {float(one.load_image(rec, train=True).sum()) for _ in range(10)}
+    assert len(drawn) == 2  # train: a random recon per draw
+
+
+def test_flips_and_cache(ct_root):
+    dm = make(ct_root, flip_prob=1.0, cache_size=2)
+    rec = all_train(dm)["train_2_a"]
+    a = dm.load_image(rec, train=False)
+    f = dm.load_image(rec, train=True)
+    assert torch.equal(f, torch.flip(a, [1, 2, 3]))
+    assert len(dm._cache) == 1
+    assert dm.volume(rec.meta["volumes"][0]) is dm.volume(rec.meta["volumes"][0])
+
+
+def test_join_validation(tmp_path, caplog):
+    vols = [CTVolume("train_1_a_1"), CTVolume("train_2_a_1"), CTVolume("train_3_a_1"), CTVolume("valid_1_a_1")]
+    parent = tmp_path / "c"
+    write_ct_rate(parent, vols, extra_label_rows=["train_8_a_1"], skip_report=["train_3_a_1"])
+    with pytest.raises(DataError, match="train_8_a_1") as err:
+        make(parent, val_fraction=0.0).records("train")
+    assert "train_3_a_1 has no row in radiology_text_reports/train_reports.csv" in str(err.value)
+    with caplog.at_level(logging.WARNING):
+        recs = make(parent, on_error="skip", val_fraction=0.0).records("train")
+    assert [r.study_id for r in recs] == ["train_1_a", "train_2_a"]
+    assert "skipped 2" in caplog.text
+    # a volume on disk without a label row
+    stray = parent / "dataset/valid/valid_9/valid_9_a/valid_9_a_1.nii.gz"
+    stray.parent.mkdir(parents=True)
+    shutil.copy(parent / "dataset/valid/valid_1/valid_1_a/valid_1_a_1.nii.gz", stray)
+    with pytest.raises(DataError, match="valid_9_a_1.nii.gz.*no row"):
+        make(parent).records("test")
+
+
+def test_truncated_volume_and_exclude(tmp_path):
+    parent = tmp_path / "c"
+    write_ct_rate(parent, [CTVolume("train_1_a_1"), CTVolume("train_2_a_1"), CTVolume("valid_1_a_1")])
+    truncate(parent / "dataset/train/train_2/train_2_a/train_2_a_1.nii.gz")
+    dm = make(parent, val_fraction=0.0)
+    rec = {r.study_id: r for r in dm.records("train")}["train_2_a"]
+    with pytest.raises(DataError, match="train_2_a_1.nii.gz is truncated"):
+        dm.load_image(rec, train=False)
+    skip = make(parent, val_fraction=0.0, on_error="skip")
+    assert [it is None for it in skip.dataset("train")] == [False, True]
+    excl = make(parent, val_fraction=0.0, exclude=["train_2_a_1"])
+    assert [r.study_id for r in excl.records("train")] == ["train_1_a"]
+
+
+def test_val_fraction_zero_means_no_val(ct_root):
+    dm = make(ct_root, val_fraction=0.0)
+    assert len(dm.records("train")) == 7
+    with pytest.raises(DataError, match="no usable records"):
+        dm.records("val")
+
+
+def test_collate_batch(ct_root, tiny_tokenizer):
+    dm = make(ct_root, max_length=24, batch_size=2, eval_batch_size=2)
+    dm.set_tokenizer(tiny_tokenizer)
+    batch = next(iter(dm.test_dataloader()))
+    assert isinstance(batch, ImageTextBatch)
+    assert batch.images.shape == (2, 1, *SIZE)
+    assert batch.labels.shape == (2, 18)
+    assert batch.input_ids.shape == (2, 24)
+    assert batch.study_ids == ["valid_1_a", "valid_2_a"]
+
+
+def test_invalid_config_values(ct_root):
+    for key, value, match in (
+        ("version", "v3", "data.version"),
+        ("reconstructions", "first", "data.reconstructions"),
+        ("text", "report", "data.text"),
+        ("apply_metadata_rescale", "maybe", "apply_metadata_rescale"),
+        ("orientation", "LPX", "data.orientation"),
+        ("spacing", [1.0, 1.0], "data.spacing"),
+        ("window", [350.0, -1150.0], "data.window"),
+        ("val_fraction", 1.0, "val_fraction"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            make(ct_root, **{key: value})
+    assert make(ct_root, apply_metadata_rescale="True").rescale_mode == "on"
+
+
+def test_yaml_matches_dataclass():
+    from omegaconf import OmegaConf
+
+    from medvlp.config import config_dir
+
+    layer = OmegaConf.load(config_dir() / "data" / "ct_rate.yaml")
+    schema = OmegaConf.structured(CTRateConfig)
+    OmegaConf.set_struct(schema, True)
+    merged = OmegaConf.merge(schema, layer.data)
+    assert list(merged.spacing) == [3.0, 1.0, 1.0] and list(merged.size) == [112, 336, 336]
+    assert OmegaConf.is_missing(merged, "root")
+
+
+def test_demo_world_loads(tmp_path, tiny_tokenizer):
+    demo = pytest.importorskip("medvlp.datamodules.demo")
+    if not hasattr(demo, "write_ct_demo"):
+        pytest.skip("medvlp.datamodules.demo.write_ct_demo not written yet")
+    root = demo.write_ct_demo(tmp_path, size="tiny", seed=0)
+    CTRateDataModule.check_root(CTRateConfig(root=str(root)))
+    dm = make(root, max_length=24, batch_size=2, eval_batch_size=2, val_fraction=0.2)
+    dm.set_tokenizer(tiny_tokenizer)
+    for split in ("train", "val", "test"):
+        assert dm.records(split)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.images.shape[1:] == (1, *SIZE)
+    assert batch.labels.shape[1] == 18
