@@ -157,14 +157,15 @@ def fit(cfg: DictConfig, resume: str | Path | None = None) -> Path:
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
-    """``checkpoints/last.ckpt``, else the newest checkpoint of the run."""
+    """The newest complete checkpoint of the run (a file cut short by a kill is passed over)."""
+    import zipfile
+
     ckdir = Path(run_dir) / CKPT_DIR
-    if (ckdir / "last.ckpt").is_file():
-        return ckdir / "last.ckpt"
-    cands = sorted(ckdir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not cands:
-        raise FileNotFoundError(f"No checkpoint in {ckdir}: the run stopped before its first checkpoint; start it again.")
-    return cands[-1]
+    for cand in sorted(ckdir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True):
+        if zipfile.is_zipfile(cand):  # torch.save writes a zip archive; a truncated one is not
+            return cand
+        log.warning("skipping incomplete checkpoint %s", cand)
+    raise FileNotFoundError(f"No checkpoint in {ckdir}: the run stopped before its first checkpoint; start it again.")
 
 
 def load_config(run_dir: str | Path) -> DictConfig:

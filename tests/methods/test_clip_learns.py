@@ -30,13 +30,13 @@ def _train_and_check(tmp_path, auc_min, **compose):
 
 def test_clip_learns_2d_demo(tmp_path):
     _train_and_check(tmp_path, 0.75, method="clip", data="demo_cxr",
-                     overrides=[f"run.out_dir={tmp_path}", "trainer.max_steps=300", "trainer.enable_progress_bar=false",
+                     overrides=[f"run.out_dir={tmp_path}", "trainer.max_steps=300", "trainer.max_epochs=100", "trainer.enable_progress_bar=false",
                                 "trainer.limit_val_batches=2"])
 
 
 def test_clip_learns_3d_demo(tmp_path):
     _train_and_check(tmp_path, 0.70, config_file=str(C.config_dir() / "experiment" / "clip_demo_ct.yaml"),
-                     overrides=[f"run.out_dir={tmp_path}", "trainer.max_steps=300", "trainer.enable_progress_bar=false",
+                     overrides=[f"run.out_dir={tmp_path}", "trainer.max_steps=300", "trainer.max_epochs=100", "trainer.enable_progress_bar=false",
                                 "trainer.limit_val_batches=2"])
 
 

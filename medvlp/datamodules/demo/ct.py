@@ -54,7 +54,7 @@ METADATA_COLUMNS = [
 ]  # fmt: skip
 TRUTH_COLUMNS = [
     "VolumeName", "split", *CT_FINDINGS, "effusion_side", "nodule_lobe", "nodule_x", "nodule_y", "nodule_z",
-    "nodule_radius_mm", "consolidation_lobe", "calcified_plaques", "heart_volume_ml",
+    "nodule_radius_mm", "nodule_count", "consolidation_lobe", "calcified_plaques", "heart_volume_ml",
 ]  # fmt: skip
 # TotalSegmentator v2 ``total`` task ids of the structures the world draws (specs/methods/fvlm.md §3.1).
 ANATOMY_LABELS = {
@@ -76,8 +76,9 @@ class CtFindings:
     cardiomegaly: bool = False
     effusion: str = ""  # "", "left", "right", "bilateral"
     effusion_size: str = ""  # small | moderate | large
-    nodule: str = ""  # "" or a LOBES key
-    nodule_mm: int = 0  # diameter
+    nodule: str = ""  # "" or a LOBES key: lobe of the largest nodule
+    nodule_mm: int = 0  # diameter of the largest nodule
+    nodule_count: int = 1  # with a nodule: how many; the others are smaller and anywhere in the lungs
     consolidation: str = ""  # "" or a LOBES key
     emphysema: bool = False
     calcification: bool = False
@@ -96,7 +97,8 @@ def sample_findings(rng: np.random.Generator) -> CtFindings:
         f.effusion = pick(rng, ("left", "right", "bilateral"))
         f.effusion_size = pick(rng, ("small", "moderate", "large"))
     if flags[2]:
-        f.nodule, f.nodule_mm = pick(rng, list(LOBES)), int(rng.integers(24, 31))
+        f.nodule, f.nodule_mm = pick(rng, list(LOBES)), int(rng.integers(26, 35))
+        f.nodule_count = int(rng.choice([1, 2, 3, 4], p=[0.4, 0.3, 0.2, 0.1]))
     if flags[3]:
         f.consolidation = pick(rng, list(LOBES))
     return f
@@ -123,6 +125,8 @@ _IMPR = {
     "Cardiomegaly": ["Cardiomegaly."],
     "Pleural effusion": ["{eside} pleural effusion.", "{esize} {eside} pleural effusion."],
     "Lung nodule": ["{mm} mm nodule in the {nlobe}.", "Lung nodule in the {nlobe}."],
+    "multiple nodules": ["Multiple lung nodules, the largest measuring {mm} mm in the {nlobe}.",
+                         "Multiple pulmonary nodules, the largest in the {nlobe}."],
     "Consolidation": ["Consolidation in the {clobe}.", "{clobe} consolidation, may represent pneumonia."],
     "Emphysema": ["Emphysema.", "Emphysematous changes in both lungs."],
     "Arterial wall calcification": ["Atherosclerotic calcification of the aorta.", "Arterial wall calcification."],
@@ -166,6 +170,11 @@ _FIXED = {
     "abdomen": ["The liver is of normal size in the sections included.", "Upper abdominal organs in the sections are unremarkable."],
     "bone": ["No lytic or sclerotic bone lesion.", "Bony structures of the thorax are intact."],
 }  # fmt: skip
+_MORE_NODULES = {  # number of additional nodules -> wordings
+    1: ["One additional smaller nodule is seen in the lungs.", "There is one more nodule of smaller size in the lungs."],
+    2: ["Two additional smaller nodules are seen in the lungs.", "There are two more nodules of smaller size in the lungs."],
+    3: ["Three additional smaller nodules are seen in the lungs.", "There are three more nodules of smaller size in the lungs."],
+}  # fmt: skip
 _NORMAL_IMPRESSION = ["No significant pathology in the thorax.", "Normal chest CT.", "No acute pathology."]
 _CLINICAL = ["Cough.", "Shortness of breath.", "Chest pain.", "Fever and cough.", "Follow-up of a pulmonary nodule.",
              "Screening.", "Dyspnea on exertion."]  # fmt: skip
@@ -200,7 +209,10 @@ def compose_report(f: CtFindings, rng: np.random.Generator) -> tuple[str, str]:
         for name in names:
             if name in present:
                 findings.append(cap(pick(rng, _POS[name]).format(**fields)))
-                impression.append(cap(pick(rng, _IMPR[name]).format(**fields)))
+                several = name == "Lung nodule" and f.nodule_count > 1
+                if several:
+                    findings.append(pick(rng, _MORE_NODULES[f.nodule_count - 1]))
+                impression.append(cap(pick(rng, _IMPR["multiple nodules" if several else name]).format(**fields)))
             elif rng.random() < (0.6 if name in CT_FINDINGS else 0.3):
                 findings.append(pick(rng, _NEG[name]))
     if not impression:
@@ -318,9 +330,9 @@ def _draw_lungs(g: _Grid, f: CtFindings, c: _Chest, hu: np.ndarray, lab: np.ndar
     X, Y, Z, rng, lung = g.X, g.Y, g.Z, g.rng, c.lung
     parenchyma = (-945.0 if f.emphysema else -840.0) + 15.0 * smooth_noise(rng, g.shape, (0.6, 1.0, 1.0))
     hilum_d2 = (np.abs(X) - 0.22) ** 2 + (Y - 0.02) ** 2 + ((Z - 0.55) * g.mm_z / g.mm_xy) ** 2
-    threshold = 1.9 + (0.4 if f.emphysema else 0.0) - 0.7 * np.exp(-hilum_d2 / 0.08)  # denser near the hila
+    threshold = 2.0 + (0.4 if f.emphysema else 0.0) - 0.7 * np.exp(-hilum_d2 / 0.08)  # denser near the hila
     vessel = smooth_noise(rng, g.shape, (0.7, 1.0, 1.0)) > threshold
-    parenchyma = np.where(vessel, -350.0, parenchyma)  # thin vessels, partial-volume averaged
+    parenchyma = np.where(vessel, -450.0, parenchyma)  # thin vessels, partial-volume averaged
     if f.emphysema:  # low-attenuation holes, upper-lobe predominant
         bullae = smooth_noise(rng, g.shape, 1.0) < -1.3 - 0.5 * (1.0 - Z)
         parenchyma = np.where(bullae & ~vessel, -985.0, parenchyma)
@@ -341,22 +353,35 @@ def _draw_lungs(g: _Grid, f: CtFindings, c: _Chest, hu: np.ndarray, lab: np.ndar
             blob += np.exp(-(d**2) / (2 * sigma**2))
         cons = region & (blob >= np.quantile(blob[region], 1.0 - rng.uniform(0.45, 0.7)))
         hu[cons] = np.clip(-40.0 + 35.0 * rng.standard_normal(int(cons.sum())), -100, 40)
-    if f.nodule:  # a solid ball, preferably entirely inside aerated lung
-        radius = f.nodule_mm / 2.0
-        cand = np.flatnonzero((lab == LOBES[f.nodule]) & ~fluid)
-        best, best_frac = None, -1.0
-        for _ in range(25):
-            centre = np.unravel_index(cand[rng.integers(cand.size)], g.shape)
-            box, ball = _ball(g.shape, centre, radius, (g.dz, g.sp, g.sp))
-            frac = float((ball & lung[box] & ~fluid[box]).sum()) / max(int(ball.sum()), 1)
-            if frac > best_frac:
-                best, best_frac = (centre, box, ball), frac
-            if frac > 0.97:
-                break
-        centre, box, ball = best
-        hu[box][ball] = 50.0 + 8.0 * rng.standard_normal(int(ball.sum()))
-        truth.update(nodule_x=int(centre[2]), nodule_y=int(centre[1]), nodule_z=int(centre[0]), nodule_radius_mm=radius)
+    if f.nodule:  # solid balls: the largest in the named lobe, the others smaller and anywhere
+        aerated = lung & ~fluid
+        for k in range(f.nodule_count):
+            radius = f.nodule_mm / 2.0 * (1.0 if k == 0 else rng.uniform(0.55, 0.8))
+            centre, box, ball = _place_ball(g, rng, (lab == LOBES[f.nodule]) if k == 0 else lung, aerated, radius)
+            hu[box][ball] = 50.0 + 8.0 * rng.standard_normal(int(ball.sum()))
+            if k == 0:
+                truth.update(nodule_x=int(centre[2]), nodule_y=int(centre[1]), nodule_z=int(centre[0]),
+                             nodule_radius_mm=radius, nodule_count=f.nodule_count)  # fmt: skip
     return truth
+
+
+def _place_ball(g: _Grid, rng: np.random.Generator, where: np.ndarray, aerated: np.ndarray, radius: float) -> tuple:
+    """A ball of ``radius`` mm centred in ``where``, preferably entirely inside ``aerated`` (25 tries).
+
+    Returns:
+        ``(centre voxel, crop slices, ball mask inside the crop)``.
+    """
+    cand = np.flatnonzero(where & aerated)
+    best, best_frac = None, -1.0
+    for _ in range(25):
+        centre = np.unravel_index(cand[rng.integers(cand.size)], g.shape)
+        box, ball = _ball(g.shape, centre, radius, (g.dz, g.sp, g.sp))
+        frac = float((ball & aerated[box]).sum()) / max(int(ball.sum()), 1)
+        if frac > best_frac:
+            best, best_frac = (centre, box, ball), frac
+        if frac > 0.97:
+            break
+    return best
 
 
 def _draw_mediastinum(g: _Grid, f: CtFindings, c: _Chest, hu: np.ndarray, lab: np.ndarray) -> int:
@@ -378,11 +403,11 @@ def _draw_mediastinum(g: _Grid, f: CtFindings, c: _Chest, hu: np.ndarray, lab: n
     aorta = aorta_d < ra
     hu[aorta], lab[aorta] = 45.0, 52
     plaques = 0
-    if f.calcification:  # calcified plaques: patches of the aortic wall within 7-11 mm of a wall voxel
+    if f.calcification:  # calcified plaques: patches of the aortic wall within 10-15 mm of a wall voxel
         wall = aorta & (aorta_d > 0.55 * ra)
-        plaques = int(rng.integers(5, 9))
+        plaques = int(rng.integers(8, 15))
         for i in rng.choice(np.flatnonzero(wall), size=plaques, replace=False):
-            box, ball = _ball(g.shape, np.unravel_index(i, g.shape), rng.uniform(7, 11), (g.dz, g.sp, g.sp))
+            box, ball = _ball(g.shape, np.unravel_index(i, g.shape), rng.uniform(10, 15), (g.dz, g.sp, g.sp))
             hu[box] = np.where(ball & wall[box], rng.uniform(700, 1000), hu[box])
     trachea = (np.hypot(X, Y + 0.02) < 0.07) & (Z > 0.68)
     hu[trachea], lab[trachea] = 30.0, 16

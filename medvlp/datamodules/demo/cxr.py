@@ -601,41 +601,59 @@ def _dicom_id(rng: np.random.Generator) -> str:
     return "-".join(f"{int(x):08x}" for x in rng.integers(0, 2**32, 5, dtype=np.uint64))
 
 
+def _assign_splits(counts: list[int], rng: np.random.Generator) -> list[str]:
+    """Patient-level splits: patients in random order fill test (~15 % of studies), validate (~5 %), then train."""
+    total = sum(counts)
+    targets = {"test": max(1, round(0.15 * total)), "validate": max(1, round(0.05 * total))}
+    filled, splits = {"test": 0, "validate": 0, "train": 0}, [""] * len(counts)
+    for p in rng.permutation(len(counts)):
+        split = next((s for s in ("test", "validate") if filled[s] < targets[s]), "train")
+        splits[p] = split
+        filled[split] += counts[p]
+    return splits
+
+
+def _views(i: int, rng: np.random.Generator) -> tuple[str, ...]:
+    """ViewPositions of study ``i``: one PA/AP frontal, sometimes a lateral, rarely an odd view."""
+    if i < len(_FORCED_VIEWS):
+        return _FORCED_VIEWS[i]
+    views = ("AP",) if rng.random() < 0.3 else ("PA",)
+    r = rng.random()
+    if views == ("PA",) and r < 0.10:
+        return ("PA", "LATERAL")
+    if r > 0.997:
+        return pick(rng, [("PA", "LL"), ("PA", "AP AXIAL"), ("",)])
+    return views
+
+
 def plan_studies(n_studies: int, seed: int) -> list[_CxrStudy]:
-    """Patients, studies, splits (patient-disjoint ~80/5/15 %), views, report styles and traps."""
+    """Patients, studies, splits, images, report styles and label traps of the whole dataset.
+
+    Args:
+        n_studies: number of studies (1-4 per patient).
+        seed: dataset seed.
+
+    Returns:
+        Studies in creation order; ``index`` keys every per-study random stream.
+    """
     rng = rng_for(seed, _STUDY_STREAM)
     counts = []
     while sum(counts) < n_studies:
         counts.append(min(int(rng.choice([1, 2, 3, 4], p=[0.62, 0.25, 0.09, 0.04])), n_studies - sum(counts)))
     subjects = _unique_ints(rng, len(counts), 10_000_000, 20_000_000)
     study_ids = _unique_ints(rng, n_studies, 50_000_000, 60_000_000)
-    order = rng.permutation(len(counts))
-    targets = {"test": max(1, round(0.15 * n_studies)), "validate": max(1, round(0.05 * n_studies))}
-    split_of, filled = {}, {"test": 0, "validate": 0}
-    for p in order:
-        split = next((s for s in ("test", "validate") if filled[s] < targets[s]), "train")
-        split_of[int(p)] = split
-        filled[split] = filled.get(split, 0) + counts[p]
+    splits = _assign_splits(counts, rng)
     studies, dicom_seen = [], set()
     for p, count in enumerate(counts):
-        day = datetime.date(2110, 1, 1) + datetime.timedelta(days=int(rng.integers(0, 90 * 365)))
+        day = datetime.date(2110, 1, 1) + datetime.timedelta(days=int(rng.integers(0, 90 * 365)))  # shifted dates
         for _ in range(count):
             i = len(studies)
             secs = int(rng.integers(0, 86400))
-            hhmmss = (secs // 3600) * 10000 + (secs % 3600 // 60) * 100 + secs % 60
-            st = _CxrStudy(i, subjects[p], study_ids[i], split_of[p], int(day.strftime("%Y%m%d")),
+            hhmmss = (secs // 3600) * 10000 + (secs % 3600 // 60) * 100 + secs % 60  # float: leading zeros lost
+            st = _CxrStudy(i, subjects[p], study_ids[i], splits[p], int(day.strftime("%Y%m%d")),
                            hhmmss + int(rng.integers(0, 8)) / 8)  # fmt: skip
             day += datetime.timedelta(days=int(rng.integers(1, 400)))
-            if i < len(_FORCED_VIEWS):
-                views = _FORCED_VIEWS[i]
-            else:
-                views = ("AP",) if rng.random() < 0.3 else ("PA",)
-                r = rng.random()
-                if views == ("PA",) and r < 0.10:
-                    views += ("LATERAL",)
-                elif r > 0.997:
-                    views = pick(rng, [("PA", "LL"), ("PA", "AP AXIAL"), ("",)])
-            for view in views:
+            for view in _views(i, rng):
                 dicom = _dicom_id(rng)
                 while dicom in dicom_seen:
                     dicom = _dicom_id(rng)
@@ -643,12 +661,12 @@ def plan_studies(n_studies: int, seed: int) -> list[_CxrStudy]:
                 st.images.append(_CxrImage(dicom, view, int(rng.integers(128, 145)), int(rng.integers(150, 171))))
             st.style = _FORCED_STYLES[i] if i < len(_FORCED_STYLES) else str(rng.choice(STYLES, p=STYLE_P))
             if i == 0:
-                st.label_row, st.time = "missing", 80556.875  # no chexpert row; StudyTime lost its leading zero
+                st.label_row, st.time = "missing", 80556.875  # no chexpert row; 08:05:56.875
             elif st.style == "too_short":
                 st.label_row = "blank"
             elif i >= len(_FORCED_STYLES) and rng.random() < 0.005:
                 st.label_row = pick(rng, ("missing", "blank"))
-            forced_normal = {3: True, 5: False}.get(i)  # 3: "Stable." report; 5: carries a hedged (-1.0) finding
+            forced_normal = {3: True, 5: False}.get(i)  # 3: the "Stable." report; 5: carries a hedged finding
             st.findings = sample_findings(rng_for(seed, _STUDY_STREAM, i), normal=forced_normal)
             if i == 5:
                 st.findings.hedged = tuple(st.findings.present()[:1])
