@@ -262,9 +262,8 @@ class CTRateDataModule(VLPDataModule):
     # ------------------------------------------------------------------ layout
     @classmethod
     def check_root(cls, cfg: DataConfig) -> None:
+        super().check_root(cfg)
         root = Path(cfg.root)
-        if not root.is_dir():
-            raise DataRootError(cls.root_message(cfg.root, "does not exist or is not a directory"))
         ds = dataset_dir(root)
         if ds is None:
             raise DataRootError(cls.root_message(cfg.root, "has neither radiology_text_reports/ nor dataset/radiology_text_reports/"))

@@ -182,9 +182,8 @@ class MimicCXRDataModule(VLPDataModule):
     # ------------------------------------------------------------------ layout
     @classmethod
     def check_root(cls, cfg: DataConfig) -> None:
+        super().check_root(cfg)
         root = Path(cfg.root)
-        if not root.is_dir():
-            raise DataRootError(cls.root_message(cfg.root, "does not exist or is not a directory"))
         if not (root / "files").is_dir():
             raise DataRootError(cls.root_message(cfg.root, "has no files/ folder"))
         source = getattr(cfg, "label_source", "auto")

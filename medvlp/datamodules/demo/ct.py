@@ -98,7 +98,7 @@ def sample_findings(rng: np.random.Generator) -> CtFindings:
         f.effusion_size = pick(rng, ("small", "moderate", "large"))
     if flags[2]:
         f.nodule, f.nodule_mm = pick(rng, list(LOBES)), int(rng.integers(26, 35))
-        f.nodule_count = int(rng.choice([1, 2, 3, 4], p=[0.4, 0.3, 0.2, 0.1]))
+        f.nodule_count = int(rng.choice([1, 2, 3, 4], p=[0.25, 0.3, 0.25, 0.2]))
     if flags[3]:
         f.consolidation = pick(rng, list(LOBES))
     return f
@@ -136,7 +136,7 @@ _NEG = {
     "Pleural effusion": ["No pleural effusion.", "Pleural effusion is not present.", "No pleural effusion or pleural thickening."],
     "Lung nodule": ["No lung nodule.", "No pulmonary nodule or mass is seen.", "Lung nodule is not present.", "No pulmonary nodule."],
     "Consolidation": ["No consolidation.", "No infiltration or consolidation in either lung.", "Consolidation is not present."],
-    "Emphysema": ["No emphysema.", "Emphysema is not present."],
+    "Emphysema": ["No emphysema.", "There is no emphysema.", "Emphysema is not present."],
     "Arterial wall calcification": ["No arterial wall calcification.", "No calcified plaque in the aortic wall.",
                                     "The thoracic aorta is of normal caliber without wall calcification.",
                                     "Arterial wall calcification is not present."],
@@ -356,7 +356,7 @@ def _draw_lungs(g: _Grid, f: CtFindings, c: _Chest, hu: np.ndarray, lab: np.ndar
     if f.nodule:  # solid balls: the largest in the named lobe, the others smaller and anywhere
         aerated = lung & ~fluid
         for k in range(f.nodule_count):
-            radius = f.nodule_mm / 2.0 * (1.0 if k == 0 else rng.uniform(0.55, 0.8))
+            radius = f.nodule_mm / 2.0 * (1.0 if k == 0 else rng.uniform(0.6, 0.85))
             centre, box, ball = _place_ball(g, rng, (lab == LOBES[f.nodule]) if k == 0 else lung, aerated, radius)
             hu[box][ball] = 50.0 + 8.0 * rng.standard_normal(int(ball.sum()))
             if k == 0:
