@@ -25,6 +25,9 @@ class ImageTextBatch:
             datamodule).
         scan_mask: ``[B, S]`` bool, True = real scan (multi-scan studies only).
         anatomy_masks: ``[B, 1, D, H, W]`` int64 label map aligned to ``images`` (fVLM).
+        boxes / box_labels: per image ``[N_i, 4]`` float ``(x1, y1, x2, y2)`` in the pixels of
+            ``images`` and ``[N_i]`` int64 classes (detection datasets).
+        masks: ``[B, H, W]`` uint8 {0, 1} aligned to ``images`` (segmentation datasets).
         skipped: items dropped by ``data.on_error=skip`` while building this batch.
     """
 
@@ -38,6 +41,9 @@ class ImageTextBatch:
     anatomy_masks: Tensor | None = None
     anatomy_texts: dict[str, list[str]] | None = None
     prompts: list[str] | None = None
+    boxes: list[Tensor] | None = None
+    box_labels: list[Tensor] | None = None
+    masks: Tensor | None = None
     skipped: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
 

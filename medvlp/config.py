@@ -74,6 +74,7 @@ class TextEncoderConfig:
     num_layers: int = 0  # >0 keeps only the first N transformer layers (MGCA keeps 6)
     freeze_layers: int = 0  # >0 freezes the embeddings and the first N layers
     attn_implementation: str = "sdpa"
+    pool: str = "cls"  # pooled feature: cls ([CLS] token) | mean | max (over unmasked tokens; ConVIRT max-pools)
     grad_checkpointing: bool = False
     config_overrides: dict[str, Any] = field(default_factory=dict)  # fields of the HF config
 

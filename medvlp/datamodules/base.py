@@ -7,6 +7,8 @@ A dataset subclass provides:
 * ``check_root(cfg)``: a cheap test (no decoding) that the root looks like the dataset;
 * ``build_records(split)``: a list of :class:`Record` read from the official files;
 * ``load_image(record, train)``: the image tensor of a record (``[C, H, W]`` or ``[C, D, H, W]``);
+  datasets with boxes or masks override ``load_sample`` instead, which also returns the targets
+  in the geometry of the transformed image;
 * ``label_names``: the label columns attached to records (``Record.labels`` follows this order).
 
 The base class does the rest: datasets, error policy (``data.on_error``), tokenisation and
@@ -76,6 +78,9 @@ class Record:
     text: str
     labels: np.ndarray | None = None  # float32 [K], NaN unknown
     meta: dict[str, Any] = field(default_factory=dict)
+    boxes: np.ndarray | None = None  # float32 [N, 4] (x1, y1, x2, y2), pixels of the original image
+    box_labels: np.ndarray | None = None  # int64 [N], index into the datamodule's box_label_names
+    mask: Any = None  # a picklable callable ``mask(height, width) -> uint8 [H, W]`` at the original size
 
 
 class RecordDataset:
@@ -96,7 +101,7 @@ class RecordDataset:
     def __getitem__(self, idx: int) -> dict[str, Any] | None:
         rec = self.records[idx]
         try:
-            image = self.dm.load_image(rec, train=self.train)
+            sample = self.dm.load_sample(rec, train=self.train)
         except Exception as err:
             msg = f"{type(err).__name__}: {err}" if not isinstance(err, DataError) else str(err)
             if self.dm.cfg.on_error == "skip":
@@ -108,7 +113,7 @@ class RecordDataset:
                 f"Could not load study {rec.study_id} from {rec.image_path}: {msg}. "
                 f"Set data.on_error=skip to skip (and count) unreadable items."
             ) from err
-        return {"image": image, "text": rec.text, "study_id": rec.study_id, "labels": rec.labels, "meta": rec.meta}
+        return {"text": rec.text, "study_id": rec.study_id, "labels": rec.labels, "meta": rec.meta, **sample}
 
 
 class VLPDataModule:
@@ -148,6 +153,11 @@ class VLPDataModule:
     def load_image(self, record: Record, train: bool) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def load_sample(self, record: Record, train: bool) -> dict[str, Any]:
+        """``{"image": tensor}``, plus ``"boxes"`` ``[N, 4]`` / ``"box_labels"`` ``[N]`` / ``"mask"``
+        ``[H, W]`` in the transformed image's pixels for datasets with such targets."""
+        return {"image": self.load_image(record, train)}
+
     # ------------------------------------------------------------------ shared machinery
     def set_tokenizer(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
@@ -184,6 +194,12 @@ class VLPDataModule:
         labels = None
         if all(it["labels"] is not None for it in kept):
             labels = torch.as_tensor(np.stack([it["labels"] for it in kept]), dtype=torch.float32)
+        targets: dict[str, Any] = {}
+        if "boxes" in kept[0]:
+            targets["boxes"] = [it["boxes"] for it in kept]
+            targets["box_labels"] = [it["box_labels"] for it in kept]
+        if "mask" in kept[0]:
+            targets["masks"] = torch.stack([it["mask"] for it in kept])
         return ImageTextBatch(
             images=torch.stack([it["image"] for it in kept]),
             input_ids=tok["input_ids"],
@@ -192,6 +208,7 @@ class VLPDataModule:
             texts=texts,
             labels=labels,
             skipped=skipped,
+            **targets,
         )
 
     def _loader(self, split: str, shuffle: bool, batch_size: int, drop_last: bool = False) -> DataLoader:

@@ -28,15 +28,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medvlp.datamodules.base import DataConfig, DataError, DataRootError, Record, VLPDataModule
+from medvlp.datamodules.base import DataConfig, DataError, DataRootError, Record
 from medvlp.datamodules.formats.reports import get_sectioner, mgca_text
+from medvlp.datamodules.radiograph import (
+    RadiographConfig,
+    RadiographDataModule,
+    check_choice,
+    read_gray,
+    read_table,
+)
 from medvlp.registry import register_datamodule
 
 if TYPE_CHECKING:  # heavy imports stay inside functions (base.py: check_root must not pay for them)
     import pandas as pd
-    import torch
-
-    from medvlp.datamodules.transforms import CXRTransform
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +64,7 @@ UNCERTAIN = {"ignore": np.nan, "zero": 0.0, "one": 1.0}
 
 
 @dataclass
-class MimicCXRConfig(DataConfig):
+class MimicCXRConfig(RadiographConfig):
     """``data.*`` keys of the MIMIC-CXR datamodule (``configs/data/mimic_cxr.yaml``)."""
 
     name: str = "mimic_cxr"
@@ -70,12 +74,6 @@ class MimicCXRConfig(DataConfig):
     sectioner: str = "mimic"  # mimic (MIT-LCP rules) | chexzero | package.module:function
     min_tokens: int = 3  # studies whose text has fewer \w+ tokens are dropped (MGCA)
     images_per_study: str = "all"  # all: one sample per image (MGCA) | one: one per study
-    image_size: int = 224
-    channels: int = 3  # 1 or 3 (gray repeated)
-    augment: bool = True  # train-time random affine
-    aug_degrees: float = 10.0
-    aug_translate: float = 0.05  # fraction of the image size
-    aug_scale: list[float] = field(default_factory=lambda: [0.9, 1.1])
     label_source: str = "auto"  # auto | chexpert | negbio | test_set (see MimicCXRDataModule)
     uncertain: str = "ignore"  # policy for -1 labels: ignore (NaN) | zero | one
 
@@ -86,21 +84,6 @@ def find_csv(root: Path, name: str) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
-
-
-def read_table(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
-    """Read an official CSV with every column as a string (IDs round-trip; blank -> NaN)."""
-    import pandas as pd
-
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
-    except Exception as err:  # pandas raises many types on a truncated gzip or a bad row
-        raise DataError(f"Could not read {path}: {type(err).__name__}: {err}") from err
-    if columns is not None:
-        missing = [c for c in columns if c not in df.columns]
-        if missing:
-            raise DataError(f"{path} lacks the column(s) {missing}; found {list(df.columns)}.")
-    return df
 
 
 def read_table_header(path: Path) -> list[str]:
@@ -120,7 +103,7 @@ def _strip_prefix(ids: pd.Series, prefix: str) -> pd.Series:
 
 
 @register_datamodule("mimic_cxr")
-class MimicCXRDataModule(VLPDataModule):
+class MimicCXRDataModule(RadiographDataModule):
     """MIMIC-CXR-JPG + reports (2D chest X-ray, 14 CheXpert labels per study).
 
     Label policy: values are 1 / 0 / NaN (blank = not mentioned); ``-1`` (uncertain) becomes NaN,
@@ -148,36 +131,14 @@ class MimicCXRDataModule(VLPDataModule):
 
     def __init__(self, cfg: MimicCXRConfig, tokenizer: Any = None) -> None:
         super().__init__(cfg, tokenizer)
-        _choice("data.images_per_study", cfg.images_per_study, IMAGES_PER_STUDY)
-        _choice("data.label_source", cfg.label_source, LABEL_SOURCES)
-        _choice("data.uncertain", cfg.uncertain, tuple(UNCERTAIN))
+        check_choice("data.images_per_study", cfg.images_per_study, IMAGES_PER_STUDY)
+        check_choice("data.label_source", cfg.label_source, LABEL_SOURCES)
+        check_choice("data.uncertain", cfg.uncertain, tuple(UNCERTAIN))
         if not list(cfg.sections):
             raise ValueError("data.sections is empty; use e.g. [impression, findings].")
-        if int(cfg.channels) not in (1, 3):
-            raise ValueError(f"data.channels={cfg.channels} is not valid; choose 1 or 3.")
-        if int(cfg.image_size) < 1:
-            raise ValueError(f"data.image_size must be a positive number of pixels, got {cfg.image_size}.")
         self.sectioner = get_sectioner(cfg.sectioner)
         self.label_names = list(LABELS)
         self._tables: dict[str, Any] = {}
-        self._transform: CXRTransform | None = None
-
-    @property
-    def transform(self) -> CXRTransform:
-        """The image pipeline (built on first use; imports torch)."""
-        if self._transform is None:
-            from medvlp.datamodules.transforms import CXRTransform
-
-            cfg = self.cfg
-            self._transform = CXRTransform(
-                image_size=int(cfg.image_size),
-                channels=int(cfg.channels),
-                augment=bool(cfg.augment),
-                degrees=float(cfg.aug_degrees),
-                translate=float(cfg.aug_translate),
-                scale=[float(v) for v in cfg.aug_scale],
-            )
-        return self._transform
 
     # ------------------------------------------------------------------ layout
     @classmethod
@@ -366,37 +327,11 @@ class MimicCXRDataModule(VLPDataModule):
         log.info("mimic_cxr %s: %d records from %d studies", split, len(records), n_studies - dropped_text - missing_reports)
         return records
 
-    def load_image(self, record: Record, train: bool) -> torch.Tensor:
+    def read_pixels(self, record: Record, train: bool) -> np.ndarray:
         import torch
 
         path = record.image_path
         if isinstance(path, list):
             index = int(torch.randint(len(path), ()).item()) if train and len(path) > 1 else 0
             path = path[index]
-        return self.transform(read_gray(path, draft_size=int(self.cfg.image_size)), train=train)
-
-
-def read_gray(path: str | Path, draft_size: int | None = None) -> np.ndarray:
-    """Decode an image file to a uint8 ``[H, W]`` array; DataError naming the file on failure.
-
-    ``draft_size`` lets the JPEG decoder downscale by a power of two while keeping both sides
-    >= ``draft_size`` (DCT-domain scaling: averaging, and several times faster on full-size X-rays).
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            if draft_size and img.format == "JPEG":
-                img.draft("L", (draft_size, draft_size))
-            img = img.convert("L") if img.mode != "L" else img
-            img.load()
-            return np.asarray(img, dtype=np.uint8).copy()
-    except FileNotFoundError as err:
-        raise DataError(f"Image {path} does not exist.") from err
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise DataError(f"Image {path} is corrupt or truncated ({err}); re-download it.") from err
-
-
-def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
-    if value not in options:
-        raise ValueError(f"{key}='{value}' is not valid; choose one of {', '.join(options)}.")
+        return read_gray(path, draft_size=int(self.cfg.image_size))

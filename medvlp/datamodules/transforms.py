@@ -63,6 +63,49 @@ def pad_to_square(img: Tensor, value: float = 0.0) -> Tensor:
     return F.pad(img, (left, s - w - left, top, s - h - top), value=value)
 
 
+def sample_affine(degrees: float, translate: float, scale: Sequence[float],
+                  generator: torch.Generator | None = None) -> Tensor:
+    """Draw a random rotation (+-``degrees``), shift (+-``translate`` of the size) and zoom.
+
+    Returns ``theta`` ``[2, 3]`` in the convention of ``F.affine_grid`` (``align_corners=False``):
+    it maps normalised *output* coordinates ``(x, y, 1)`` in ``[-1, 1]`` to *input* coordinates.
+    """
+    angle = math.radians(_uniform(-degrees, degrees, generator))
+    zoom = _uniform(float(scale[0]), float(scale[1]), generator)
+    tx = _uniform(-translate, translate, generator) * 2  # normalised coordinates span 2
+    ty = _uniform(-translate, translate, generator) * 2
+    cos, sin = math.cos(angle) / zoom, math.sin(angle) / zoom
+    return torch.tensor([[cos, -sin, tx], [sin, cos, ty]], dtype=torch.float32)
+
+
+def warp(img: Tensor, theta: Tensor, mode: str = "bilinear") -> Tensor:
+    """Resample ``[C, H, W]`` with ``theta`` (see :func:`sample_affine`); outside pixels are 0."""
+    grid = F.affine_grid(theta.to(img.dtype)[None], [1, *img.shape], align_corners=False)
+    return F.grid_sample(img[None], grid, mode=mode, padding_mode="zeros", align_corners=False)[0]
+
+
+def warp_boxes(boxes: Tensor, theta: Tensor, height: int, width: int) -> Tensor:
+    """Map ``[N, 4]`` pixel boxes ``(x1, y1, x2, y2)`` through the image warp of ``theta``.
+
+    The four corners go through the inverse of ``theta`` (input -> output); the result is their
+    axis-aligned hull, clipped to the image. Boxes that leave the image become empty (x1 == x2).
+    """
+    if boxes.numel() == 0:
+        return boxes.reshape(0, 4).float()
+    a = torch.cat([theta.double(), torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64)])
+    inv = torch.linalg.inv(a)[:2]
+    b = boxes.double()
+    xs = torch.stack([b[:, 0], b[:, 2], b[:, 2], b[:, 0]], 1)
+    ys = torch.stack([b[:, 1], b[:, 1], b[:, 3], b[:, 3]], 1)
+    nx, ny = xs * 2 / width - 1, ys * 2 / height - 1  # pixel edges -> normalised (align_corners=False)
+    ox = inv[0, 0] * nx + inv[0, 1] * ny + inv[0, 2]
+    oy = inv[1, 0] * nx + inv[1, 1] * ny + inv[1, 2]
+    px, py = (ox + 1) * width / 2, (oy + 1) * height / 2
+    out = torch.stack([px.amin(1).clamp(0, width), py.amin(1).clamp(0, height),
+                       px.amax(1).clamp(0, width), py.amax(1).clamp(0, height)], 1)  # fmt: skip
+    return out.float()
+
+
 def random_affine(
     img: Tensor,
     degrees: float,
@@ -74,14 +117,18 @@ def random_affine(
 
     Bilinear sampling; pixels from outside the image are 0.
     """
-    angle = math.radians(_uniform(-degrees, degrees, generator))
-    zoom = _uniform(float(scale[0]), float(scale[1]), generator)
-    tx = _uniform(-translate, translate, generator) * 2  # normalised coordinates span 2
-    ty = _uniform(-translate, translate, generator) * 2
-    cos, sin = math.cos(angle) / zoom, math.sin(angle) / zoom
-    theta = torch.tensor([[cos, -sin, tx], [sin, cos, ty]], dtype=img.dtype)[None]
-    grid = F.affine_grid(theta, [1, *img.shape], align_corners=False)
-    return F.grid_sample(img[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    return warp(img, sample_affine(degrees, translate, scale, generator))
+
+
+def letterbox_params(height: int, width: int, size: int) -> tuple[float, float, int, int]:
+    """Geometry of resize-longest-side + centre pad: ``(scale_y, scale_x, pad_top, pad_left)``.
+
+    A pixel edge coordinate ``x`` of the original maps to ``x * scale_x + pad_left`` in the
+    ``size`` x ``size`` output (the same rounding as :func:`resize_longest_side` / :func:`pad_to_square`).
+    """
+    scale = size / max(height, width)
+    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+    return new_h / height, new_w / width, (size - new_h) // 2, (size - new_w) // 2
 
 
 @dataclass
@@ -109,15 +156,58 @@ class CXRTransform:
             raise ValueError(f"image_size must be positive, got {self.image_size}")
 
     def __call__(self, gray: np.ndarray | Tensor, train: bool = False, generator: torch.Generator | None = None) -> Tensor:
-        img = pad_to_square(resize_longest_side(to_float_image(gray), self.image_size))
-        if img.shape[-1] != self.image_size:  # rounding of a 1-pixel-wide image
-            img = F.interpolate(img[None], size=(self.image_size, self.image_size), mode="bilinear")[0]
+        return self.apply(gray, train=train, generator=generator)[0]
+
+    def apply(
+        self,
+        gray: np.ndarray | Tensor,
+        train: bool = False,
+        generator: torch.Generator | None = None,
+        boxes: np.ndarray | Tensor | None = None,
+        mask: np.ndarray | Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Transform an image and, with the same geometry, its boxes and mask.
+
+        Args:
+            gray: ``[H, W]`` uint8 (or float in [0, 1]) image.
+            boxes: ``[N, 4]`` ``(x1, y1, x2, y2)`` in the pixels of ``gray`` (origin top-left).
+            mask: ``[H, W]`` {0, 1} mask aligned to ``gray``.
+
+        Returns:
+            ``(image [C, S, S], boxes [N, 4] in output pixels or None, mask [S, S] uint8 or None)``.
+        """
+        img = to_float_image(gray)
+        h, w = img.shape[-2:]
+        size = self.image_size
+        img = pad_to_square(resize_longest_side(img, size))
+        if img.shape[-1] != size:  # rounding of a 1-pixel-wide image
+            img = F.interpolate(img[None], size=(size, size), mode="bilinear")[0]
+        out_boxes = out_mask = None
+        if boxes is not None:
+            sy, sx, top, left = letterbox_params(h, w, size)
+            b = torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4)
+            out_boxes = b * torch.tensor([sx, sy, sx, sy]) + torch.tensor([left, top, left, top], dtype=torch.float32)
+        if mask is not None:
+            m = torch.as_tensor(np.asarray(mask)).float()[None]
+            if tuple(m.shape[-2:]) != (h, w):
+                raise ValueError(f"mask shape {tuple(m.shape[-2:])} does not match the image ({h}, {w})")
+            sy, sx, top, left = letterbox_params(h, w, size)
+            new = (max(1, round(h * sy)), max(1, round(w * sx)))
+            m = F.interpolate(m[None], size=new, mode="nearest")[0]
+            out_mask = F.pad(m, (left, size - new[1] - left, top, size - new[0] - top))
         if train and self.augment:
-            img = random_affine(img, self.degrees, self.translate, self.scale, generator)
+            theta = sample_affine(self.degrees, self.translate, self.scale, generator)
+            img = warp(img, theta)
+            if out_boxes is not None:
+                out_boxes = warp_boxes(out_boxes, theta, size, size)
+            if out_mask is not None:
+                out_mask = warp(out_mask, theta, mode="nearest")
         img = (img - self.mean) / self.std
         if self.channels == 3:
             img = img.expand(3, -1, -1).contiguous()
-        return img
+        if out_mask is not None:
+            out_mask = (out_mask[0] > 0.5).to(torch.uint8)
+        return img, out_boxes, out_mask
 
 
 @dataclass

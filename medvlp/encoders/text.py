@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from medvlp.batch import TextFeatures
@@ -65,20 +66,35 @@ def tiny_tokenizer_dir() -> Path:
     return target
 
 
+def pool_tokens(tokens: Tensor, mask: Tensor, how: str) -> Tensor:
+    """Pool ``[B, T, D]`` token features to ``[B, D]``: the first ([CLS]) token, or mean / max over ``mask``."""
+    if how == "cls":
+        return tokens[:, 0]
+    keep = mask.bool().unsqueeze(-1)
+    if how == "mean":
+        return (tokens * keep).sum(1) / keep.sum(1).clamp(min=1)
+    return tokens.masked_fill(~keep, torch.finfo(tokens.dtype).min).amax(1)
+
+
 @register_text_encoder("hf")
 class HFTextEncoder(nn.Module):
-    """A BERT-family encoder from transformers; ``pooled`` is the last layer's [CLS] token.
+    """A BERT-family encoder from transformers; ``pooled`` pools the last layer (``pool``).
 
     Config keys: ``model``, ``pretrained``, ``tokenizer``, ``num_layers`` (keep the first N layers),
     ``freeze_layers`` (freeze embeddings + first N layers), ``attn_implementation`` (``sdpa``),
-    ``grad_checkpointing``, ``config_overrides``.
+    ``pool`` (``cls`` token, or ``mean`` / ``max`` over the unmasked tokens), ``grad_checkpointing``,
+    ``config_overrides``.
     """
+
+    POOLS = ("cls", "mean", "max")
 
     def __init__(self, cfg: TextEncoderConfig) -> None:
         super().__init__()
         from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig
 
         self.cfg = cfg
+        if cfg.pool not in self.POOLS:
+            raise ValueError(f"method.text_encoder.pool='{cfg.pool}': expected one of {', '.join(self.POOLS)}")
         name = cfg.model
         try:
             if name == "tiny":
@@ -122,11 +138,12 @@ class HFTextEncoder(nn.Module):
                 p.requires_grad_(False)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, return_attention: bool = False) -> TextFeatures:
-        """Encode token ids ``[B, T]``; returns [CLS] ``pooled`` ``[B, D]`` and ``tokens`` ``[B, T, D]``."""
+        """Encode token ids ``[B, T]``; returns ``pooled`` ``[B, D]`` and ``tokens`` ``[B, T, D]``."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=return_attention)
         tokens = out.last_hidden_state
         attn = out.attentions[-1] if return_attention and out.attentions else None
-        return TextFeatures(pooled=tokens[:, 0], tokens=tokens, mask=attention_mask, attentions=attn)
+        return TextFeatures(pooled=pool_tokens(tokens, attention_mask, self.cfg.pool), tokens=tokens,
+                            mask=attention_mask, attentions=attn)
 
     def save_pretrained_parts(self, directory: str | Path) -> None:
         """Write the tokenizer and the model config, so a run can be rebuilt offline from its directory."""

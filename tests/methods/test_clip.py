@@ -17,7 +17,8 @@ REPORTS = [
 
 
 def build(overrides=()):
-    cfg = C.compose(method="clip", overrides=["method.image_encoder.img_size=[32]",
+    cfg = C.compose(config_file=str(C.config_dir() / "experiment" / "clip_vit_demo.yaml"),
+                    overrides=["method.image_encoder.img_size=[32]",
                                               "method.image_encoder.kwargs={patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}",
                                               *overrides])
     cfg.data.root = "/unused"
