@@ -69,11 +69,12 @@ def cmd_list(what: str) -> None:
     from medvlp import config as C
     from medvlp.registry import ALL
 
+    width = max(len(name) for reg in ALL.values() for name in reg.names())
     for kind, reg in ALL.items():
         if what in ("all", kind):
             print(f"{kind}:")
             for name in reg.names():
-                print(f"  {name:<16} {reg.describe(name)}")
+                print(f"  {name:<{width}}  {reg.describe(name)}")
     if what in ("all", "configs"):
         for group in ("method", "data", "trainer", "experiment"):
             print(f"configs/{group}: {', '.join(C.group_options(group)) or '(none)'}")

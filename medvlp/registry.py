@@ -144,6 +144,9 @@ register_task = TASKS.register
 # Built-ins, imported on first use.
 METHODS.register_lazy("clip", "medvlp.methods.clip:CLIP", "CLIP / ConVIRT baseline: symmetric InfoNCE on global features")
 DATAMODULES.register_lazy("mimic_cxr", "medvlp.datamodules.mimic_cxr:MimicCXRDataModule", "MIMIC-CXR-JPG images + MIMIC-CXR reports (2D)")
+DATAMODULES.register_lazy("rsna_pneumonia", "medvlp.datamodules.rsna:RSNAPneumoniaDataModule", "RSNA Pneumonia (Kaggle stage 2) DICOMs: pneumonia label, boxes, box masks (2D)")
+DATAMODULES.register_lazy("siim_pneumothorax", "medvlp.datamodules.siim:SIIMPneumothoraxDataModule", "SIIM-ACR Pneumothorax DICOMs + RLE masks, stage 1 or 2 layout (2D)")
+DATAMODULES.register_lazy("object_cxr", "medvlp.datamodules.object_cxr:ObjectCXRDataModule", "Object-CXR foreign objects: JPGs with rectangle/ellipse/polygon boxes and masks (2D)")
 DATAMODULES.register_lazy("ct_rate", "medvlp.datamodules.ct_rate:CTRateDataModule", "CT-RATE chest CT volumes + reports (3D)")
 IMAGE_ENCODERS.register_lazy("timm", "medvlp.encoders.image2d:TimmImageEncoder", "any timm model (ViT patch tokens / CNN feature-map cells)")
 IMAGE_ENCODERS.register_lazy("vit3d", "medvlp.encoders.image3d:ViT3DEncoder", "ViT over volumes, 3D patches, optional 2D->3D inflation")

@@ -64,6 +64,10 @@ class DataConfig:
     on_error: str = "raise"  # raise | skip  (skip counts and reports every dropped item)
     seed: int = 0
     limit_train: int = 0  # 0 = all records; >0 keeps the first N (debugging)
+    label_fraction: float = 1.0  # fraction of the train studies used (1 %, 10 %: fine-tuning benchmarks)
+    fraction_seed: int = 42  # MGCA's random_state for data_pct
+    fraction_sampling: str = "mgca"  # mgca (pandas df.sample replica) | stratified (per label pattern)
+    fraction_file: str = ""  # "" = <cache>/label_fractions/...; the file every method reads (fractions.py)
     eval_labels: list[str] = field(default_factory=list)  # labels scored by zeroshot; [] = all
     prompts: str = ""  # prompt file (yaml) for zero-shot; "" = the dataset's default
     demo_size: str = "default"  # size preset of the synthetic world when root == "demo"
@@ -166,12 +170,30 @@ class VLPDataModule:
         """Records of ``split`` in {"train", "val", "test"}, read once and kept."""
         if split not in self._records:
             recs = self.build_records(split)
+            if split == "train" and recs and float(self.cfg.label_fraction) < 1.0:
+                recs = self._label_fraction(recs)
             if split == "train" and self.cfg.limit_train > 0:
                 recs = recs[: self.cfg.limit_train]
             if not recs:
                 raise DataError(f"{type(self).__name__}: split '{split}' of {self.cfg.root} has no usable records.")
             self._records[split] = recs
         return self._records[split]
+
+    def split_key(self) -> str:
+        """Identifies how this datamodule defines its train split (part of the fraction file's name)."""
+        return f"{type(self).__name__}|{getattr(self.cfg, 'split_protocol', '')}"
+
+    def _label_fraction(self, recs: list[Record]) -> list[Record]:
+        from medvlp.cache import cache_dir
+        from medvlp.datamodules import fractions
+
+        cfg = self.cfg
+        fraction, seed, sampling = float(cfg.label_fraction), int(cfg.fraction_seed), str(cfg.fraction_sampling)
+        if cfg.fraction_file:
+            path = Path(cfg.fraction_file)
+        else:
+            path = fractions.default_path(cache_dir(), cfg.name, str(cfg.root), self.split_key(), fraction, seed, sampling)
+        return fractions.load_or_draw(path, recs, cfg.name, fraction, seed, sampling)
 
     def dataset(self, split: str) -> RecordDataset:
         return RecordDataset(self, self.records(split), train=split == "train")

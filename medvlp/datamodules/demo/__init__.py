@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from medvlp.cache import cache_dir
 from medvlp.datamodules.demo import ct, cxr
 from medvlp.datamodules.demo._util import pick, rng_for
 from medvlp.datamodules.demo.ct import CT_FINDINGS
@@ -73,10 +74,6 @@ def _size(size: str) -> DemoSize:
     return SIZES[size]
 
 
-def cache_dir() -> Path:
-    """Root of medvlp's caches: ``$MEDVLP_CACHE`` if set, else ``~/.cache/medvlp``."""
-    env = os.environ.get("MEDVLP_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "medvlp"
 
 
 def write_cxr_demo(out: str | os.PathLike, size: str = "default", seed: int = 0) -> Path:
