@@ -215,7 +215,7 @@ def evaluate_method(method, cfg: DictConfig, tasks: tuple[str, ...] = ("zeroshot
 
     resolve_data_root(cfg)
     dm = build_datamodule(cfg, tokenizer=method.tokenizer)
-    loader = {"test": dm.test_dataloader, "val": dm.val_dataloader, "train": dm.train_dataloader}[split]()
+    loader = dm.eval_dataloader(split)
     emb = extract(method, loader)
     out: dict[str, Any] = {"split": split, "n": len(emb.study_ids)}
     if "zeroshot" in tasks:

@@ -262,6 +262,10 @@ class VLPDataModule:
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False, batch_size=self.cfg.eval_batch_size)
 
+    def eval_dataloader(self, split: str) -> DataLoader:
+        """A deterministic loader over any split this dataset defines (e.g. CheXpert's ``5x200``)."""
+        return self._loader(split, shuffle=False, batch_size=self.cfg.eval_batch_size)
+
     def texts(self, split: str) -> list[str]:
         return [r.text for r in self.records(split)]
 

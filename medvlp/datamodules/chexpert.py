@@ -238,6 +238,7 @@ class CheXpertDataModule(RadiographDataModule):
     Config = CheXpertConfig
     modality = "2d"
     default_prompts = "cxr.yaml"
+    demo_kind = "chexpert"  # data.root=demo: the synthetic world of demo/downstream.py
     label_names = list(COMPETITION)
     EXPECTED_LAYOUT = """\
 <root>/                                  CheXpert-v1.0-small/ or CheXpert-v1.0/ (any folder name)

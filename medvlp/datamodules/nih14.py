@@ -155,7 +155,8 @@ class NIH14DataModule(RadiographDataModule):
 
     Config = NIH14Config
     modality = "2d"
-    default_prompts = "cxr.yaml"
+    default_prompts = "nih14.yaml"
+    demo_kind = "nih14"  # data.root=demo: the synthetic world of demo/downstream.py
     label_names = list(LABELS)
     box_label_names = list(BOX_LABELS)
     EXPECTED_LAYOUT = """\

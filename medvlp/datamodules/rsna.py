@@ -162,7 +162,7 @@ class RSNAPneumoniaDataModule(RadiographDataModule):
     Config = RSNAConfig
     modality = "2d"
     default_prompts = "cxr.yaml"
-    demo_kind = ""
+    demo_kind = "rsna"  # data.root=demo: the synthetic world of demo/downstream.py
     label_names = ["Pneumonia"]
     box_label_names = ["Pneumonia"]
     EXPECTED_LAYOUT = """\

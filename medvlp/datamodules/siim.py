@@ -151,7 +151,7 @@ class SIIMPneumothoraxDataModule(RadiographDataModule):
     Config = SIIMConfig
     modality = "2d"
     default_prompts = "cxr.yaml"
-    demo_kind = ""
+    demo_kind = "siim"  # data.root=demo: the synthetic world of demo/downstream.py
     label_names = ["Pneumothorax"]
     EXPECTED_LAYOUT = """\
 <root>/                                    the Kaggle siim-acr-pneumothorax-segmentation data, either

@@ -1,13 +1,16 @@
 """The synthetic "radiology world": small datasets written in the real on-disk formats.
 
-Two worlds, each a faithful copy of a published layout (``specs/datasets.md``) filled with
+Worlds, each a faithful copy of a published layout (``specs/datasets.md``) filled with
 procedurally drawn images whose findings also appear, with side and location, in the reports:
 
 * ``cxr`` - MIMIC-CXR-JPG (§1): JPG radiographs, ``s<study>.txt`` reports, the gzipped metadata /
   split / CheXpert / NegBio CSVs and the v2.1.0 test labels (:mod:`~medvlp.datamodules.demo.cxr`);
 * ``ct`` - CT-RATE (§8): v1 NIfTI volumes (raw stored values, default header) plus a few v2
   ``*_fixed`` copies, reports / labels / metadata CSVs, and TotalSegmentator-style anatomy masks
-  (:mod:`~medvlp.datamodules.demo.ct`).
+  (:mod:`~medvlp.datamodules.demo.ct`);
+* ``chexpert`` / ``rsna`` / ``siim`` / ``nih14`` - the same synthetic chest X-rays (no reports) as
+  CheXpert CSVs + JPGs, RSNA DICOMs + boxes, SIIM DICOMs + RLE masks and ChestX-ray14 PNGs + boxes,
+  for the downstream tasks (:mod:`~medvlp.datamodules.demo.downstream`).
 
 Ground truth that is not part of the official layouts lives in ``<root>/demo_truth/``
 (``cxr_findings.csv`` + ``masks/*.png``, ``ct_findings.csv``, ``info.json``); CT anatomy masks
@@ -39,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medvlp.cache import cache_dir
-from medvlp.datamodules.demo import ct, cxr
+from medvlp.datamodules.demo import ct, cxr, downstream
 from medvlp.datamodules.demo._util import pick, rng_for
 from medvlp.datamodules.demo.ct import CT_FINDINGS
 from medvlp.datamodules.demo.cxr import CXR_FINDINGS
@@ -58,13 +61,14 @@ class DemoSize:
 
     cxr_studies: int  # MIMIC-CXR studies (a few carry no frontal image: a trap)
     ct_patients: int  # CT-RATE patients, ~2/9 of them in the valid split
+    downstream_images: int  # images of each downstream world (CheXpert, RSNA, SIIM, NIH14)
 
 
 SIZES = {
-    "tiny": DemoSize(cxr_studies=12, ct_patients=6),  # unit tests: every trap, a few seconds
-    "default": DemoSize(cxr_studies=1200, ct_patients=360),  # CPU training demos
+    "tiny": DemoSize(cxr_studies=12, ct_patients=6, downstream_images=40),  # unit tests: every trap, a few seconds
+    "default": DemoSize(cxr_studies=1200, ct_patients=360, downstream_images=600),  # CPU training demos
 }
-KINDS = ("cxr", "ct")
+KINDS = ("cxr", "ct", *downstream.KINDS)
 _CORPUS_STREAM = 99
 
 
@@ -108,7 +112,20 @@ def write_ct_demo(out: str | os.PathLike, size: str = "default", seed: int = 0) 
     return root
 
 
-_WRITERS: dict[str, Callable[[str | os.PathLike, str, int], Path]] = {"cxr": write_cxr_demo, "ct": write_ct_demo}
+def _downstream_writer(kind: str) -> Callable[[str | os.PathLike, str, int], Path]:
+    def write(out: str | os.PathLike, size: str = "default", seed: int = 0) -> Path:
+        downstream.write_downstream(kind, Path(out), _size(size).downstream_images, seed)
+        return Path(out)
+
+    write.__doc__ = f"Write the {kind} downstream world (demo/downstream.py) into ``out``."
+    return write
+
+
+_WRITERS: dict[str, Callable[[str | os.PathLike, str, int], Path]] = {
+    "cxr": write_cxr_demo,
+    "ct": write_ct_demo,
+    **{k: _downstream_writer(k) for k in downstream.KINDS},
+}
 
 
 def ensure_demo(kind: str, size: str = "default", seed: int = 0) -> Path:
@@ -119,7 +136,8 @@ def ensure_demo(kind: str, size: str = "default", seed: int = 0) -> Path:
     one: if another process finishes first, its copy is kept and ours is discarded.
 
     Args:
-        kind: ``cxr`` (MIMIC-CXR-JPG) or ``ct`` (CT-RATE).
+        kind: ``cxr`` (MIMIC-CXR-JPG), ``ct`` (CT-RATE) or a downstream world (``chexpert``,
+            ``rsna``, ``siim``, ``nih14``).
         size: a key of ``SIZES``.
         seed: world seed.
 
@@ -178,11 +196,11 @@ def report_corpus(seed: int = 0, n: int = 3000) -> list[str]:
 
 
 def main_demo(out: str | os.PathLike, kind: str = "all", size: str = "default", seed: int = 0) -> dict[str, Path]:
-    """Write the demo worlds under ``out`` (``out/mimic-cxr-jpg``, ``out/ct-rate``) and print a summary.
+    """Write the demo worlds under ``out`` (``out/mimic-cxr-jpg``, ``out/ct-rate``, ...) and print a summary.
 
     Args:
         out: parent folder.
-        kind: ``cxr``, ``ct`` or ``all``.
+        kind: one of ``KINDS`` or ``all``.
         size: a key of ``SIZES``.
         seed: world seed.
 
@@ -192,7 +210,8 @@ def main_demo(out: str | os.PathLike, kind: str = "all", size: str = "default", 
     kinds = KINDS if kind == "all" else (kind,)
     if any(k not in _WRITERS for k in kinds):
         raise ValueError(f"Unknown demo kind '{kind}'. Choose one of: all, {', '.join(KINDS)}.")
-    folders = {"cxr": "mimic-cxr-jpg", "ct": "ct-rate"}
+    folders = {"cxr": "mimic-cxr-jpg", "ct": "ct-rate", "chexpert": "CheXpert-v1.0-small", "rsna": "rsna-pneumonia",
+               "siim": "siim-acr-pneumothorax", "nih14": "chestx-ray14"}
     written = {}
     for k in kinds:
         start = time.perf_counter()
