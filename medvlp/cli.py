@@ -22,6 +22,7 @@ EXAMPLES = """examples:
   medvlp fit --resume runs/clip-mimic-cxr-...     continue an interrupted run
   medvlp zeroshot --run runs/clip-...             per-finding zero-shot AUROC on the test split
   medvlp retrieve --run runs/clip-...             image<->report recall@1/5/10
+  medvlp preprocess --data rsna_pneumonia data.root=/data/rsna   decode every image once (cache)
   medvlp demo --out demo_data                     write the synthetic datasets
   medvlp list                                     methods, datamodules, encoders, tasks, configs
 """
@@ -49,13 +50,28 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (("zeroshot", "per-finding zero-shot AUROC of a run"), ("retrieve", "image<->report retrieval recall of a run")):
         ev = sub.add_parser(name, help=text, description=text.capitalize() + ".")
         ev.add_argument("--run", required=True, metavar="RUN_DIR")
-        ev.add_argument("--split", default="test", choices=["test", "val", "train"])
+        ev.add_argument("--split", default="test", help="split to evaluate: test (default), val, train, or one the dataset defines (e.g. chexpert 5x200)")
         ev.add_argument("--json", metavar="FILE", help="also write the result as JSON")
         ev.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.root=/other/copy")
 
+    pre = sub.add_parser(
+        "preprocess", help="decode a 2D radiograph dataset once into a cache that training reads",
+        description="Decode every image of the splits once (the datamodule's own reader: DICOM VOI, MONOCHROME1, ...), "
+                    "resize its longest side to data.image_size and store it as uint8 with the original size, in "
+                    "data.preprocessed_dir (default: a folder under the medvlp cache keyed by root, image size and "
+                    "pixel settings). Resumable: a re-run skips what is done. Training reads the cache when its "
+                    "manifest matches (data.use_preprocessed=auto | true | false). Overrides are key=value.",
+    )
+    pre.add_argument("--data", required=True, help="configs/data/<name>.yaml of a 2D radiograph dataset (e.g. rsna_pneumonia)")
+    pre.add_argument("--config", help="a saved run config or configs/experiment/*.yaml (its data section is used)")
+    pre.add_argument("--workers", type=int, metavar="N", help="decoding processes (default data.num_workers, else the CPU count)")
+    pre.add_argument("--splits", default="train,val,test", help="comma-separated splits to cache (default train,val,test)")
+    pre.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pre.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.root=/data/rsna data.image_size=224")
+
     demo = sub.add_parser("demo", help="write the synthetic demo datasets", description="Write the synthetic radiology world in the real dataset formats.")
     demo.add_argument("--out", required=True)
-    demo.add_argument("--kind", default="all", choices=["all", "cxr", "ct"])
+    demo.add_argument("--kind", default="all", choices=["all", "cxr", "ct", "chexpert", "rsna", "siim", "nih14"])
     demo.add_argument("--size", default="default", choices=["tiny", "default"])
     demo.add_argument("--seed", type=int, default=0)
 
@@ -136,6 +152,26 @@ def cmd_eval(args: argparse.Namespace, task: str) -> None:
             json.dump(res, fh, indent=2)
 
 
+def cmd_preprocess(args: argparse.Namespace) -> None:
+    from medvlp import api
+    from medvlp import config as C
+    from medvlp.preprocess import datamodule_class, preprocess
+
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    if not splits:
+        raise C.ConfigError(f"--splits '{args.splits}' names no split; e.g. --splits train,val,test.")
+    if args.workers is not None and args.workers < 0:
+        raise C.ConfigError(f"--workers {args.workers} is not valid; give 0 or more (0 and 1 decode in this process).")
+    cfg = C.compose(None, args.data, None, args.config, args.overrides, sections=("data", "trainer", "optim", "run"))
+    datamodule_class(cfg.data.name)  # a 2D radiograph dataset, before its root is checked
+    api.resolve_data_root(cfg)  # data.root=demo -> the generated synthetic dataset; checks the layout
+    C.resolve(cfg)
+    summary = preprocess(cfg.data, splits=splits, workers=args.workers, progress=not args.no_progress)
+    print(summary.format())
+    print("training reads it when the data config matches (data.use_preprocessed=auto); "
+          "data.use_preprocessed=true makes it required.")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from medvlp.datamodules.demo import main_demo
 
@@ -168,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         "fit": cmd_fit,
         "zeroshot": lambda a: cmd_eval(a, "zeroshot"),
         "retrieve": lambda a: cmd_eval(a, "retrieval"),
+        "preprocess": cmd_preprocess,
         "demo": cmd_demo,
         "list": lambda a: cmd_list(a.what),
     }

@@ -23,8 +23,10 @@ Splits (``data.split_protocol``, seeded by ``data.split_seed``):
 * ``official`` (BenchX): train = ``train.csv``, val = ``dev.csv``, test = ``test.csv`` (needs the
   released test annotations).
 
-JPEGs are decoded with DCT-domain downscaling towards ``data.image_size``; boxes and masks are
-scaled to the decoded size before the letterbox transform.
+JPEGs are decoded with DCT-domain downscaling towards ``data.image_size``; the base class
+(:meth:`~medvlp.datamodules.radiograph.RadiographDataModule.load_sample`) scales boxes from the
+original pixels to the decoded ones and rasterises the shapes at the decoded size
+(:meth:`ShapeMask.scaled`) before the letterbox transform.
 
 Differences from the official code:
     * MGCA builds a type-2 box around the polygon's pole of inaccessibility (shapely ``polylabel``
@@ -61,7 +63,6 @@ from medvlp.registry import register_datamodule
 
 if TYPE_CHECKING:  # heavy imports stay inside functions (base.py: check_root must not pay for them)
     import pandas as pd
-    import torch
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,8 @@ class ShapeMask:
         return rasterise(self.shapes, height, width)
 
     def scaled(self, height: int, width: int, sx: float, sy: float) -> np.ndarray:
-        """The mask of an image decoded at a different size (coordinates scaled by ``sx``, ``sy``)."""
+        """The mask of an image decoded at a different size (coordinates scaled by ``sx``, ``sy``);
+        ``RadiographDataModule.load_sample`` calls it instead of a nearest resize."""
         return rasterise(self.shapes, height, width, sx, sy)
 
 
@@ -331,39 +333,3 @@ class ObjectCXRDataModule(RadiographDataModule):
 
     def read_pixels(self, record: Record, train: bool) -> np.ndarray:
         return read_gray(record.image_path, draft_size=int(self.cfg.image_size))
-
-    def load_sample(self, record: Record, train: bool) -> dict[str, torch.Tensor]:
-        """Decode (JPEG DCT-downscaled towards ``data.image_size``), scale boxes / mask from the
-        original pixels to the decoded ones, then letterbox (and augment) all alike."""
-        import torch
-        from PIL import Image
-
-        gray = self.read_pixels(record, train)
-        h, w = gray.shape
-        try:
-            with Image.open(record.image_path) as img:
-                orig_w, orig_h = img.size
-        except OSError as err:
-            raise DataError(f"Image {record.image_path} is corrupt or truncated ({err}); re-download it.") from err
-        sx, sy = w / orig_w, h / orig_h
-        boxes = None
-        if record.boxes is not None:
-            boxes = np.asarray(record.boxes, dtype=np.float32).reshape(-1, 4) * np.array([sx, sy, sx, sy], dtype=np.float32)
-        mask = None
-        if record.mask is not None:
-            if isinstance(record.mask, ShapeMask):
-                mask = record.mask.scaled(h, w, sx, sy)
-            else:  # a generic callable: render at the original size, then nearest-resize
-                full = record.mask(orig_h, orig_w)
-                rows = np.minimum((np.arange(h) + 0.5) / sy, orig_h - 1).astype(np.int64)
-                cols = np.minimum((np.arange(w) + 0.5) / sx, orig_w - 1).astype(np.int64)
-                mask = full[rows][:, cols]
-        image, boxes_t, mask_t = self.transform.apply(gray, train=train, boxes=boxes, mask=mask)
-        sample: dict[str, Any] = {"image": image}
-        if record.boxes is not None:
-            labels = record.box_labels if record.box_labels is not None else np.zeros(len(record.boxes), np.int64)
-            sample["boxes"] = boxes_t
-            sample["box_labels"] = torch.as_tensor(labels, dtype=torch.int64)
-        if mask_t is not None:
-            sample["mask"] = mask_t
-        return sample

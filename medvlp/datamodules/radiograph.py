@@ -7,15 +7,34 @@ tensors of the same geometry through :class:`~medvlp.datamodules.transforms.CXRT
 resize the longest side to ``data.image_size``, centre-pad to a square, (train) a light random
 affine applied to image, boxes and mask alike.
 
+The array an image is read as may be smaller than the stored image: ``read_pixels`` may decode a
+JPEG downscaled (DCT scaling, :func:`read_gray` with ``draft_size``), and ``medvlp preprocess``
+(:mod:`medvlp.preprocess`) stores every image with its longest side at ``data.image_size``. The
+hook :meth:`RadiographDataModule.original_size` reports the stored size of a decoded image (the
+preprocessed cache keeps it per image); :meth:`RadiographDataModule.load_sample` then scales the
+boxes from original pixels to those of the array read, and renders the mask at the original size
+(``Record.mask(orig_h, orig_w)``) before a nearest resize to the array. A mask callable that also
+has ``scaled(height, width, sx, sy)`` (Object-CXR's shapes) is rasterised at the array's size
+directly instead.
+
+Reading the preprocessed cache (``data.use_preprocessed``): ``auto`` (default) reads it when
+its ``manifest.json`` matches the config and decodes on the fly otherwise (one info line says
+why); ``true`` requires it (a DataError names the ``medvlp preprocess`` command to run);
+``false`` always decodes. The cache lives in ``data.preprocessed_dir`` ("" = a folder under
+:func:`~medvlp.cache.cache_dir` keyed by the dataset root, ``data.image_size`` and the dataset's
+pixel settings, ``pixel_keys``).
+
 Also here: :func:`read_gray` (PIL decode of JPEG / PNG, 16-bit aware), :func:`read_table` (CSV
 with every column as a string) and :func:`check_choice`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -25,7 +44,14 @@ if TYPE_CHECKING:
     import pandas as pd
     import torch
 
+    from medvlp.datamodules.base import RecordDataset
     from medvlp.datamodules.transforms import CXRTransform
+    from medvlp.preprocess import PreprocessedImages
+
+log = logging.getLogger(__name__)
+
+USE_PREPROCESSED = ("auto", "true", "false")
+_UNRESOLVED = object()
 
 
 @dataclass
@@ -38,6 +64,8 @@ class RadiographConfig(DataConfig):
     aug_degrees: float = 10.0
     aug_translate: float = 0.05  # fraction of the image size
     aug_scale: list[float] = field(default_factory=lambda: [0.9, 1.1])
+    preprocessed_dir: str = ""  # cache written by `medvlp preprocess`; "" = <cache_dir>/preprocessed/<name>-<digest>
+    use_preprocessed: str = "auto"  # auto (use the cache when its manifest matches) | true (require it) | false
 
 
 def check_choice(key: str, value: str, options: tuple[str, ...] | list[str]) -> None:
@@ -94,11 +122,48 @@ def read_gray(path: str | Path, draft_size: int | None = None) -> np.ndarray:
         raise DataError(f"Image {path} is corrupt or truncated ({err}); re-download it.") from err
 
 
+def stored_size(path: str | Path) -> tuple[int, int] | None:
+    """``(H, W)`` of an image file from its header (PIL, no decoding); None if PIL cannot identify it.
+
+    Raises:
+        DataError: naming the file when it does not exist or its header is unreadable.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except FileNotFoundError as err:
+        raise DataError(f"Image {path} does not exist.") from err
+    except UnidentifiedImageError:
+        return None
+    except (OSError, ValueError, SyntaxError) as err:
+        raise DataError(f"Image {path} is corrupt or truncated ({err}); re-download it.") from err
+    return int(height), int(width)
+
+
+def resize_nearest(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest-neighbour resize of a ``[h, w]`` mask to ``[height, width]`` (the convention of
+    ``F.interpolate(mode="nearest")``, which the letterbox transform applies to masks too)."""
+    h, w = mask.shape
+    if (h, w) == (height, width):
+        return mask
+
+    def index(n_in: int, n_out: int) -> np.ndarray:  # float32 arithmetic, as torch's CPU kernel
+        scale = np.float32(n_in) / np.float32(n_out)
+        return np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64), n_in - 1)
+
+    return mask[index(h, height)][:, index(w, width)]
+
+
 class RadiographDataModule(VLPDataModule):
     """Base of the 2D datamodules: one gray image per record, optional boxes and mask."""
 
     Config = RadiographConfig
     box_label_names: list[str] = []  # classes of Record.box_labels (detection datasets)
+    # config keys that change the pixels read_pixels returns (part of the preprocessed cache's key
+    # and manifest); keys the config lacks are ignored. A subclass adds its own.
+    pixel_keys: ClassVar[tuple[str, ...]] = ("voi",)
 
     def __init__(self, cfg: RadiographConfig, tokenizer: Any = None) -> None:
         super().__init__(cfg, tokenizer)
@@ -106,7 +171,11 @@ class RadiographDataModule(VLPDataModule):
             raise ValueError(f"data.channels={cfg.channels} is not valid; choose 1 or 3.")
         if int(cfg.image_size) < 1:
             raise ValueError(f"data.image_size must be a positive number of pixels, got {cfg.image_size}.")
+        mode = str(getattr(cfg, "use_preprocessed", "auto")).strip().lower()
+        check_choice("data.use_preprocessed", mode, USE_PREPROCESSED)
+        self.use_preprocessed = mode
         self._transform: CXRTransform | None = None
+        self._preprocessed: Any = _UNRESOLVED
 
     @property
     def transform(self) -> CXRTransform:
@@ -126,24 +195,104 @@ class RadiographDataModule(VLPDataModule):
         return self._transform
 
     def read_pixels(self, record: Record, train: bool) -> np.ndarray:  # pragma: no cover - abstract
-        """The record's image as uint8 ``[H, W]`` (dense = bright)."""
+        """The record's image as uint8 ``[H, W]`` (dense = bright).
+
+        It may be decoded smaller than stored (a DCT-downscaled JPEG); :meth:`original_size` then
+        reports the stored size. For a record with several images (``image_path`` a list) the base
+        class passes a copy holding the one path chosen by :meth:`pick_path`.
+        """
         raise NotImplementedError
 
+    def original_size(self, record: Record, pixels: np.ndarray) -> tuple[int, int]:
+        """``(H, W)`` of the stored image that ``read_pixels(record)`` returned as ``pixels``:
+        the frame of ``Record.boxes`` and ``Record.mask``.
+
+        Default: the header size for a file PIL reads (a JPEG may have been decoded downscaled),
+        else ``pixels.shape`` (DICOMs are decoded at full size). Override for a reader that crops
+        or downscales otherwise.
+        """
+        path = record.image_path
+        if isinstance(path, list) or Path(path).suffix.lower() in (".dcm", ".dicom"):
+            return tuple(pixels.shape[:2])  # type: ignore[return-value]
+        size = stored_size(path)
+        return size if size is not None else tuple(pixels.shape[:2])  # type: ignore[return-value]
+
+    def pick_path(self, record: Record, train: bool) -> str:
+        """The image read for ``record``: its path, or for several images one drawn uniformly at
+        random in training and the first at evaluation."""
+        path = record.image_path
+        if not isinstance(path, list):
+            return str(path)
+        if train and len(path) > 1:
+            import torch
+
+            return str(path[int(torch.randint(len(path), ()).item())])
+        return str(path[0])
+
+    # ------------------------------------------------------------------ preprocessed cache
+    def preprocessed(self) -> PreprocessedImages | None:
+        """The preprocessed cache this datamodule reads (``data.use_preprocessed``), or None to decode
+        on the fly. Resolved once; raises DataError for ``true`` without a matching cache."""
+        if self._preprocessed is _UNRESOLVED:
+            from medvlp.preprocess import open_for_training
+
+            self._preprocessed = open_for_training(self)
+        return self._preprocessed
+
+    def dataset(self, split: str) -> RecordDataset:
+        """The split's dataset; checks first that the cache (if used) holds its images."""
+        cache = self.preprocessed()
+        if cache is not None:
+            cache.check_coverage(self, split, self.records(split))
+        return super().dataset(split)
+
+    def read_image(self, record: Record, train: bool) -> tuple[np.ndarray, tuple[int, int]]:
+        """``(pixels uint8 [h, w], (H, W) of the stored image)``: from the preprocessed cache when it
+        holds the image, else decoded by :meth:`read_pixels`."""
+        path = self.pick_path(record, train)
+        single = record if path == record.image_path else dataclasses.replace(record, image_path=path)
+        cache = self.preprocessed()
+        if cache is not None:
+            hit = cache.read(path)
+            if hit is not None:
+                return hit
+            if self.use_preprocessed == "true":
+                raise DataError(f"Image {path} is not in the preprocessed cache {cache.directory}; complete it with:\n  "
+                                f"{cache.command}")
+        pixels = self.read_pixels(single, train)
+        if record.boxes is None and record.mask is None:
+            return pixels, tuple(pixels.shape[:2])  # type: ignore[return-value]
+        return pixels, self.original_size(single, pixels)
+
     def load_sample(self, record: Record, train: bool) -> dict[str, Any]:
+        """Read the image (cache or decode), bring boxes / mask from the original pixels to those of
+        the array read, then letterbox (and augment) all alike."""
         import torch
 
-        gray = self.read_pixels(record, train)
+        gray, (orig_h, orig_w) = self.read_image(record, train)
         h, w = gray.shape
+        sx, sy = w / orig_w, h / orig_h
+        boxes = None
+        if record.boxes is not None:
+            boxes = np.asarray(record.boxes, dtype=np.float32).reshape(-1, 4)
+            if (h, w) != (orig_h, orig_w):
+                boxes = boxes * np.array([sx, sy, sx, sy], dtype=np.float32)
         mask = None
         if record.mask is not None:
-            mask = record.mask(h, w)
-            if mask.shape != (h, w):
-                raise DataError(f"The mask of {record.study_id} is {mask.shape}, but its image {record.image_path} is {(h, w)}.")
-        image, boxes, mask_t = self.transform.apply(gray, train=train, boxes=record.boxes, mask=mask)
+            scaled = getattr(record.mask, "scaled", None)
+            if callable(scaled) and (h, w) != (orig_h, orig_w):
+                mask = scaled(h, w, sx, sy)
+            else:
+                mask = record.mask(orig_h, orig_w)
+                if mask.shape != (orig_h, orig_w):
+                    raise DataError(f"The mask of {record.study_id} is {mask.shape}, but its image {record.image_path} "
+                                    f"is {(orig_h, orig_w)}.")
+                mask = resize_nearest(mask, h, w)
+        image, boxes_t, mask_t = self.transform.apply(gray, train=train, boxes=boxes, mask=mask)
         sample: dict[str, Any] = {"image": image}
         if record.boxes is not None:
             labels = record.box_labels if record.box_labels is not None else np.zeros(len(record.boxes), np.int64)
-            sample["boxes"] = boxes
+            sample["boxes"] = boxes_t
             sample["box_labels"] = torch.as_tensor(labels, dtype=torch.int64)
         if mask_t is not None:
             sample["mask"] = mask_t
