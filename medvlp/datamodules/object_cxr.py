@@ -192,7 +192,7 @@ class ObjectCXRDataModule(RadiographDataModule):
     Config = ObjectCXRConfig
     modality = "2d"
     default_prompts = ""  # no zero-shot prompt set for foreign objects
-    demo_kind = ""
+    demo_kind = "object_cxr"  # data.root=demo: the synthetic world of demo/downstream.py
     label_names = ["Foreign object"]
     box_label_names = ["Foreign object"]
     EXPECTED_LAYOUT = """\

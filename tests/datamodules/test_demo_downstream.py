@@ -83,3 +83,20 @@ def test_chexpert_and_nih_demo_labels():
     nodule = dm.label_names.index("Nodule")
     with_boxes = [r for r in recs if r.boxes is not None and len(r.boxes)]
     assert with_boxes and all(r.labels[nodule] == 1 for r in with_boxes)
+
+
+def test_covidx_and_object_cxr_demo():
+    dm, _ = _dm("demo_covidx")
+    recs = [r for s in ("train", "val", "test") for r in dm.records(s)]
+    assert dm.label_names == ["normal", "pneumonia", "COVID-19"]
+    assert np.stack([r.labels for r in recs]).sum(0).min() >= 10  # all three classes, balanced
+    dm, _ = _dm("demo_object_cxr")
+    recs = [r for s in ("train", "val", "test") for r in dm.records(s)]
+    with_objects = [r for r in recs if r.labels[0] == 1]
+    assert len(with_objects) == len(recs) // 2 and all(len(r.boxes) >= 1 for r in with_objects)
+    rec = with_objects[0]
+    from PIL import Image
+
+    img = np.asarray(Image.open(rec.image_path).convert("L"))  # boxes are in the file's pixels
+    x1, y1, x2, y2 = (int(round(v)) for v in rec.boxes[0])
+    assert img[y1:y2, x1:x2].mean() > img.mean() + 60  # radio-opaque

@@ -8,9 +8,10 @@ procedurally drawn images whose findings also appear, with side and location, in
 * ``ct`` - CT-RATE (§8): v1 NIfTI volumes (raw stored values, default header) plus a few v2
   ``*_fixed`` copies, reports / labels / metadata CSVs, and TotalSegmentator-style anatomy masks
   (:mod:`~medvlp.datamodules.demo.ct`);
-* ``chexpert`` / ``rsna`` / ``siim`` / ``nih14`` - the same synthetic chest X-rays (no reports) as
-  CheXpert CSVs + JPGs, RSNA DICOMs + boxes, SIIM DICOMs + RLE masks and ChestX-ray14 PNGs + boxes,
-  for the downstream tasks (:mod:`~medvlp.datamodules.demo.downstream`).
+* ``chexpert`` / ``rsna`` / ``siim`` / ``nih14`` / ``covidx`` / ``object_cxr`` - the same synthetic
+  chest X-rays (no reports) as CheXpert CSVs + JPGs, RSNA DICOMs + boxes, SIIM DICOMs + RLE masks,
+  ChestX-ray14 PNGs + boxes, COVIDx label files and Object-CXR annotations, for the downstream
+  tasks (:mod:`~medvlp.datamodules.demo.downstream`).
 
 Ground truth that is not part of the official layouts lives in ``<root>/demo_truth/``
 (``cxr_findings.csv`` + ``masks/*.png``, ``ct_findings.csv``, ``info.json``); CT anatomy masks
@@ -137,7 +138,7 @@ def ensure_demo(kind: str, size: str = "default", seed: int = 0) -> Path:
 
     Args:
         kind: ``cxr`` (MIMIC-CXR-JPG), ``ct`` (CT-RATE) or a downstream world (``chexpert``,
-            ``rsna``, ``siim``, ``nih14``).
+            ``rsna``, ``siim``, ``nih14``, ``covidx``, ``object_cxr``).
         size: a key of ``SIZES``.
         seed: world seed.
 
@@ -211,7 +212,7 @@ def main_demo(out: str | os.PathLike, kind: str = "all", size: str = "default", 
     if any(k not in _WRITERS for k in kinds):
         raise ValueError(f"Unknown demo kind '{kind}'. Choose one of: all, {', '.join(KINDS)}.")
     folders = {"cxr": "mimic-cxr-jpg", "ct": "ct-rate", "chexpert": "CheXpert-v1.0-small", "rsna": "rsna-pneumonia",
-               "siim": "siim-acr-pneumothorax", "nih14": "chestx-ray14"}
+               "siim": "siim-acr-pneumothorax", "nih14": "chestx-ray14", "covidx": "covidx", "object_cxr": "object-cxr"}
     written = {}
     for k in kinds:
         start = time.perf_counter()

@@ -9,7 +9,11 @@ in the MIMIC-CXR world, so a model pre-trained on the MIMIC demo meets the same 
   square DICOMs, one in 7 stored MONOCHROME1 and one in 3 JPEG-baseline compressed;
 * ``siim`` - SIIM-ACR stage 1: the pneumothorax mask as competition RLE, DICOM tree;
 * ``nih14`` - ChestX-ray14: Cardiomegaly / Effusion / Consolidation / Pneumothorax / Nodule,
-  official lists, and BBox_List boxes for nodules.
+  official lists, and BBox_List boxes for nodules;
+* ``covidx`` - COVIDx9A label files, three classes: normal (no finding), pneumonia (one
+  consolidation), COVID-19 (a second consolidation in the other lung: bilateral disease);
+* ``object_cxr`` - Object-CXR: radio-opaque foreign objects (rectangles, ellipses, polygons) drawn
+  onto half of the images, with their annotations.
 
 Images are square (RSNA / SIIM / NIH images are 1024 x 1024 in reality), ``size`` pixels wide.
 """
@@ -23,8 +27,8 @@ import numpy as np
 from medvlp.datamodules.demo._util import rng_for, write_json
 from medvlp.datamodules.demo.cxr import CxrFindings, draw_frontal, sample_findings
 
-KINDS = ("chexpert", "rsna", "siim", "nih14")
-_STREAM = {"chexpert": 40, "rsna": 41, "siim": 42, "nih14": 43}
+KINDS = ("chexpert", "rsna", "siim", "nih14", "covidx", "object_cxr")
+_STREAM = {"chexpert": 40, "rsna": 41, "siim": 42, "nih14": 43, "covidx": 44, "object_cxr": 45}
 SIZE = 128
 
 
@@ -125,7 +129,63 @@ def write_nih14_demo(root: Path, n: int, seed: int) -> dict[str, int]:
     return {"images": len(items), "boxes": sum(len(it.boxes) for it in items)}
 
 
-_WRITERS = {"chexpert": write_chexpert_demo, "rsna": write_rsna_demo, "siim": write_siim_demo, "nih14": write_nih14_demo}
+def write_covidx_demo(root: Path, n: int, seed: int) -> dict[str, int]:
+    from medvlp.datamodules.demo.covidx import COVIDxItem, write_covidx
+    from medvlp.datamodules.demo.cxr import ZONES
+
+    items, counts = [], {"normal": 0, "pneumonia": 0, "COVID-19": 0}
+    for i in range(n):
+        cls = ("normal", "pneumonia", "COVID-19")[i % 3]
+        rng = rng_for(seed, _STREAM["covidx"], i, 0)
+        f = CxrFindings()
+        if cls != "normal":
+            f.consolidation = ZONES[int(rng.integers(len(ZONES)))]
+        pixels, _, _ = draw_frontal(f, SIZE, SIZE, "AP", rng_for(seed, _STREAM["covidx"], i, 1))
+        if cls == "COVID-19":  # a second consolidation in the same level of the other lung
+            level, side = f.consolidation.split("_")
+            other = CxrFindings(consolidation=f"{level}_{'left' if side == 'right' else 'right'}")
+            overlay, _, _ = draw_frontal(other, SIZE, SIZE, "AP", rng_for(seed, _STREAM["covidx"], i, 1))
+            pixels = np.maximum(pixels, overlay)
+        split = "test" if i % 10 == 0 else "train"
+        items.append(COVIDxItem(patient_id=f"demo{i:05d}", filename=f"demo-{i:05d}.png", label=cls, image=pixels,
+                                split=split, source=("rsna", "cohen", "sirm")[i % 3]))  # fmt: skip
+        counts[cls] += 1
+    write_covidx(root, items, version="COVIDx9A")
+    return {"images": len(items), **{k.lower().replace("-", ""): v for k, v in counts.items()}}
+
+
+def write_object_cxr_demo(root: Path, n: int, seed: int) -> dict[str, int]:
+    from medvlp.datamodules.demo.object_cxr import ObjectCxrItem, _draw, write_object_cxr
+
+    items = []
+    for i in range(n):
+        f, pixels, _, _ = _study("object_cxr", seed, i, SIZE)
+        rng = rng_for(seed, _STREAM["object_cxr"], i, 2)
+        objects: list[tuple[int, list[int]]] = []
+        if i % 2:
+            for _ in range(int(rng.integers(1, 3))):
+                kind = int(rng.integers(3))
+                x, y = int(rng.integers(20, SIZE - 30)), int(rng.integers(20, SIZE - 30))
+                a, b = int(rng.integers(5, 12)), int(rng.integers(5, 12))
+                if kind == 2:
+                    objects.append((2, [x, y, x + a, y + 2, x + a // 2, y + b]))
+                else:
+                    objects.append((kind, [x, y, x + a, y + b]))
+            pixels = _draw(pixels, objects)
+        split = "dev" if i % 5 == 0 else "train"
+        items.append(ObjectCxrItem(image_name=f"{i + 1:05d}.jpg", image=pixels, objects=objects, split=split))
+    write_object_cxr(root, items)
+    return {"images": len(items), "with_objects": sum(bool(it.objects) for it in items)}
+
+
+_WRITERS = {
+    "chexpert": write_chexpert_demo,
+    "rsna": write_rsna_demo,
+    "siim": write_siim_demo,
+    "nih14": write_nih14_demo,
+    "covidx": write_covidx_demo,
+    "object_cxr": write_object_cxr_demo,
+}
 
 
 def write_downstream(kind: str, root: Path, n: int, seed: int) -> dict[str, int]:
