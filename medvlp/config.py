@@ -42,7 +42,7 @@ class ImageEncoderConfig:
     ``timm`` (2D) reads ``model``, ``pretrained``, ``in_chans``, ``img_size``, ``drop_path`` and
     ``kwargs`` (passed to ``timm.create_model``). ``vit3d`` reads ``img_size`` (D, H, W),
     ``patch_size`` (per axis), ``width``, ``depth``, ``heads``, ``mlp_ratio``, ``pos_embed``,
-    ``inflate_from`` (a timm ViT whose weights are inflated to 3D) and ``pretrained``.
+    ``global_pool``, ``inflate_from`` (a timm ViT whose weights are inflated to 3D) and ``pretrained``.
     """
 
     name: str = "timm"
@@ -60,6 +60,8 @@ class ImageEncoderConfig:
     heads: int = 12
     mlp_ratio: float = 4.0
     pos_embed: str = "learned"  # learned (interpolated to the grid) | sincos (fixed)
+    global_pool: str = "cls"  # vit3d pooled feature: cls ([CLS] token) | mean (of the patch tokens)
+    stem: str = "patch"  # vit3d patch embedding: patch (one strided conv) | conv (stride-2 conv stem)
     inflate_from: str = ""  # timm ViT name, e.g. vit_base_patch16_224.mae; "" = random init
 
 

@@ -23,7 +23,9 @@ module level. The trainer receives the dataloaders directly, so no LightningData
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -62,6 +64,8 @@ class DataConfig:
     persistent_workers: bool = False
     max_length: int = 112  # text tokens, padded to this length
     on_error: str = "raise"  # raise | skip  (skip counts and reports every dropped item)
+    text_augment: str = "none"  # train-time report augmentation: none | shuffle (sentence order) | sample
+    text_keep: float = 0.5  # sample: fraction of the sentences kept (at least one), in random order
     seed: int = 0
     limit_train: int = 0  # 0 = all records; >0 keeps the first N (debugging)
     label_fraction: float = 1.0  # fraction of the train studies used (1 %, 10 %: fine-tuning benchmarks)
@@ -85,6 +89,30 @@ class Record:
     boxes: np.ndarray | None = None  # float32 [N, 4] (x1, y1, x2, y2), pixels of the original image
     box_labels: np.ndarray | None = None  # int64 [N], index into the datamodule's box_label_names
     mask: Any = None  # a picklable callable ``mask(height, width) -> uint8 [H, W]`` at the original size
+
+
+TEXT_AUGMENTS = ("none", "shuffle", "sample")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def augment_text(text: str, how: str, keep: float = 0.5) -> str:
+    """Train-time report augmentation on sentences (as CXR-CLIP samples report sentences).
+
+    ``shuffle`` permutes the sentences; ``sample`` keeps ``ceil(keep * n)`` of them (at least one)
+    in random order, so that a report is never seen twice in the same form and cannot simply be
+    memorised. Randomness comes from torch (seeded per DataLoader worker).
+    """
+    if how == "none" or not text:
+        return text
+    import torch
+
+    sentences = [s for s in _SENTENCE_END.split(text.strip()) if s]
+    if len(sentences) < 2:
+        return text
+    order = torch.randperm(len(sentences)).tolist()
+    if how == "sample":
+        order = order[: max(1, math.ceil(keep * len(sentences)))]
+    return " ".join(sentences[i] for i in order)
 
 
 class RecordDataset:
@@ -117,7 +145,8 @@ class RecordDataset:
                 f"Could not load study {rec.study_id} from {rec.image_path}: {msg}. "
                 f"Set data.on_error=skip to skip (and count) unreadable items."
             ) from err
-        return {"text": rec.text, "study_id": rec.study_id, "labels": rec.labels, "meta": rec.meta, **sample}
+        text = augment_text(rec.text, self.dm.cfg.text_augment, float(self.dm.cfg.text_keep)) if self.train else rec.text
+        return {"text": text, "study_id": rec.study_id, "labels": rec.labels, "meta": rec.meta, **sample}
 
 
 class VLPDataModule:
@@ -131,6 +160,10 @@ class VLPDataModule:
     label_names: list[str] = []
 
     def __init__(self, cfg: DataConfig, tokenizer: Any = None) -> None:
+        if cfg.text_augment not in TEXT_AUGMENTS:
+            raise ValueError(f"data.text_augment='{cfg.text_augment}' is not valid; choose one of {', '.join(TEXT_AUGMENTS)}.")
+        if not 0.0 < float(cfg.text_keep) <= 1.0:
+            raise ValueError(f"data.text_keep must be in (0, 1], got {cfg.text_keep}")
         self.cfg = cfg
         self.tokenizer = tokenizer
         self._records: dict[str, list[Record]] = {}

@@ -354,13 +354,14 @@ def corpus_vocab() -> set[str]:
     return {w for text in corpus for w in re.findall(r"[a-z0-9]+", text.lower())}
 
 
-@pytest.mark.parametrize("prompt_file", ["cxr.yaml", "ct_rate.yaml", "nih14.yaml"])
+@pytest.mark.parametrize("prompt_file", ["cxr.yaml", "ct_rate.yaml", "ct_rate_impressions.yaml", "nih14.yaml"])
 def test_report_corpus_covers_every_prompt_word(prompt_file: str, corpus_vocab: set[str]) -> None:
     vocab = corpus_vocab
     prompts = yaml.safe_load((PROMPTS / prompt_file).read_text())
     from medvlp.datamodules.nih14 import LABELS as NIH_LABELS
 
-    expected = {"cxr.yaml": cxr.CHEXPERT_LABELS, "ct_rate.yaml": ct.CT_RATE_LABELS, "nih14.yaml": NIH_LABELS}[prompt_file]
+    expected = {"cxr.yaml": cxr.CHEXPERT_LABELS, "ct_rate.yaml": ct.CT_RATE_LABELS,
+                "ct_rate_impressions.yaml": ct.CT_RATE_LABELS, "nih14.yaml": NIH_LABELS}[prompt_file]
     assert sorted(prompts) == sorted(expected)
     for label, sides in prompts.items():
         assert set(sides) == {"positive", "negative"} and all(2 <= len(sides[s]) <= 6 for s in sides)

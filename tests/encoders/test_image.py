@@ -82,3 +82,18 @@ def test_vit3d_inflation_matches_2d_on_constant_depth(monkeypatch):
     assert torch.allclose(pos3[0], src.pos_embed[0, 1:], atol=1e-5) and torch.allclose(pos3[1], pos3[0])
     assert torch.equal(enc.blocks[1].mlp.fc1.weight, src.blocks[1].mlp.fc1.weight)
     assert torch.equal(enc.cls_token, src.cls_token)
+
+
+def test_vit3d_conv_stem_and_mean_pool():
+    enc = ViT3DEncoder(cfg(**{**V3, "stem": "conv", "global_pool": "mean"}))
+    convs = [m for m in enc.patch_embed.proj if isinstance(m, torch.nn.Conv3d)]
+    assert [c.stride for c in convs] == [(2, 2, 2), (2, 2, 2), (1, 2, 2), (1, 1, 1)]  # total stride = patch [4, 8, 8]
+    f = enc(torch.randn(2, 1, 16, 32, 32))
+    assert f.grid == (4, 4, 4) and f.tokens.shape == (2, 64, 32)
+    assert torch.allclose(f.pooled, f.tokens.mean(1), atol=1e-6)
+    with pytest.raises(ValueError, match="power-of-two"):
+        ViT3DEncoder(cfg(**{**V3, "stem": "conv", "patch_size": [3, 8, 8]}))
+    with pytest.raises(ValueError, match="stem must be"):
+        ViT3DEncoder(cfg(**{**V3, "stem": "hybrid"}))
+    with pytest.raises(ValueError, match="global_pool"):
+        ViT3DEncoder(cfg(**{**V3, "global_pool": "max"}))
