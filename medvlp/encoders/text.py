@@ -76,6 +76,57 @@ def pool_tokens(tokens: Tensor, mask: Tensor, how: str) -> Tensor:
     return tokens.masked_fill(~keep, torch.finfo(tokens.dtype).min).amax(1)
 
 
+def last_self_attention(hf_model: nn.Module) -> nn.Module | None:
+    """The last layer's self-attention module (``query`` / ``key`` projections) of a BERT-family
+    model, or None for another architecture."""
+    try:
+        module = hf_model.encoder.layer[-1].attention.self
+    except AttributeError:
+        return None
+    needed = ("query", "key", "num_attention_heads", "attention_head_size")
+    return module if all(hasattr(module, a) for a in needed) else None
+
+
+class LastTextAttentionRecorder:
+    """Records the input of a BERT-family encoder's last self-attention and recomputes its
+    probabilities, so the forward pass keeps its fused SDPA kernel (which returns no weights).
+
+    ``with LastTextAttentionRecorder(module) as rec: model(...)``; then ``rec.probs(mask)`` is
+    ``[B, heads, T, T]`` (``rows`` selects query rows, e.g. ``slice(0, 1)`` for [CLS]); keys on
+    padding get probability 0. Differentiable unless called under ``torch.no_grad``.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.inputs: Tensor | None = None
+        self._handle: Any = None
+
+    def __enter__(self) -> LastTextAttentionRecorder:
+        def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            self.inputs = args[0] if args else kwargs["hidden_states"]
+
+        self._handle = self.module.register_forward_pre_hook(hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+
+    def probs(self, attention_mask: Tensor, rows: slice = slice(None)) -> Tensor:
+        if self.inputs is None:
+            raise RuntimeError("The text encoder's last self-attention was not called during the forward pass.")
+        attn, h = self.module, self.inputs
+        b, t, _ = h.shape
+        heads, size = int(attn.num_attention_heads), int(attn.attention_head_size)
+        q = attn.query(h[:, rows])
+        q = q.view(b, q.shape[1], heads, size).transpose(1, 2)  # [B, h, R, d]
+        k = attn.key(h).view(b, t, heads, size).transpose(1, 2)  # [B, h, T, d]
+        scale = float(getattr(attn, "scaling", size**-0.5))
+        scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~attention_mask.bool()[:, None, None, :], torch.finfo(scores.dtype).min)
+        return scores.softmax(dim=-1)
+
+
 @register_text_encoder("hf")
 class HFTextEncoder(nn.Module):
     """A BERT-family encoder from transformers; ``pooled`` pools the last layer (``pool``).
@@ -139,9 +190,17 @@ class HFTextEncoder(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, return_attention: bool = False) -> TextFeatures:
         """Encode token ids ``[B, T]``; returns ``pooled`` ``[B, D]`` and ``tokens`` ``[B, T, D]``."""
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=return_attention)
+        attn = None
+        if return_attention:
+            module = last_self_attention(self.model)
+            if module is None:
+                raise ValueError(f"return_attention needs a BERT-family text encoder; {type(self.model).__name__} is not one.")
+            with LastTextAttentionRecorder(module) as rec:
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+            attn = rec.probs(attention_mask)
+        else:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
         tokens = out.last_hidden_state
-        attn = out.attentions[-1] if return_attention and out.attentions else None
         return TextFeatures(pooled=pool_tokens(tokens, attention_mask, self.cfg.pool), tokens=tokens,
                             mask=attention_mask, attentions=attn)
 

@@ -58,6 +58,8 @@ from torch import Tensor, nn
 from medvlp.batch import ImageTextBatch
 from medvlp.config import ImageEncoderConfig, MethodConfig, TextEncoderConfig
 from medvlp.distributed import world
+from medvlp.encoders.text import LastTextAttentionRecorder
+from medvlp.encoders.text import last_self_attention as text_last_self_attention
 from medvlp.losses.contrastive import clip_loss
 from medvlp.losses.prototype import swapped_prototype_loss
 from medvlp.losses.token_alignment import (
@@ -181,7 +183,7 @@ class LocalEmbedding(nn.Module):
         return self.head(x.transpose(1, 2)).transpose(1, 2)
 
 
-class TextCLSAttention:
+class TextCLSAttention(LastTextAttentionRecorder):
     """Records the input of a BERT-family encoder's last self-attention and recomputes its [CLS] row.
 
     Used as ``with TextCLSAttention(hf_model) as rec: out = model(...)``; then ``rec.probs(mask)``
@@ -190,42 +192,17 @@ class TextCLSAttention:
     """
 
     def __init__(self, hf_model: nn.Module) -> None:
-        self.module = last_self_attention(hf_model)
-        self.inputs: Tensor | None = None
-        self._handle = None
-
-    def __enter__(self) -> TextCLSAttention:
-        def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
-            self.inputs = args[0] if args else kwargs["hidden_states"]
-
-        self._handle = self.module.register_forward_pre_hook(hook, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._handle is not None:
-            self._handle.remove()
+        super().__init__(last_self_attention(hf_model))
 
     @torch.no_grad()
-    def probs(self, attention_mask: Tensor) -> Tensor:
-        if self.inputs is None:
-            raise RuntimeError("The text encoder's last self-attention was not called during the forward pass.")
-        attn, h = self.module, self.inputs
-        b, t, _ = h.shape
-        heads, size = int(attn.num_attention_heads), int(attn.attention_head_size)
-        q = attn.query(h[:, :1]).view(b, 1, heads, size).transpose(1, 2)  # [B, h, 1, d]
-        k = attn.key(h).view(b, t, heads, size).transpose(1, 2)  # [B, h, T, d]
-        scores = (q.float() @ k.float().transpose(-1, -2)).squeeze(2) * float(getattr(attn, "scaling", size ** -0.5))
-        scores = scores.masked_fill(~attention_mask.bool().unsqueeze(1), torch.finfo(scores.dtype).min)
-        return scores.softmax(dim=-1).mean(dim=1)
+    def probs(self, attention_mask: Tensor) -> Tensor:  # type: ignore[override]
+        return super().probs(attention_mask, rows=slice(0, 1)).squeeze(2).mean(dim=1)
 
 
 def last_self_attention(hf_model: nn.Module) -> nn.Module:
     """The last layer's self-attention module (with ``query`` / ``key``) of a BERT-family model."""
-    try:
-        module = hf_model.encoder.layer[-1].attention.self
-    except AttributeError:
-        module = None
-    if module is None or not all(hasattr(module, a) for a in ("query", "key", "num_attention_heads", "attention_head_size")):
+    module = text_last_self_attention(hf_model)
+    if module is None:
         raise ValueError(
             f"MGCA needs the last-layer [CLS] attention of a BERT-family text encoder (encoder.layer[-1].attention.self "
             f"with query/key projections); {type(hf_model).__name__} has none. Use a BERT-family "

@@ -28,3 +28,18 @@ def test_tiny_encoder_pools_and_ignores_padding():
 def test_unknown_pool_is_a_clear_error():
     with pytest.raises(ValueError, match="pool='avg'"):
         HFTextEncoder(OmegaConf.structured(TextEncoderConfig(model="tiny", pool="avg")))
+
+
+def test_return_attention_recomputes_the_last_layer_under_sdpa():
+    enc = HFTextEncoder(OmegaConf.structured(TextEncoderConfig(model="tiny"))).eval()
+    batch = enc.tokenizer(["no pleural effusion", "the heart is enlarged with a small left pleural effusion"],
+                          padding="max_length", max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        f = enc(batch["input_ids"], batch["attention_mask"], return_attention=True)
+        eager = HFTextEncoder(OmegaConf.structured(TextEncoderConfig(model="tiny", attn_implementation="eager"))).eval()
+        eager.load_state_dict(enc.state_dict())
+        ref = eager.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_attentions=True).attentions[-1]
+    assert f.attentions.shape == (2, 2, 16, 16)
+    assert torch.allclose(f.attentions.sum(-1), torch.ones(2, 2, 16), atol=1e-5)
+    assert f.attentions[0, :, :, batch["attention_mask"][0] == 0].abs().max() == 0  # padding keys get nothing
+    assert torch.allclose(f.attentions, ref, atol=1e-5)
