@@ -69,6 +69,15 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
     pre.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.root=/data/rsna data.image_size=224")
 
+    ex = sub.add_parser("explain", help="word-to-patch attention maps of a run (MGCA) as PNGs",
+                        description="Draw, for one study, where each report word attends in the image (the method's "
+                                    "cross-modal token attention), one PNG per word.")
+    ex.add_argument("--run", required=True, metavar="RUN_DIR")
+    ex.add_argument("--study", default="", help="study id (default: the first study of the split)")
+    ex.add_argument("--split", default="test")
+    ex.add_argument("--words", default="", help="comma-separated words to draw (default: up to 8 finding words)")
+    ex.add_argument("--out", help="output folder (default RUN_DIR/explain)")
+
     demo = sub.add_parser("demo", help="write the synthetic demo datasets", description="Write the synthetic radiology world in the real dataset formats.")
     demo.add_argument("--out", required=True)
     demo.add_argument("--kind", default="all", choices=["all", "cxr", "ct", "chexpert", "rsna", "siim", "nih14", "covidx", "object_cxr"])
@@ -172,6 +181,17 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
           "data.use_preprocessed=true makes it required.")
 
 
+def cmd_explain(args: argparse.Namespace) -> None:
+    from medvlp.downstream.explain import explain
+
+    words = [w.strip() for w in args.words.split(",") if w.strip()] or None
+    paths = explain(args.run, study=args.study, out=args.out, split=args.split, words=words)
+    if paths:
+        print(f"wrote {len(paths)} attention maps to {paths[0].parent}")
+    else:
+        print("no finding words in this study's report; pass --words")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from medvlp.datamodules.demo import main_demo
 
@@ -205,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         "zeroshot": lambda a: cmd_eval(a, "zeroshot"),
         "retrieve": lambda a: cmd_eval(a, "retrieval"),
         "preprocess": cmd_preprocess,
+        "explain": cmd_explain,
         "demo": cmd_demo,
         "list": lambda a: cmd_list(a.what),
     }
