@@ -288,3 +288,33 @@ def test_smoke_fit_on_tiny_demo(tmp_path):
     method, _ = api.load_run(run_dir)
     emb = method.embed_image(torch.randn(2, 1, 32, 32))
     assert emb.shape == (2, 128) and torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_paper_batch_step_on_cuda_in_bf16():
+    """One optimiser step at the paper's global batch (144) on one GPU in bf16: ViT-B/16 at 224 px and a
+    6-layer BERT-base-sized text encoder (offline: `tiny` tokenizer, random weights)."""
+    from medvlp.batch import ImageTextBatch
+    from medvlp.registry import METHODS
+
+    cfg = C.compose(config_file=str(C.config_dir() / "experiment" / "mgca_vit_mimic.yaml"), overrides=[
+        "data.root=/unused", "method.image_encoder.pretrained=false", "method.text_encoder.model=tiny",
+        "method.text_encoder.num_layers=6",
+        "method.text_encoder.config_overrides={hidden_size: 768, num_attention_heads: 12, intermediate_size: 3072}"])
+    C.resolve(cfg)
+    m = METHODS.get("mgca")(cfg.method, cfg.optim).cuda()
+    n = 144
+    texts = ["small left pleural effusion. the heart is enlarged."] * (n // 2) + ["no acute cardiopulmonary process."] * (n // 2)
+    tok = m.tokenizer(texts, padding="max_length", truncation=True, max_length=int(cfg.data.max_length), return_tensors="pt")
+    batch = ImageTextBatch(images=torch.randn(n, 3, 224, 224, device="cuda"), input_ids=tok["input_ids"].cuda(),
+                           attention_mask=tok["attention_mask"].cuda(), study_ids=[str(i) for i in range(n)])
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-5)
+    torch.cuda.reset_peak_memory_stats()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = m.losses(batch)
+    assert set(out) == {"ita", "cta", "cpa"}
+    loss = sum(out.values())
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
