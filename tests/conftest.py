@@ -20,3 +20,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _restore_medvlp_logger():
+    """``medvlp.cli.main`` gives the ``medvlp`` logger its own handler and stops propagation (right for
+    the command line); undo it after each test so that later tests' ``caplog`` still sees records."""
+    import logging
+
+    logger = logging.getLogger("medvlp")
+    handlers, propagate, level = list(logger.handlers), logger.propagate, logger.level
+    yield
+    logger.handlers[:] = handlers
+    logger.propagate, logger.level = propagate, level
