@@ -210,7 +210,6 @@ class ObjectCXRDataModule(RadiographDataModule):
         check_choice("data.split_protocol", cfg.split_protocol, SPLIT_PROTOCOLS)
         self.label_names = list(type(self).label_names)
         self._tables: dict[str, Any] = {}
-        self.counts: dict[str, int] = {}  # dropped items, by reason (filled by build_records)
 
     # ------------------------------------------------------------------ layout
     @classmethod
@@ -279,15 +278,6 @@ class ObjectCXRDataModule(RadiographDataModule):
         return df.iloc[train if split == "train" else val], "train"
 
     # ------------------------------------------------------------------ contract
-    def _drop(self, reason: str, items: list[str], message: str) -> None:
-        """Apply ``data.on_error`` to ``items`` dropped for ``reason`` (raise, or count and warn)."""
-        self.counts[reason] = self.counts.get(reason, 0) + len(items)
-        if not items:
-            return
-        if self.cfg.on_error != "skip":
-            raise DataError(f"{message}. Set data.on_error=skip to skip (and count) them.")
-        log.warning("object_cxr: skipped %s", message)
-
     def build_records(self, split: str) -> list[Record]:
         check_choice("split", split, SPLITS)
         self.check_root(self.cfg)
@@ -302,7 +292,7 @@ class ObjectCXRDataModule(RadiographDataModule):
             except ValueError as err:
                 bad.append(image)
                 first_bad = first_bad or f"{csv}, image {image}: {err} (annotation {annotation!r})"
-        self._drop("bad_annotation", bad, f"{len(bad)} {split} images with a malformed annotation (first: {first_bad})")
+        self.drop_items("bad_annotation", bad, f"{len(bad)} {split} images with a malformed annotation (first: {first_bad})")
         folders: dict[str, set[str]] = {}
         missing: list[str] = []
         for _, path, _ in parsed:
@@ -311,7 +301,7 @@ class ObjectCXRDataModule(RadiographDataModule):
                 folders[folder] = set(os.listdir(folder)) if os.path.isdir(folder) else set()
             if file not in folders[folder]:
                 missing.append(path)
-        self._drop("missing_image", missing,
+        self.drop_items("missing_image", missing,
                    f"{len(missing)} of {len(parsed)} {split} images listed in {csv} do not exist (first: {missing[0] if missing else ''})")
         absent = set(missing)
         records: list[Record] = []

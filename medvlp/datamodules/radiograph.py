@@ -176,6 +176,17 @@ class RadiographDataModule(VLPDataModule):
         self.use_preprocessed = mode
         self._transform: CXRTransform | None = None
         self._preprocessed: Any = _UNRESOLVED
+        self.counts: dict[str, int] = {}  # items dropped or ignored while building records, by reason
+
+    def drop_items(self, reason: str, items: list[str], message: str) -> None:
+        """Apply ``data.on_error`` to ``items`` dropped for ``reason``: raise a DataError with
+        ``message``, or (``skip``) count them in ``self.counts`` and warn."""
+        self.counts[reason] = self.counts.get(reason, 0) + len(items)
+        if not items:
+            return
+        if self.cfg.on_error != "skip":
+            raise DataError(f"{message}. Set data.on_error=skip to skip (and count) them.")
+        logging.getLogger(type(self).__module__).warning("%s: skipped %s", self.cfg.name, message)
 
     @property
     def transform(self) -> CXRTransform:

@@ -180,7 +180,6 @@ class RSNAPneumoniaDataModule(RadiographDataModule):
         check_choice("data.voi", cfg.voi, VOI)
         self.label_names = list(type(self).label_names)
         self._tables: dict[str, Any] = {}
-        self.counts: dict[str, int] = {}  # dropped / ignored items, by reason (filled by build_records)
 
     # ------------------------------------------------------------------ layout
     @classmethod
@@ -300,15 +299,6 @@ class RSNAPneumoniaDataModule(RadiographDataModule):
         return self._tables["dicoms"]
 
     # ------------------------------------------------------------------ contract
-    def _drop(self, reason: str, items: list[str], message: str) -> None:
-        """Apply ``data.on_error`` to ``items`` dropped for ``reason`` (raise, or count and warn)."""
-        self.counts[reason] = self.counts.get(reason, 0) + len(items)
-        if not items:
-            return
-        if self.cfg.on_error != "skip":
-            raise DataError(f"{message}. Set data.on_error=skip to skip (and count) them.")
-        log.warning("rsna_pneumonia: skipped %s", message)
-
     def _dicom_frame(self, path: str) -> tuple[int, int]:
         from medvlp.datamodules.formats.dicom import read_dicom_header
 
@@ -331,7 +321,7 @@ class RSNAPneumoniaDataModule(RadiographDataModule):
                          len(unlisted), IMAGE_DIR, LABELS_CSV, unlisted[0])
         self.counts["unlisted_dicoms"] = len(self._tables["unlisted"])
         missing = [pid for pid in rows["patient_id"] if pid not in dicoms]
-        self._drop(
+        self.drop_items(
             "missing_dicom", missing,
             f"{len(missing)} of {len(rows)} {split} images listed in {self.root / LABELS_CSV} have no DICOM "
             f"(first: {self.root / IMAGE_DIR / (missing[0] + '.dcm') if missing else ''})",

@@ -169,7 +169,6 @@ or
         check_choice("data.voi", cfg.voi, VOI)
         self.label_names = list(type(self).label_names)
         self._tables: dict[str, Any] = {}
-        self.counts: dict[str, int] = {}  # dropped / ignored items, by reason (filled by build_records)
 
     # ------------------------------------------------------------------ layout
     @classmethod
@@ -273,15 +272,6 @@ or
         return self._tables["dicoms"]
 
     # ------------------------------------------------------------------ contract
-    def _drop(self, reason: str, items: list[str], message: str) -> None:
-        """Apply ``data.on_error`` to ``items`` dropped for ``reason`` (raise, or count and warn)."""
-        self.counts[reason] = self.counts.get(reason, 0) + len(items)
-        if not items:
-            return
-        if self.cfg.on_error != "skip":
-            raise DataError(f"{message}. Set data.on_error=skip to skip (and count) them.")
-        log.warning("siim_pneumothorax: skipped %s", message)
-
     def build_records(self, split: str) -> list[Record]:
         check_choice("split", split, SPLITS)
         self.check_root(self.cfg)
@@ -297,12 +287,12 @@ or
                         len(unlisted), self.csv_path.name, dicoms[unlisted[0]])
         self.counts["unlisted_dicoms"] = len(self._tables["unlisted"])
         bad = rows[rows["error"].notna()]
-        self._drop("bad_rle", list(bad["image_id"]),
+        self.drop_items("bad_rle", list(bad["image_id"]),
                    f"{len(bad)} {split} images with a malformed EncodedPixels value (first: {bad['error'].iloc[0] if len(bad) else ''})")
         rows = rows[rows["error"].isna()]
         missing = [i for i in rows["image_id"] if i not in dicoms]
         where = self.root / STAGE1_DIR if self.layout == "stage1" else self.root
-        self._drop("missing_dicom", missing,
+        self.drop_items("missing_dicom", missing,
                    f"{len(missing)} of {len(rows)} {split} images listed in {self.csv_path} have no DICOM "
                    f"'<ImageId>.dcm' under {where} (first: {missing[0] + '.dcm' if missing else ''})")
         source = str(self.csv_path)
