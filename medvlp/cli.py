@@ -69,13 +69,14 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
     pre.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.root=/data/rsna data.image_size=224")
 
-    ex = sub.add_parser("explain", help="word-to-patch attention maps of a run (MGCA) as PNGs",
+    ex = sub.add_parser("explain", help="what a run looks at, as PNGs: word attention (MGCA), pseudo masks (G2D)",
                         description="Draw, for one study, where each report word attends in the image (the method's "
-                                    "cross-modal token attention), one PNG per word.")
+                                    "cross-modal token attention, MGCA; one PNG per word), or the image, its pseudo-mask "
+                                    "target and the decoder's prediction side by side (G2D).")
     ex.add_argument("--run", required=True, metavar="RUN_DIR")
     ex.add_argument("--study", default="", help="study id (default: the first study of the split)")
     ex.add_argument("--split", default="test")
-    ex.add_argument("--words", default="", help="comma-separated words to draw (default: up to 8 finding words)")
+    ex.add_argument("--words", default="", help="MGCA: comma-separated words to draw (default: up to 8 finding words)")
     ex.add_argument("--out", help="output folder (default RUN_DIR/explain)")
 
     demo = sub.add_parser("demo", help="write the synthetic demo datasets", description="Write the synthetic radiology world in the real dataset formats.")
@@ -186,7 +187,9 @@ def cmd_explain(args: argparse.Namespace) -> None:
 
     words = [w.strip() for w in args.words.split(",") if w.strip()] or None
     paths = explain(args.run, study=args.study, out=args.out, split=args.split, words=words)
-    if paths:
+    if paths and paths[0].name == "dense.png":
+        print(f"wrote image | pseudo mask | prediction to {paths[0]}")
+    elif paths:
         print(f"wrote {len(paths)} attention maps to {paths[0].parent}")
     else:
         print("no finding words in this study's report; pass --words")

@@ -74,7 +74,8 @@ class TextEncoderConfig:
     pretrained: bool = True
     tokenizer: str = ""  # "" = the model's own tokenizer (a run directory stores a copy)
     num_layers: int = 0  # >0 keeps only the first N transformer layers (MGCA keeps 6)
-    freeze_layers: int = 0  # >0 freezes the embeddings and the first N layers
+    freeze_layers: int = 0  # >0 freezes the first N layers (and the embeddings, see freeze_embeddings)
+    freeze_embeddings: bool = True  # with freeze_layers > 0, freeze the embedding layer too (G2D's code does not)
     attn_implementation: str = "sdpa"
     pool: str = "cls"  # pooled feature: cls ([CLS] token) | mean | max (over unmasked tokens; ConVIRT max-pools)
     grad_checkpointing: bool = False
@@ -102,7 +103,8 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 0
     warmup_ratio: float = 0.0  # used when warmup_steps == 0: fraction of the total steps
-    schedule: str = "cosine"  # cosine | constant
+    schedule: str = "cosine"  # cosine | constant | cosine_restarts (SGDR: cosine over every restart_steps)
+    restart_steps: int = 0  # cosine_restarts: period in optimiser steps (G2D's code: 200)
     min_lr_ratio: float = 0.0  # final lr = lr * min_lr_ratio
     no_decay_norm_bias: bool = True  # no weight decay on norms, biases and 1-d parameters
     text_lr_mult: float = 1.0  # lr multiplier of the text encoder

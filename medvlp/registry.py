@@ -144,6 +144,7 @@ register_task = TASKS.register
 # Built-ins, imported on first use.
 METHODS.register_lazy("clip", "medvlp.methods.clip:CLIP", "CLIP / ConVIRT baseline: symmetric InfoNCE on global features")
 METHODS.register_lazy("mgca", "medvlp.methods.mgca:MGCA", "MGCA: instance (ITA) + token (CTA) + prototype (CPA) image-report alignment (2D)")
+METHODS.register_lazy("g2d", "medvlp.methods.g2d:G2D", "G2D: global alignment (VLA) + parameter-free pseudo segmentation (PA) with a U-Net (2D)")
 DATAMODULES.register_lazy("mimic_cxr", "medvlp.datamodules.mimic_cxr:MimicCXRDataModule", "MIMIC-CXR-JPG images + MIMIC-CXR reports (2D)")
 DATAMODULES.register_lazy("rsna_pneumonia", "medvlp.datamodules.rsna:RSNAPneumoniaDataModule", "RSNA Pneumonia (Kaggle stage 2) DICOMs: pneumonia label, boxes, box masks (2D)")
 DATAMODULES.register_lazy("siim_pneumothorax", "medvlp.datamodules.siim:SIIMPneumothoraxDataModule", "SIIM-ACR Pneumothorax DICOMs + RLE masks, stage 1 or 2 layout (2D)")

@@ -1,6 +1,9 @@
-"""Word-to-patch attention maps of a trained token-alignment method (MGCA's CTA), as PNGs.
+"""What a trained method looks at, as PNGs: ``medvlp explain --run DIR [--study ID]``.
 
-For one study of a run's dataset, every selected report word attends over the image patches with
+Token-alignment methods (MGCA's CTA) get word-to-patch attention maps; dense methods (G2D) get the
+image, its pseudo-mask target and the decoder's prediction side by side (:func:`explain_dense`).
+
+Word maps: for one study of a run's dataset, every selected report word attends over the image patches with
 the method's own cross-modal attention, ``softmax(word . patch / cta_temperature)`` on the unit
 local embeddings (the attention that builds CTA's word summaries). Each map is upsampled to the
 image and drawn over it; the files are ``<out>/<study>/<k>_<word>.png`` plus ``image.png`` and
@@ -52,12 +55,79 @@ def heat_overlay(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.n
     return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
 
 
+def _load_study(method: Any, cfg: Any, study: str, split: str) -> tuple[dict[str, Any], Any]:
+    """``(item, one-item batch)`` of ``study`` (default: the first record) of ``split`` of a run's dataset."""
+    from medvlp import api
+
+    api.resolve_data_root(cfg)
+    dm = api.build_datamodule(cfg, tokenizer=method.tokenizer)
+    records = dm.records(split)
+    index = 0
+    if study:
+        ids = [r.study_id for r in records]
+        if study not in ids:
+            raise DataError(f"Study '{study}' is not in the {split} split of {cfg.data.root} (e.g. {', '.join(ids[:3])}).")
+        index = ids.index(study)
+    item = dm.dataset(split)[index]
+    if item is None:
+        raise DataError(f"Study {records[index].study_id} could not be loaded.")
+    return item, dm.collate([item])
+
+
+def _gray(image: torch.Tensor) -> np.ndarray:
+    """``[C, H, W]`` normalised image -> ``[H, W]`` in [0, 1] (first channel, min-max)."""
+    img = image[0].float()
+    return ((img - img.min()) / (img.max() - img.min() + 1e-8)).numpy()
+
+
+def _study_folder(run_dir: str | Path, out: str | Path | None, study_id: str) -> Path:
+    folder = (Path(out) if out else Path(run_dir) / "explain") / re.sub(r"[^\w.-]", "_", str(study_id))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def explain_dense(run_dir: str | Path, method: Any, cfg: Any, study: str = "", out: str | Path | None = None,
+                  split: str = "test") -> list[Path]:
+    """Dense methods (G2D): ``<out>/<study>/dense.png`` = image | pseudo-mask target | decoder prediction.
+
+    The target and the prediction are drawn as heat over the image (and written alone as
+    ``target.png`` / ``prediction.png``, 0-255); ``dense.json`` holds the foreground fractions, the
+    Dice between prediction (>= 0.5) and target (>= 0.5), and the study's report.
+    """
+    from PIL import Image
+
+    item, batch = _load_study(method, cfg, study, split)
+    method.eval()
+    with torch.no_grad():
+        outputs = method.dense_outputs(batch.images)
+    gray = _gray(batch.images[0])
+    target = outputs["target"][0].float().mean(0).numpy()
+    pred = outputs["prediction"][0].float().mean(0).numpy()
+    panels = [np.repeat((gray[..., None] * 255).round().astype(np.uint8), 3, -1), heat_overlay(gray, target),
+              heat_overlay(gray, pred)]
+    gap = np.full((gray.shape[0], 4, 3), 255, np.uint8)
+    folder = _study_folder(run_dir, out, item["study_id"])
+    paths = [folder / "dense.png", folder / "target.png", folder / "prediction.png"]
+    Image.fromarray(np.concatenate([panels[0], gap, panels[1], gap, panels[2]], axis=1)).save(paths[0])
+    Image.fromarray((target * 255).round().astype(np.uint8)).save(paths[1])
+    Image.fromarray((pred * 255).round().astype(np.uint8)).save(paths[2])
+    hard_t, hard_p = target >= 0.5, pred >= 0.5
+    denom = hard_t.sum() + hard_p.sum()
+    info = {"study": item["study_id"], "text": item["text"], "panels": ["image", "pseudo-mask target", "prediction"],
+            "target_fraction": float(target.mean()), "prediction_fraction": float(hard_p.mean()),
+            "dice_prediction_vs_target": float(2 * (hard_t & hard_p).sum() / denom) if denom else 1.0}
+    (folder / "dense.json").write_text(json.dumps(info, indent=2) + "\n")
+    return paths
+
+
 def explain(run_dir: str | Path, study: str = "", out: str | Path | None = None, split: str = "test",
             words: list[str] | None = None, max_words: int = 8) -> list[Path]:
-    """Write word-to-patch attention PNGs for one study of a trained run.
+    """Write the explanation PNGs of one study of a trained run: word-to-patch attention maps (MGCA),
+    or image | pseudo mask | prediction for dense methods (G2D, :func:`explain_dense`).
 
     Args:
-        run_dir: a run directory of a method with token alignment (``local_tokens``: MGCA).
+        run_dir: a run directory of a method with token alignment (``local_tokens``: MGCA) or a dense
+            decoder (``dense_outputs``: G2D).
         study: the study id; "" takes the first study of ``split`` with a finding word.
         out: output folder (default ``<run_dir>/explain``).
         split: the split the study is read from.
@@ -71,22 +141,12 @@ def explain(run_dir: str | Path, study: str = "", out: str | Path | None = None,
     from medvlp import api
 
     method, cfg = api.load_run(run_dir)
+    if hasattr(method, "dense_outputs"):
+        return explain_dense(run_dir, method, cfg, study=study, out=out, split=split)
     if not hasattr(method, "local_tokens"):
-        raise ValueError(f"medvlp explain needs a method with word-patch alignment (e.g. mgca); this run is '{cfg.method.name}'.")
-    api.resolve_data_root(cfg)
-    dm = api.build_datamodule(cfg, tokenizer=method.tokenizer)
-    records = dm.records(split)
-    index = 0
-    if study:
-        ids = [r.study_id for r in records]
-        if study not in ids:
-            raise DataError(f"Study '{study}' is not in the {split} split of {cfg.data.root} (e.g. {', '.join(ids[:3])}).")
-        index = ids.index(study)
-    ds = dm.dataset(split)
-    item = ds[index]
-    if item is None:
-        raise DataError(f"Study {records[index].study_id} could not be loaded.")
-    batch = dm.collate([item])
+        raise ValueError(f"medvlp explain needs a method with word-patch alignment (e.g. mgca) or a dense decoder "
+                         f"(e.g. g2d); this run is '{cfg.method.name}'.")
+    item, batch = _load_study(method, cfg, study, split)
     with torch.no_grad():
         tok = method.local_tokens(batch)
         grid = method.encode_image(batch.images).grid
@@ -108,11 +168,8 @@ def explain(run_dir: str | Path, study: str = "", out: str | Path | None = None,
         picked = picked[:max_words]
     if len(grid) != 2 or int(np.prod(grid)) != attn.shape[1]:
         raise ValueError(f"explain draws 2D patch grids; this encoder's grid is {grid}.")
-    img = batch.images[0, 0].float()
-    gray = ((img - img.min()) / (img.max() - img.min() + 1e-8)).numpy()
-    folder = Path(out) if out else Path(run_dir) / "explain"
-    folder = folder / re.sub(r"[^\w.-]", "_", str(item["study_id"]))
-    folder.mkdir(parents=True, exist_ok=True)
+    gray = _gray(batch.images[0])
+    folder = _study_folder(run_dir, out, item["study_id"])
     Image.fromarray((gray * 255).round().astype(np.uint8)).save(folder / "image.png")
     written, summary = [], []
     weights = tok.word_weights[0]

@@ -110,6 +110,30 @@ class TimmImageEncoder(nn.Module):
             grid=(int(fmap.shape[2]), int(fmap.shape[3])),
         )
 
+    # ------------------------------------------------------------------ multi-scale (CNNs)
+    @property
+    def stages(self) -> list[dict]:
+        """timm's ``feature_info`` of a CNN: one dict per stage with ``module``, ``num_chs``, ``reduction``."""
+        info = list(getattr(self.model, "feature_info", []) or [])
+        if self.is_vit or not info or not hasattr(self.model, "forward_intermediates"):
+            raise ValueError(f"method.image_encoder.model='{self.cfg.model}' has no multi-scale feature stages; dense "
+                             f"decoders (U-Net) need a timm CNN such as resnet50 or test_resnet.")
+        return [dict(i) for i in info]
+
+    def pyramid(self, images: Tensor, depth: int = 0) -> list[Tensor]:
+        """Feature maps of the first ``depth`` stages (0 = all), finest first.
+
+        For ResNets the stages are the stem (stride 2) and ``layer1`` ... ``layer4`` (strides 4 to 32),
+        as segmentation_models_pytorch's U-Net encoders return them. Only the stages asked for are
+        computed.
+        """
+        n = len(self.stages)
+        depth = n if depth <= 0 else depth
+        if depth > n:
+            raise ValueError(f"{self.cfg.model} has {n} feature stages; a depth of {depth} was asked for.")
+        return list(self.model.forward_intermediates(images, indices=list(range(depth)), intermediates_only=True,
+                                                     stop_early=True))
+
     def _forward_vit(self, images: Tensor, return_attention: bool) -> ImageFeatures:
         m = self.model
         if return_attention:

@@ -132,7 +132,7 @@ class HFTextEncoder(nn.Module):
     """A BERT-family encoder from transformers; ``pooled`` pools the last layer (``pool``).
 
     Config keys: ``model``, ``pretrained``, ``tokenizer``, ``num_layers`` (keep the first N layers),
-    ``freeze_layers`` (freeze embeddings + first N layers), ``attn_implementation`` (``sdpa``),
+    ``freeze_layers`` (freeze the first N layers, and the embeddings unless ``freeze_embeddings=false``), ``attn_implementation`` (``sdpa``),
     ``pool`` (``cls`` token, or ``mean`` / ``max`` over the unmasked tokens), ``grad_checkpointing``,
     ``config_overrides``.
     """
@@ -176,6 +176,7 @@ class HFTextEncoder(nn.Module):
         if cfg.grad_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.out_dim = int(hf_cfg.hidden_size)
+        self.cfg_freeze_embeddings = bool(cfg.freeze_embeddings)
         self._freeze(cfg.freeze_layers)
 
     def _freeze(self, n: int) -> None:
@@ -184,7 +185,8 @@ class HFTextEncoder(nn.Module):
         layers = self.model.encoder.layer
         if n > len(layers):
             raise ValueError(f"method.text_encoder.freeze_layers={n} but the encoder has {len(layers)} layers")
-        for module in [self.model.embeddings, *layers[:n]]:
+        frozen = [self.model.embeddings] if self.cfg_freeze_embeddings else []
+        for module in [*frozen, *layers[:n]]:
             for p in module.parameters():
                 p.requires_grad_(False)
 

@@ -141,17 +141,28 @@ class VLPMethod(L.LightningModule):
         opt = torch.optim.AdamW(self.param_groups(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = o.warmup_steps or int(o.warmup_ratio * total)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warmup, total, o.schedule, o.min_lr_ratio))
+        period = int(o.restart_steps)
+        if o.schedule == "cosine_restarts" and period <= 0:
+            raise ValueError(f"optim.schedule=cosine_restarts needs optim.restart_steps > 0, got {o.restart_steps}.")
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: lr_factor(step, warmup, total, o.schedule, o.min_lr_ratio, period))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
-    """Linear warm-up to 1 over ``warmup`` steps, then cosine (or constant) down to ``min_ratio``."""
+def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float, period: int = 0) -> float:
+    """Linear warm-up to 1 over ``warmup`` steps, then cosine (or constant) down to ``min_ratio``.
+
+    ``cosine_restarts`` restarts the cosine every ``period`` steps after the warm-up (PyTorch's
+    ``CosineAnnealingWarmRestarts`` with ``T_0 = period``, ``T_mult = 1``).
+    """
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
+    if schedule == "cosine_restarts":
+        progress = ((step - warmup) % period) / period
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     if schedule != "cosine":
-        raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got '{schedule}'")
+        raise ValueError(f"optim.schedule must be 'cosine', 'constant' or 'cosine_restarts', got '{schedule}'")
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -1,4 +1,4 @@
-"""``medvlp explain``: word-to-patch attention PNGs from a trained MGCA run."""
+"""``medvlp explain``: word-to-patch attention PNGs (MGCA) and pseudo-mask panels (G2D) from a trained run."""
 
 from __future__ import annotations
 
@@ -68,3 +68,20 @@ def test_explain_needs_token_alignment(tmp_path, capsys):
     run = _run(tmp_path / "runs", "clip")
     assert main(["explain", "--run", str(run)]) == 2
     assert "word-patch alignment" in capsys.readouterr().err
+
+
+def test_explain_g2d_writes_image_target_and_prediction_side_by_side(tmp_path, capsys):
+    run = _run(tmp_path / "runs", "g2d")
+    out = tmp_path / "maps"
+    assert main(["explain", "--run", str(run), "--out", str(out)]) == 0
+    assert "pseudo mask" in capsys.readouterr().out
+    (folder,) = list(out.iterdir())
+    dense = Image.open(folder / "dense.png")
+    assert dense.size == (3 * 64 + 2 * 4, 64) and dense.mode == "RGB"
+    target = np.asarray(Image.open(folder / "target.png"))
+    assert target.shape == (64, 64) and 0 < (target >= 128).mean() < 0.3  # the top 15 % of the body, smoothed
+    info = json.loads((folder / "dense.json").read_text())
+    assert info["panels"] == ["image", "pseudo-mask target", "prediction"] and 0 <= info["dice_prediction_vs_target"] <= 1
+    study = info["study"]
+    assert main(["explain", "--run", str(run), "--out", str(tmp_path / "again"), "--study", study]) == 0
+    assert (tmp_path / "again" / folder.name / "dense.png").is_file()

@@ -102,6 +102,11 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(60, 10, 110, "cosine", 0.0) == pytest.approx(0.5)
     assert lr_factor(110, 10, 110, "cosine", 0.1) == pytest.approx(0.1)
     assert lr_factor(50, 0, 100, "constant", 0.0) == 1.0
+    # warm restarts (G2D's code: T_0 = 200 steps): back to the peak at every period
+    assert lr_factor(0, 0, 10_000, "cosine_restarts", 0.0, 200) == pytest.approx(1.0)
+    assert lr_factor(100, 0, 10_000, "cosine_restarts", 0.0, 200) == pytest.approx(0.5)
+    assert lr_factor(200, 0, 10_000, "cosine_restarts", 0.0, 200) == pytest.approx(1.0)
+    assert lr_factor(399, 0, 10_000, "cosine_restarts", 1e-3, 200) == pytest.approx(1e-3, abs=1e-4)
 
 
 def test_param_groups_no_decay_on_norms_and_text_lr():
