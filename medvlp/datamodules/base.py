@@ -321,3 +321,40 @@ class VLPDataModule:
                 raise DataError(f"data.prompts '{self.cfg.prompts}' is not a file (nor one in {config_dir() / 'prompts'}).")
             return p
         return config_dir() / "prompts" / self.default_prompts
+
+
+USE_PREPROCESSED = ("auto", "true", "false")
+_UNRESOLVED = object()
+
+
+class PreprocessedCacheMixin:
+    """Reading the cache ``medvlp preprocess`` writes (:mod:`medvlp.preprocess`), for a
+    :class:`VLPDataModule` that implements the writing side (``cache_settings`` / ``cache_item``, or
+    the 2D radiograph reader).
+
+    ``data.use_preprocessed``: ``auto`` reads the cache when its manifest matches the config,
+    ``true`` requires it (a DataError names the command to run), ``false`` always decodes.
+    """
+
+    def init_preprocessed(self, cfg: Any) -> None:
+        mode = str(getattr(cfg, "use_preprocessed", "auto")).strip().lower()
+        if mode not in USE_PREPROCESSED:
+            raise ValueError(f"data.use_preprocessed='{mode}' is not valid; choose one of {list(USE_PREPROCESSED)}.")
+        self.use_preprocessed = mode
+        self._preprocessed: Any = _UNRESOLVED
+
+    def preprocessed(self) -> Any:
+        """The preprocessed cache this datamodule reads (``data.use_preprocessed``), or None to decode
+        on the fly. Resolved once; raises DataError for ``true`` without a matching cache."""
+        if self._preprocessed is _UNRESOLVED:
+            from medvlp.preprocess import open_for_training
+
+            self._preprocessed = open_for_training(self)
+        return self._preprocessed
+
+    def dataset(self, split: str) -> RecordDataset:
+        """The split's dataset; checks first that the cache (if used) holds its files."""
+        cache = self.preprocessed()
+        if cache is not None:
+            cache.check_coverage(self, split, self.records(split))  # type: ignore[attr-defined]
+        return super().dataset(split)  # type: ignore[misc]

@@ -36,11 +36,18 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from medvlp.datamodules.base import DataConfig, DataError, DataRootError, Record, VLPDataModule
+from medvlp.datamodules.base import (
+    DataConfig,
+    DataError,
+    DataRootError,
+    PreprocessedCacheMixin,
+    Record,
+    VLPDataModule,
+)
 from medvlp.registry import register_datamodule
 
 if TYPE_CHECKING:  # heavy imports stay inside functions (base.py: check_root must not pay for them)
@@ -97,6 +104,8 @@ class CTRateConfig(DataConfig):
     val_fraction: float = 0.05  # patients of official train held out as the val split
     val_seed: int = 0  # seed of that holdout (independent of data.seed, so runs share one val split)
     cache_size: int = 0  # volumes kept in memory per process after preprocessing (0 = none)
+    preprocessed_dir: str = ""  # cache written by `medvlp preprocess`; "" = <cache_dir>/preprocessed/<name>-<digest>
+    use_preprocessed: str = "auto"  # auto (use the cache when its manifest matches) | true (require it) | false
 
 
 def dataset_dir(root: str | os.PathLike) -> Path | None:
@@ -208,7 +217,7 @@ class VolumeSpec:
 
 
 @register_datamodule("ct_rate")
-class CTRateDataModule(VLPDataModule):
+class CTRateDataModule(PreprocessedCacheMixin, VLPDataModule):
     """CT-RATE (3D chest CT, 18 report-derived abnormality labels per scan)."""
 
     Config = CTRateConfig
@@ -248,6 +257,7 @@ class CTRateDataModule(VLPDataModule):
         self._tables: dict[str, Any] = {}
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._transform: VolumeTransform | None = None
+        self.init_preprocessed(cfg)
 
     @property
     def transform(self) -> VolumeTransform:
@@ -491,13 +501,47 @@ class CTRateDataModule(VLPDataModule):
         return self.transform(self.volume(vols[index]), train=train)
 
     def volume(self, spec: VolumeSpec) -> np.ndarray:
-        """Windowed, resampled, cropped volume ``[D, H, W]`` in ``[0, 1]`` (cached if ``data.cache_size``)."""
+        """Windowed, resampled, cropped volume ``[D, H, W]`` in ``[0, 1]`` (kept in memory if
+        ``data.cache_size``). Reads the preprocessed cache when it holds the file (memory-mapped:
+        only the cropped part is read), else decodes the NIfTI."""
         from medvlp.datamodules.formats import nifti
 
         cached = self._cache.get(spec.path)
         if cached is not None:
             self._cache.move_to_end(spec.path)
             return cached
+        cfg = self.cfg
+        hu = None
+        cache = self.preprocessed()
+        if cache is not None:
+            hit = cache.read(spec.path)
+            if hit is not None:
+                hu = hit[0]
+            elif self.use_preprocessed == "true":
+                raise DataError(f"Volume {spec.path} is not in the preprocessed cache {cache.directory}; complete it "
+                                f"with:\n  {cache.command}")
+        if hu is None:
+            hu = self.hu_volume(spec)
+        low, high = float(cfg.window[0]), float(cfg.window[1])
+        if list(cfg.size):  # crop first (reads only that part of a memory-mapped volume), pad with the window floor
+            hu = nifti.center_crop_or_pad(hu, [int(s) for s in cfg.size], pad_value=low)
+        vol = np.ascontiguousarray(nifti.window(np.asarray(hu, dtype=np.float32), low, high))
+        if cfg.cache_size > 0:
+            self._cache[spec.path] = vol
+            while len(self._cache) > cfg.cache_size:
+                self._cache.popitem(last=False)
+        return vol
+
+    def hu_volume(self, spec: VolumeSpec) -> np.ndarray:
+        """The volume in HU, oriented and resampled (float32 ``[D, H, W]``): read -> (v1) geometry from
+        the metadata -> rescale -> ``data.orientation`` -> ``data.spacing`` (padding with the window
+        floor) -> HU sanity check."""
+        return self._hu_and_image(spec)[0]
+
+    def _hu_and_image(self, spec: VolumeSpec) -> tuple[np.ndarray, Any]:
+        """``(HU array, SimpleITK image)`` after the steps of :meth:`hu_volume`."""
+        from medvlp.datamodules.formats import nifti
+
         cfg = self.cfg
         img = nifti.read_image(spec.path)
         if spec.spacing_zyx is not None or spec.origin is not None or spec.direction is not None:
@@ -509,14 +553,35 @@ class CTRateDataModule(VLPDataModule):
         hu = nifti.to_array(img)
         if cfg.hu_sanity_check:
             nifti.check_hu(hu, spec.path, [float(v) for v in cfg.hu_check_range])
-        vol = nifti.window(hu, float(cfg.window[0]), float(cfg.window[1]))
-        if list(cfg.size):
-            vol = np.ascontiguousarray(nifti.center_crop_or_pad(vol, [int(s) for s in cfg.size], pad_value=0.0))
-        if cfg.cache_size > 0:
-            self._cache[spec.path] = vol
-            while len(self._cache) > cfg.cache_size:
-                self._cache.popitem(last=False)
-        return vol
+        return hu, img
+
+    # ------------------------------------------------------------------ preprocessed cache (medvlp preprocess)
+    # config keys the stored volumes depend on (named in the command that builds the cache)
+    cache_keys: ClassVar[tuple[str, ...]] = ("version", "apply_metadata_rescale", "orientation", "spacing", "window",
+                                             "hu_sanity_check", "hu_check_range")
+
+    def cache_settings(self) -> dict[str, Any]:
+        """What the cached volumes depend on (the manifest of ``medvlp preprocess``): everything up to
+        resampling. Window, crop size, normalisation and flips apply at read time."""
+        cfg = self.cfg
+        return {"dtype": "int16", "ndim": 3,
+                "rule": "read -> metadata geometry -> rescale -> orient -> resample (linear) -> round to int16 HU",
+                "volume_settings": {"version": cfg.version, "apply_metadata_rescale": self.rescale_mode,
+                                    "orientation": cfg.orientation, "spacing": [float(v) for v in cfg.spacing],
+                                    "pad_hu": float(cfg.window[0]), "hu_sanity_check": bool(cfg.hu_sanity_check),
+                                    "hu_check_range": [float(v) for v in cfg.hu_check_range]}}
+
+    def cache_item(self, record: Record) -> tuple[np.ndarray, list[float]]:
+        """``(int16 HU [D, H, W], [spacing z, y, x (mm), origin x, y, z (mm)])`` of the one volume
+        ``record.image_path`` names (``medvlp preprocess`` passes one path at a time)."""
+        from medvlp.datamodules.formats import nifti
+
+        spec = next((v for v in record.meta["volumes"] if v.path == record.image_path), None)
+        if spec is None:
+            raise DataError(f"{record.image_path} is not a volume of scan {record.study_id}.")
+        hu, img = self._hu_and_image(spec)
+        stored = np.clip(np.rint(hu), -32768, 32767).astype(np.int16)
+        return stored, [*nifti.spacing_zyx(img), *(float(v) for v in img.GetOrigin())]
 
 
 def _rescale_mode(value: Any) -> str:

@@ -38,20 +38,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from medvlp.datamodules.base import DataConfig, DataError, Record, VLPDataModule
+from medvlp.datamodules.base import DataConfig, DataError, PreprocessedCacheMixin, Record, VLPDataModule
 
 if TYPE_CHECKING:
     import pandas as pd
     import torch
 
-    from medvlp.datamodules.base import RecordDataset
     from medvlp.datamodules.transforms import CXRTransform
-    from medvlp.preprocess import PreprocessedImages
 
 log = logging.getLogger(__name__)
-
-USE_PREPROCESSED = ("auto", "true", "false")
-_UNRESOLVED = object()
 
 
 @dataclass
@@ -156,7 +151,7 @@ def resize_nearest(mask: np.ndarray, height: int, width: int) -> np.ndarray:
     return mask[index(h, height)][:, index(w, width)]
 
 
-class RadiographDataModule(VLPDataModule):
+class RadiographDataModule(PreprocessedCacheMixin, VLPDataModule):
     """Base of the 2D datamodules: one gray image per record, optional boxes and mask."""
 
     Config = RadiographConfig
@@ -171,11 +166,8 @@ class RadiographDataModule(VLPDataModule):
             raise ValueError(f"data.channels={cfg.channels} is not valid; choose 1 or 3.")
         if int(cfg.image_size) < 1:
             raise ValueError(f"data.image_size must be a positive number of pixels, got {cfg.image_size}.")
-        mode = str(getattr(cfg, "use_preprocessed", "auto")).strip().lower()
-        check_choice("data.use_preprocessed", mode, USE_PREPROCESSED)
-        self.use_preprocessed = mode
+        self.init_preprocessed(cfg)
         self._transform: CXRTransform | None = None
-        self._preprocessed: Any = _UNRESOLVED
         self.counts: dict[str, int] = {}  # items dropped or ignored while building records, by reason
 
     def drop_items(self, reason: str, items: list[str], message: str) -> None:
@@ -239,23 +231,6 @@ class RadiographDataModule(VLPDataModule):
 
             return str(path[int(torch.randint(len(path), ()).item())])
         return str(path[0])
-
-    # ------------------------------------------------------------------ preprocessed cache
-    def preprocessed(self) -> PreprocessedImages | None:
-        """The preprocessed cache this datamodule reads (``data.use_preprocessed``), or None to decode
-        on the fly. Resolved once; raises DataError for ``true`` without a matching cache."""
-        if self._preprocessed is _UNRESOLVED:
-            from medvlp.preprocess import open_for_training
-
-            self._preprocessed = open_for_training(self)
-        return self._preprocessed
-
-    def dataset(self, split: str) -> RecordDataset:
-        """The split's dataset; checks first that the cache (if used) holds its images."""
-        cache = self.preprocessed()
-        if cache is not None:
-            cache.check_coverage(self, split, self.records(split))
-        return super().dataset(split)
 
     def read_image(self, record: Record, train: bool) -> tuple[np.ndarray, tuple[int, int]]:
         """``(pixels uint8 [h, w], (H, W) of the stored image)``: from the preprocessed cache when it

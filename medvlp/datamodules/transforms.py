@@ -233,7 +233,7 @@ class VolumeTransform:
             t = t[None]
         if t.ndim != 4:
             raise ValueError(f"expected a volume [D, H, W] or [1, D, H, W], got shape {tuple(t.shape)}")
-        t = (t - self.mean) / self.std
+        t = (t - self.mean).div_(self.std)  # a new tensor: the caller's volume (possibly cached) is untouched
         if train and self.flip_prob > 0:
             dims = [d for d in (1, 2, 3) if torch.rand((), generator=generator).item() < self.flip_prob]
             if dims:

@@ -252,7 +252,9 @@ def window(arr: np.ndarray, low: float, high: float) -> np.ndarray:
     """Clip to ``[low, high]`` and map linearly to ``[0, 1]`` (float32)."""
     if high <= low:
         raise ValueError(f"window must satisfy low < high, got [{low}, {high}]")
-    out = (np.asarray(arr, dtype=np.float32) - np.float32(low)) / np.float32(high - low)
+    out = np.array(arr, dtype=np.float32, copy=True)  # one pass; the rest in place
+    out -= np.float32(low)
+    out *= np.float32(1.0 / (high - low))
     return np.clip(out, 0.0, 1.0, out=out)
 
 
@@ -265,17 +267,18 @@ def center_crop_or_pad(arr: np.ndarray, size: Sequence[int], pad_value: float = 
     size = [int(s) for s in size]
     if len(size) != arr.ndim:
         raise ValueError(f"size {size} does not match an array of shape {arr.shape}")
-    pads = []
+    # Crop the axes that are too long first (a memory-mapped array then reads only that part),
+    # then pad the ones that are too short: the same result as padding first.
+    slices, pads = [], []
     for n, s in zip(arr.shape, size):
+        start = max((n - s) // 2, 0)
+        slices.append(slice(start, start + min(n, s)))
         extra = max(s - n, 0)
         pads.append((extra // 2, extra - extra // 2))
+    arr = arr[tuple(slices)]
     if any(p != (0, 0) for p in pads):
         arr = np.pad(arr, pads, mode="constant", constant_values=pad_value)
-    slices = []
-    for n, s in zip(arr.shape, size):
-        start = (n - s) // 2
-        slices.append(slice(start, start + s))
-    return arr[tuple(slices)]
+    return arr
 
 
 def lung_region_median(hu: np.ndarray) -> float:
