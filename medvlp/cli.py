@@ -55,14 +55,15 @@ def _parser() -> argparse.ArgumentParser:
         ev.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.root=/other/copy")
 
     pre = sub.add_parser(
-        "preprocess", help="decode a 2D radiograph dataset once into a cache that training reads",
+        "preprocess", help="decode a 2D radiograph or CT dataset once into a cache that training reads",
         description="Decode every image of the splits once (the datamodule's own reader: DICOM VOI, MONOCHROME1, ...), "
-                    "resize its longest side to data.image_size and store it as uint8 with the original size, in "
-                    "data.preprocessed_dir (default: a folder under the medvlp cache keyed by root, image size and "
-                    "pixel settings). Resumable: a re-run skips what is done. Training reads the cache when its "
-                    "manifest matches (data.use_preprocessed=auto | true | false). Overrides are key=value.",
+                    "resize its longest side to data.image_size and store it as uint8 with the original size; CT "
+                    "volumes (ct_rate) are stored oriented and resampled as int16 HU with spacing and origin. The "
+                    "cache goes to data.preprocessed_dir (default: a folder under the medvlp cache keyed by root and "
+                    "the settings the arrays depend on). Resumable: a re-run skips what is done. Training reads the "
+                    "cache when its manifest matches (data.use_preprocessed=auto | true | false). Overrides are key=value.",
     )
-    pre.add_argument("--data", required=True, help="configs/data/<name>.yaml of a 2D radiograph dataset (e.g. rsna_pneumonia)")
+    pre.add_argument("--data", required=True, help="configs/data/<name>.yaml (e.g. rsna_pneumonia, ct_rate)")
     pre.add_argument("--config", help="a saved run config or configs/experiment/*.yaml (its data section is used)")
     pre.add_argument("--workers", type=int, metavar="N", help="decoding processes (default data.num_workers, else the CPU count)")
     pre.add_argument("--splits", default="train,val,test", help="comma-separated splits to cache (default train,val,test)")
