@@ -153,6 +153,7 @@ DATAMODULES.register_lazy("chexpert", "medvlp.datamodules.chexpert:CheXpertDataM
 DATAMODULES.register_lazy("nih14", "medvlp.datamodules.nih14:NIH14DataModule", "NIH ChestX-ray14: 14 multi-hot labels + BBox_List boxes (2D)")
 DATAMODULES.register_lazy("covidx", "medvlp.datamodules.covidx:COVIDxDataModule", "COVIDx CXR-2/3/4 or COVIDx<N> label files: COVID-19 classification (2D)")
 DATAMODULES.register_lazy("ct_rate", "medvlp.datamodules.ct_rate:CTRateDataModule", "CT-RATE chest CT volumes + reports (3D)")
+DATAMODULES.register_lazy("rad_chestct", "medvlp.datamodules.rad_chestct:RadChestCTDataModule", "Rad-ChestCT chest CT volumes (.npz) + abnormality labels, no reports (3D, zero-shot)")
 IMAGE_ENCODERS.register_lazy("timm", "medvlp.encoders.image2d:TimmImageEncoder", "any timm model (ViT patch tokens / CNN feature-map cells)")
 IMAGE_ENCODERS.register_lazy("vit3d", "medvlp.encoders.image3d:ViT3DEncoder", "ViT over volumes, 3D patches, optional 2D->3D inflation")
 TEXT_ENCODERS.register_lazy("hf", "medvlp.encoders.text:HFTextEncoder", "any BERT-family transformers model (hub name, local dir or 'tiny')")

@@ -33,7 +33,6 @@ import logging
 import math
 import os
 import re
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -44,17 +43,15 @@ from medvlp.datamodules.base import (
     DataConfig,
     DataError,
     DataRootError,
-    PreprocessedCacheMixin,
     Record,
-    VLPDataModule,
 )
+from medvlp.datamodules.volume import VolumeConfig, VolumeDataModule
 from medvlp.registry import register_datamodule
 
 if TYPE_CHECKING:  # heavy imports stay inside functions (base.py: check_root must not pay for them)
     import pandas as pd
     import torch
 
-    from medvlp.datamodules.transforms import VolumeTransform
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +77,9 @@ _HLIP_STRIP = str.maketrans("", "", "\"'()")
 
 
 @dataclass
-class CTRateConfig(DataConfig):
-    """``data.*`` keys of the CT-RATE datamodule (``configs/data/ct_rate.yaml``)."""
+class CTRateConfig(VolumeConfig):
+    """``data.*`` keys of the CT-RATE datamodule (``configs/data/ct_rate.yaml``); the volume keys
+    (spacing, size, window, orientation, ...) are those of :class:`~medvlp.datamodules.volume.VolumeConfig`."""
 
     name: str = "ct_rate"
     batch_size: int = 16  # HLIP: 16 per GPU
@@ -89,23 +87,11 @@ class CTRateConfig(DataConfig):
     max_length: int = 512  # HLIP's CT-RATE text context
     version: str = "auto"  # auto: v2 (train_fixed/) where the file exists, else v1 | v1 | v2
     apply_metadata_rescale: str = "auto"  # auto: on for v1 files, off for v2 | on | off
-    hu_sanity_check: bool = True  # raise if the air/lung region of a converted volume is not plausible
-    hu_check_range: list[float] = field(default_factory=lambda: [-1100.0, -500.0])
-    spacing: list[float] = field(default_factory=lambda: [3.0, 1.0, 1.0])  # target (z, y, x) mm; [] = keep
-    size: list[int] = field(default_factory=lambda: [112, 336, 336])  # (D, H, W) centre pad/crop; [] = keep
-    window: list[float] = field(default_factory=lambda: [-1150.0, 350.0])  # HU -> [0, 1]
-    mean: float = 0.449
-    std: float = 0.226
-    flip_prob: float = 0.0  # train-time flip of each axis (fVLM: 0.2)
-    orientation: str = "LPS"  # canonical frame of the arrays; "" = stored order
     reconstructions: str = "one"  # one: one volume per scan (random at train) | all: every volume
     text: str = "impressions+findings"  # impressions+findings (HLIP) | findings | impressions
     exclude: list[str] = field(default_factory=lambda: list(UNREADABLE))  # VolumeNames left out
     val_fraction: float = 0.05  # patients of official train held out as the val split
     val_seed: int = 0  # seed of that holdout (independent of data.seed, so runs share one val split)
-    cache_size: int = 0  # volumes kept in memory per process after preprocessing (0 = none)
-    preprocessed_dir: str = ""  # cache written by `medvlp preprocess`; "" = <cache_dir>/preprocessed/<name>-<digest>
-    use_preprocessed: str = "auto"  # auto (use the cache when its manifest matches) | true (require it) | false
 
 
 def dataset_dir(root: str | os.PathLike) -> Path | None:
@@ -217,7 +203,7 @@ class VolumeSpec:
 
 
 @register_datamodule("ct_rate")
-class CTRateDataModule(PreprocessedCacheMixin, VLPDataModule):
+class CTRateDataModule(VolumeDataModule):
     """CT-RATE (3D chest CT, 18 report-derived abnormality labels per scan)."""
 
     Config = CTRateConfig
@@ -240,34 +226,10 @@ class CTRateDataModule(PreprocessedCacheMixin, VLPDataModule):
         _choice("data.reconstructions", cfg.reconstructions, RECONSTRUCTIONS)
         _choice("data.text", cfg.text, TEXTS)
         self.rescale_mode = _rescale_mode(cfg.apply_metadata_rescale)
-        if list(cfg.spacing) and (len(cfg.spacing) != 3 or min(float(s) for s in cfg.spacing) <= 0):
-            raise ValueError(f"data.spacing must be 3 positive numbers (z, y, x) in mm or [], got {list(cfg.spacing)}")
-        if list(cfg.size) and (len(cfg.size) != 3 or min(int(s) for s in cfg.size) <= 0):
-            raise ValueError(f"data.size must be 3 positive integers (D, H, W) or [], got {list(cfg.size)}")
-        if len(cfg.window) != 2 or float(cfg.window[0]) >= float(cfg.window[1]):
-            raise ValueError(f"data.window must be [low, high] HU with low < high, got {list(cfg.window)}")
-        if len(cfg.hu_check_range) != 2:
-            raise ValueError(f"data.hu_check_range must be [low, high] HU, got {list(cfg.hu_check_range)}")
         if not 0.0 <= float(cfg.val_fraction) < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
-        if float(cfg.std) <= 0 or not 0.0 <= float(cfg.flip_prob) <= 1.0:
-            raise ValueError(f"data.std must be > 0 and data.flip_prob in [0, 1], got {cfg.std} and {cfg.flip_prob}")
-        _validate_orientation(cfg.orientation)
         self.label_names = list(LABELS)
         self._tables: dict[str, Any] = {}
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._transform: VolumeTransform | None = None
-        self.init_preprocessed(cfg)
-
-    @property
-    def transform(self) -> VolumeTransform:
-        """Normalisation + flips (built on first use; imports torch)."""
-        if self._transform is None:
-            from medvlp.datamodules.transforms import VolumeTransform
-
-            cfg = self.cfg
-            self._transform = VolumeTransform(mean=float(cfg.mean), std=float(cfg.std), flip_prob=float(cfg.flip_prob))
-        return self._transform
 
     # ------------------------------------------------------------------ layout
     @classmethod
@@ -501,87 +463,31 @@ class CTRateDataModule(PreprocessedCacheMixin, VLPDataModule):
         return self.transform(self.volume(vols[index]), train=train)
 
     def volume(self, spec: VolumeSpec) -> np.ndarray:
-        """Windowed, resampled, cropped volume ``[D, H, W]`` in ``[0, 1]`` (kept in memory if
-        ``data.cache_size``). Reads the preprocessed cache when it holds the file (memory-mapped:
-        only the cropped part is read), else decodes the NIfTI."""
+        """Windowed, resampled, cropped volume ``[D, H, W]`` in ``[0, 1]`` (:meth:`load_volume`)."""
+        return self.load_volume(spec.path, spec)
+
+    def hu_image(self, path: str, source: Any) -> Any:
+        """The volume in HU with its true geometry: read -> (v1) spacing / origin / direction from the
+        metadata -> rescale (v1 by default) or a cast to float."""
         from medvlp.datamodules.formats import nifti
 
-        cached = self._cache.get(spec.path)
-        if cached is not None:
-            self._cache.move_to_end(spec.path)
-            return cached
-        cfg = self.cfg
-        hu = None
-        cache = self.preprocessed()
-        if cache is not None:
-            hit = cache.read(spec.path)
-            if hit is not None:
-                hu = hit[0]
-            elif self.use_preprocessed == "true":
-                raise DataError(f"Volume {spec.path} is not in the preprocessed cache {cache.directory}; complete it "
-                                f"with:\n  {cache.command}")
-        if hu is None:
-            hu = self.hu_volume(spec)
-        low, high = float(cfg.window[0]), float(cfg.window[1])
-        if list(cfg.size):  # crop first (reads only that part of a memory-mapped volume), pad with the window floor
-            hu = nifti.center_crop_or_pad(hu, [int(s) for s in cfg.size], pad_value=low)
-        vol = np.ascontiguousarray(nifti.window(np.asarray(hu, dtype=np.float32), low, high))
-        if cfg.cache_size > 0:
-            self._cache[spec.path] = vol
-            while len(self._cache) > cfg.cache_size:
-                self._cache.popitem(last=False)
-        return vol
-
-    def hu_volume(self, spec: VolumeSpec) -> np.ndarray:
-        """The volume in HU, oriented and resampled (float32 ``[D, H, W]``): read -> (v1) geometry from
-        the metadata -> rescale -> ``data.orientation`` -> ``data.spacing`` (padding with the window
-        floor) -> HU sanity check."""
-        return self._hu_and_image(spec)[0]
-
-    def _hu_and_image(self, spec: VolumeSpec) -> tuple[np.ndarray, Any]:
-        """``(HU array, SimpleITK image)`` after the steps of :meth:`hu_volume`."""
-        from medvlp.datamodules.formats import nifti
-
-        cfg = self.cfg
+        spec: VolumeSpec = source
         img = nifti.read_image(spec.path)
         if spec.spacing_zyx is not None or spec.origin is not None or spec.direction is not None:
             nifti.set_geometry(img, spec.spacing_zyx, spec.origin, spec.direction)
-        img = nifti.rescale(img, spec.slope, spec.intercept) if spec.rescale else nifti.rescale(img)
-        img = nifti.orient(img, cfg.orientation)
-        if list(cfg.spacing):
-            img = nifti.resample(img, [float(s) for s in cfg.spacing], default_value=float(cfg.window[0]))
-        hu = nifti.to_array(img)
-        if cfg.hu_sanity_check:
-            nifti.check_hu(hu, spec.path, [float(v) for v in cfg.hu_check_range])
-        return hu, img
+        return nifti.rescale(img, spec.slope, spec.intercept) if spec.rescale else nifti.rescale(img)
 
     # ------------------------------------------------------------------ preprocessed cache (medvlp preprocess)
-    # config keys the stored volumes depend on (named in the command that builds the cache)
-    cache_keys: ClassVar[tuple[str, ...]] = ("version", "apply_metadata_rescale", "orientation", "spacing", "window",
-                                             "hu_sanity_check", "hu_check_range")
+    cache_keys: ClassVar[tuple[str, ...]] = (*VolumeDataModule.cache_keys, "version", "apply_metadata_rescale")
 
-    def cache_settings(self) -> dict[str, Any]:
-        """What the cached volumes depend on (the manifest of ``medvlp preprocess``): everything up to
-        resampling. Window, crop size, normalisation and flips apply at read time."""
-        cfg = self.cfg
-        return {"dtype": "int16", "ndim": 3,
-                "rule": "read -> metadata geometry -> rescale -> orient -> resample (linear) -> round to int16 HU",
-                "volume_settings": {"version": cfg.version, "apply_metadata_rescale": self.rescale_mode,
-                                    "orientation": cfg.orientation, "spacing": [float(v) for v in cfg.spacing],
-                                    "pad_hu": float(cfg.window[0]), "hu_sanity_check": bool(cfg.hu_sanity_check),
-                                    "hu_check_range": [float(v) for v in cfg.hu_check_range]}}
+    def volume_settings(self) -> dict[str, Any]:
+        return {**super().volume_settings(), "version": self.cfg.version, "apply_metadata_rescale": self.rescale_mode}
 
-    def cache_item(self, record: Record) -> tuple[np.ndarray, list[float]]:
-        """``(int16 HU [D, H, W], [spacing z, y, x (mm), origin x, y, z (mm)])`` of the one volume
-        ``record.image_path`` names (``medvlp preprocess`` passes one path at a time)."""
-        from medvlp.datamodules.formats import nifti
-
+    def cache_source(self, record: Record) -> VolumeSpec:
         spec = next((v for v in record.meta["volumes"] if v.path == record.image_path), None)
         if spec is None:
             raise DataError(f"{record.image_path} is not a volume of scan {record.study_id}.")
-        hu, img = self._hu_and_image(spec)
-        stored = np.clip(np.rint(hu), -32768, 32767).astype(np.int16)
-        return stored, [*nifti.spacing_zyx(img), *(float(v) for v in img.GetOrigin())]
+        return spec
 
 
 def _rescale_mode(value: Any) -> str:
@@ -590,15 +496,6 @@ def _rescale_mode(value: Any) -> str:
     if text not in mapping:
         raise ValueError(f"data.apply_metadata_rescale='{value}' is not valid; choose auto, on (true) or off (false).")
     return mapping[text]
-
-
-def _validate_orientation(code: str) -> None:
-    from medvlp.datamodules.formats.nifti import validate_orientation
-
-    try:
-        validate_orientation(code)
-    except ValueError as err:
-        raise ValueError(f"data.orientation: {err}") from err
 
 
 def _choice(key: str, value: str, options: tuple[str, ...]) -> None:

@@ -1,0 +1,186 @@
+"""Shared base of the 3D (CT) datamodules: one HU pipeline, an in-memory LRU and the preprocessed cache.
+
+A subclass provides ``hu_image(path, source) -> SimpleITK.Image``: the file at ``path`` in
+Hounsfield units with its true geometry (spacing, origin, direction), before any reorientation.
+``source`` is whatever the subclass needs besides the path (CT-RATE: the volume's metadata row).
+This class then runs, per read::
+
+    hu_image -> orient (data.orientation) -> resample (data.spacing, linear, padding = window floor)
+    -> HU sanity check -> [stored here by `medvlp preprocess` as int16 HU]
+    -> centre crop / pad (data.size) -> window (data.window) to [0, 1] -> (x - mean) / std -> flips
+
+and keeps up to ``data.cache_size`` finished volumes in memory. ``medvlp preprocess --data <name>``
+stores the bracketed stage once per file (memory-mappable int16 with spacing and origin); reads then
+crop first, so only the needed part of the file is touched.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from medvlp.datamodules.base import DataConfig, DataError, PreprocessedCacheMixin, Record, VLPDataModule
+
+if TYPE_CHECKING:
+    import torch
+
+    from medvlp.datamodules.transforms import VolumeTransform
+
+
+@dataclass
+class VolumeConfig(DataConfig):
+    """``data.*`` keys shared by the CT datamodules."""
+
+    hu_sanity_check: bool = True  # raise if the air/lung region of a converted volume is not plausible
+    hu_check_range: list[float] = field(default_factory=lambda: [-1100.0, -500.0])
+    spacing: list[float] = field(default_factory=lambda: [3.0, 1.0, 1.0])  # target (z, y, x) mm; [] = keep
+    size: list[int] = field(default_factory=lambda: [112, 336, 336])  # (D, H, W) centre pad/crop; [] = keep
+    window: list[float] = field(default_factory=lambda: [-1150.0, 350.0])  # HU -> [0, 1]
+    mean: float = 0.449
+    std: float = 0.226
+    flip_prob: float = 0.0  # train-time flip of each axis (fVLM: 0.2)
+    orientation: str = "LPS"  # canonical frame of the arrays; "" = stored order
+    cache_size: int = 0  # finished volumes kept in memory per process (0 = none)
+    preprocessed_dir: str = ""  # cache written by `medvlp preprocess`; "" = <cache_dir>/preprocessed/<name>-<digest>
+    use_preprocessed: str = "auto"  # auto (use the cache when its manifest matches) | true (require it) | false
+
+
+class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
+    """Base of the CT datamodules (see the module docstring)."""
+
+    Config = VolumeConfig
+    modality = "3d"
+    # config keys the stored (preprocessed) volumes depend on; a subclass adds its own
+    cache_keys: ClassVar[tuple[str, ...]] = ("orientation", "spacing", "window", "hu_sanity_check", "hu_check_range")
+
+    def __init__(self, cfg: VolumeConfig, tokenizer: Any = None) -> None:
+        super().__init__(cfg, tokenizer)
+        from medvlp.datamodules.formats.nifti import validate_orientation
+
+        if list(cfg.spacing) and (len(cfg.spacing) != 3 or min(float(s) for s in cfg.spacing) <= 0):
+            raise ValueError(f"data.spacing must be 3 positive numbers (z, y, x) in mm or [], got {list(cfg.spacing)}")
+        if list(cfg.size) and (len(cfg.size) != 3 or min(int(s) for s in cfg.size) <= 0):
+            raise ValueError(f"data.size must be 3 positive integers (D, H, W) or [], got {list(cfg.size)}")
+        if len(cfg.window) != 2 or float(cfg.window[0]) >= float(cfg.window[1]):
+            raise ValueError(f"data.window must be [low, high] HU with low < high, got {list(cfg.window)}")
+        if len(cfg.hu_check_range) != 2:
+            raise ValueError(f"data.hu_check_range must be [low, high] HU, got {list(cfg.hu_check_range)}")
+        if float(cfg.std) <= 0 or not 0.0 <= float(cfg.flip_prob) <= 1.0:
+            raise ValueError(f"data.std must be > 0 and data.flip_prob in [0, 1], got {cfg.std} and {cfg.flip_prob}")
+        try:
+            validate_orientation(cfg.orientation)
+        except ValueError as err:
+            raise ValueError(f"data.orientation: {err}") from err
+        self.init_preprocessed(cfg)
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._transform: VolumeTransform | None = None
+
+    @property
+    def transform(self) -> VolumeTransform:
+        """Normalisation + flips (built on first use; imports torch)."""
+        if self._transform is None:
+            from medvlp.datamodules.transforms import VolumeTransform
+
+            cfg = self.cfg
+            self._transform = VolumeTransform(mean=float(cfg.mean), std=float(cfg.std), flip_prob=float(cfg.flip_prob))
+        return self._transform
+
+    # ------------------------------------------------------------------ to implement
+    def hu_image(self, path: str, source: Any) -> Any:  # pragma: no cover - abstract
+        """The file at ``path`` as a SimpleITK image in HU with its true geometry (no reorientation)."""
+        raise NotImplementedError
+
+    def cache_source(self, record: Record) -> Any:
+        """What :meth:`hu_image` needs besides the path, for the one file ``record.image_path`` names."""
+        return None
+
+    # ------------------------------------------------------------------ the pipeline
+    def hu_volume(self, path: str, source: Any = None) -> tuple[np.ndarray, Any]:
+        """``(HU float32 [D, H, W], SimpleITK image)``: oriented, resampled, sanity-checked."""
+        from medvlp.datamodules.formats import nifti
+
+        cfg = self.cfg
+        img = nifti.orient(self.hu_image(path, source), cfg.orientation)
+        if list(cfg.spacing):
+            img = nifti.resample(img, [float(s) for s in cfg.spacing], default_value=float(cfg.window[0]))
+        hu = nifti.to_array(img)
+        if cfg.hu_sanity_check:
+            nifti.check_hu(hu, path, [float(v) for v in cfg.hu_check_range])
+        return hu, img
+
+    def load_volume(self, path: str, source: Any = None) -> np.ndarray:
+        """Windowed, resampled, cropped volume ``[D, H, W]`` in ``[0, 1]`` (kept in memory if
+        ``data.cache_size``). Reads the preprocessed cache when it holds the file (memory-mapped:
+        only the cropped part is read), else decodes the file."""
+        from medvlp.datamodules.formats import nifti
+
+        cached = self._cache.get(path)
+        if cached is not None:
+            self._cache.move_to_end(path)
+            return cached
+        cfg = self.cfg
+        hu = None
+        cache = self.preprocessed()
+        if cache is not None:
+            hit = cache.read(path)
+            if hit is not None:
+                hu = hit[0]
+            elif self.use_preprocessed == "true":
+                raise DataError(f"Volume {path} is not in the preprocessed cache {cache.directory}; complete it "
+                                f"with:\n  {cache.command}")
+        if hu is None:
+            hu = self.hu_volume(path, source)[0]
+        low, high = float(cfg.window[0]), float(cfg.window[1])
+        if list(cfg.size):  # crop first (reads only that part of a memory-mapped volume), pad with the window floor
+            hu = nifti.center_crop_or_pad(hu, [int(s) for s in cfg.size], pad_value=low)
+        vol = np.ascontiguousarray(nifti.window(hu, low, high))
+        if cfg.cache_size > 0:
+            self._cache[path] = vol
+            while len(self._cache) > cfg.cache_size:
+                self._cache.popitem(last=False)
+        return vol
+
+    def load_image(self, record: Record, train: bool) -> torch.Tensor:
+        """One file of the record (drawn at random in training when it lists several) as ``[1, D, H, W]``."""
+        import torch
+
+        paths = record.image_path if isinstance(record.image_path, list) else [record.image_path]
+        index = int(torch.randint(len(paths), ()).item()) if train and len(paths) > 1 else 0
+        single = record if len(paths) == 1 else _with_path(record, paths[index])
+        return self.transform(self.load_volume(str(paths[index]), self.cache_source(single)), train=train)
+
+    # ------------------------------------------------------------------ preprocessed cache (medvlp preprocess)
+    def volume_settings(self) -> dict[str, Any]:
+        """Settings the stored HU volumes depend on, besides :attr:`cache_keys` (subclasses extend)."""
+        cfg = self.cfg
+        return {"orientation": cfg.orientation, "spacing": [float(v) for v in cfg.spacing],
+                "pad_hu": float(cfg.window[0]), "hu_sanity_check": bool(cfg.hu_sanity_check),
+                "hu_check_range": [float(v) for v in cfg.hu_check_range]}
+
+    def cache_settings(self) -> dict[str, Any]:
+        """What the cached volumes depend on (the manifest of ``medvlp preprocess``): everything up to
+        resampling. Window, crop size, normalisation and flips apply at read time."""
+        return {"dtype": "int16", "ndim": 3,
+                "rule": "read -> HU -> orient -> resample (linear) -> round to int16 HU",
+                "volume_settings": self.volume_settings()}
+
+    def cache_item(self, record: Record) -> tuple[np.ndarray, list[float]]:
+        """``(int16 HU [D, H, W], [spacing z, y, x (mm), origin x, y, z (mm)])`` of the one file
+        ``record.image_path`` names (``medvlp preprocess`` passes one path at a time)."""
+        from medvlp.datamodules.formats import nifti
+
+        hu, img = self.hu_volume(str(record.image_path), self.cache_source(record))
+        stored = np.clip(np.rint(hu), -32768, 32767).astype(np.int16)
+        return stored, [*nifti.spacing_zyx(img), *(float(v) for v in img.GetOrigin())]
+
+
+def _with_path(record: Record, path: str) -> Record:
+    import dataclasses
+
+    return dataclasses.replace(record, image_path=path)
+
+
+__all__ = ["VolumeConfig", "VolumeDataModule"]
