@@ -91,7 +91,7 @@ class CQ500DataModule(VolumeDataModule):
         """``{"CQ500-CT-<n>": [series folders, sorted by name]}`` of every scan under the root."""
         if self._scans is None:
             found: dict[str, list[str]] = {}
-            for dirpath, dirnames, filenames in os.walk(self.cfg.root):
+            for dirpath, _, filenames in os.walk(self.cfg.root):
                 if not any(f.lower().endswith(".dcm") for f in filenames):
                     continue
                 parts = Path(dirpath).relative_to(self.cfg.root).parts
