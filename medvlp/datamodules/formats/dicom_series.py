@@ -139,13 +139,23 @@ def order_slices(headers: list[SliceHeader], folder: str, tolerance: float = 0.1
     return unique, step, dropped
 
 
-def read_series(folder: str | os.PathLike, tolerance: float = 0.1) -> Any:
-    """The series in ``folder`` as a float32 SimpleITK image in HU with its patient geometry."""
+def read_series(folder: str | os.PathLike | list[str], tolerance: float = 0.1, fix_wrapped_12bit: bool = False) -> Any:
+    """One series as a float32 SimpleITK image in HU with its patient geometry.
+
+    Args:
+        folder: a folder holding exactly the series' files, or the list of its files (series
+            gathered from a flat folder, e.g. RSNA haemorrhage).
+        tolerance: allowed relative deviation of a slice step from the median.
+        fix_wrapped_12bit: apply the RSNA haemorrhage correction to slices whose values wrapped
+            (``BitsStored == 12``, ``PixelRepresentation == 0``, ``RescaleIntercept > -100``):
+            add 1000, subtract 4096 from values >= 4096, use intercept -1000.
+    """
     import pydicom
     import SimpleITK as sitk
 
-    folder = str(folder)
-    slices, step, _ = order_slices([read_header(p) for p in dicom_files(folder)], folder, tolerance)
+    files = [str(f) for f in folder] if isinstance(folder, list) else dicom_files(folder)
+    folder = str(Path(files[0]).parent) if isinstance(folder, list) and files else str(folder)
+    slices, step, _ = order_slices([read_header(p) for p in files], folder, tolerance)
     planes = []
     for h in slices:
         try:
@@ -161,6 +171,11 @@ def read_series(folder: str | os.PathLike, tolerance: float = 0.1) -> Any:
         if arr.shape != (h.rows, h.cols):
             raise DataError(f"{h.path}: pixel data of shape {arr.shape}, expected ({h.rows}, {h.cols}).")
         slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+        if fix_wrapped_12bit and int(ds.get("BitsStored", 16)) == 12 and int(ds.get("PixelRepresentation", 0)) == 0 \
+                and intercept > -100:
+            arr = arr + 1000.0
+            arr[arr >= 4096] -= 4096.0
+            intercept = -1000.0
         planes.append(arr * slope + intercept)
     img = sitk.GetImageFromArray(np.stack(planes))
     first = slices[0]

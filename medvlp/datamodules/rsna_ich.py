@@ -1,0 +1,251 @@
+"""RSNA Intracranial Hemorrhage Detection (Kaggle 2019), read as distributed, as head CT volumes.
+
+Files (``specs/datasets.md`` §11): ``stage_2_train.csv`` (``ID,Label``; six rows per image,
+``ID_<hex>_<subtype>`` with subtype in ``epidural, intraparenchymal, intraventricular,
+subarachnoid, subdural, any``), ``stage_2_train/ID_<hex>.dcm`` (flat, one slice per file, UIDs
+de-identified as ``ID_...`` strings). ``stage_2_test/`` has no labels and is not read.
+
+Volumes are rebuilt from slices: every file's header (StudyInstanceUID, SeriesInstanceUID, position)
+is read once into an index kept in ``<cache_dir()>/index/`` (keyed by the root; ``data.index_workers``
+processes), and the slices of each series form one record, ordered by position with the checks of
+:mod:`~medvlp.datamodules.formats.dicom_series`. A series' label for each subtype is the maximum
+over its slices. Slices whose values wrapped (``BitsStored`` 12, unsigned, intercept > -100) get the
+widely used correction (``read_series(fix_wrapped_12bit=True)``).
+
+CSV handling: exact duplicate rows (a few images are listed twice) are dropped before pivoting; an
+image whose six rows disagree, or that lacks a subtype, is an error (named); ``data.exclude``
+leaves out images (default: ``ID_6431af929``, whose pixel data is corrupt). A series with an
+excluded or unlabelled slice is dropped, and the drops are counted.
+
+Splits: the labelled set is split by StudyInstanceUID with a seeded hash (``data.val_fraction``,
+``data.test_fraction``; deterministic, independent of file order), because the competition's test
+labels are not distributed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medvlp.datamodules.base import DataConfig, DataError, DataRootError, Record
+from medvlp.datamodules.volume import VolumeConfig, VolumeDataModule
+from medvlp.registry import register_datamodule
+
+log = logging.getLogger(__name__)
+
+LABELS_CSV = "stage_2_train.csv"
+TRAIN_DIR = "stage_2_train"
+SUBTYPES = ["any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"]
+CORRUPT = ["ID_6431af929"]
+INDEX_VERSION = 1
+
+
+@dataclass
+class RSNAICHConfig(VolumeConfig):
+    """``data.*`` keys of the RSNA haemorrhage datamodule (``configs/data/rsna_ich.yaml``)."""
+
+    name: str = "rsna_ich"
+    exclude: list[str] = field(default_factory=lambda: list(CORRUPT))  # image ids left out
+    val_fraction: float = 0.1  # of the studies
+    test_fraction: float = 0.1
+    split_seed: int = 0
+    index_workers: int = 0  # processes reading the DICOM headers once (0 = data.num_workers or the CPU count)
+    spacing_tolerance: float = 0.1
+    hu_sanity_check: bool = False  # the chest-CT air/lung check does not apply to heads
+    spacing: list[float] = field(default_factory=lambda: [5.0, 1.0, 1.0])
+    size: list[int] = field(default_factory=lambda: [32, 224, 224])
+    window: list[float] = field(default_factory=lambda: [0.0, 80.0])
+    batch_size: int = 8
+    eval_batch_size: int = 8
+
+
+def read_labels(path: Path, exclude: set[str]) -> tuple[dict[str, np.ndarray], int]:
+    """``({image id: float32 [6] in SUBTYPES order}, duplicate rows dropped)`` from ``stage_2_train.csv``."""
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path, dtype={"ID": str})
+    except Exception as err:
+        raise DataError(f"Could not read {path}: {type(err).__name__}: {err}") from err
+    if list(df.columns[:2]) != ["ID", "Label"]:
+        raise DataError(f"{path}: expected the header ID,Label, got {list(df.columns)}.")
+    n = len(df)
+    df = df.drop_duplicates()
+    parts = df["ID"].str.rsplit("_", n=1, expand=True)
+    if parts.shape[1] != 2 or parts[1].isna().any():
+        bad = df["ID"][parts[1].isna()].iloc[0] if parts.shape[1] == 2 else df["ID"].iloc[0]
+        raise DataError(f"{path}: ID '{bad}' is not ID_<hex>_<subtype>.")
+    df = df.assign(image=parts[0], subtype=parts[1])
+    unknown = sorted(set(df["subtype"]) - set(SUBTYPES))
+    if unknown:
+        raise DataError(f"{path}: unknown subtype(s) {unknown}; expected {SUBTYPES}.")
+    clash = df.duplicated(["image", "subtype"], keep=False)
+    if clash.any():
+        raise DataError(f"{path}: image {df['image'][clash].iloc[0]} has conflicting labels for one subtype.")
+    wide = df.pivot(index="image", columns="subtype", values="Label").reindex(columns=SUBTYPES)
+    incomplete = wide.isna().any(axis=1)
+    if incomplete.any():
+        raise DataError(f"{path}: image {wide.index[incomplete][0]} lacks some of the six subtype rows.")
+    wide = wide[SUBTYPES].astype(np.float32)
+    return {k: v for k, v in zip(wide.index, wide.to_numpy(), strict=True) if k not in exclude}, n - len(df)
+
+
+def _header_row(path: str) -> list[Any]:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SeriesInstanceUID",
+                                                                         "ImagePositionPatient", "SOPInstanceUID"])
+        ipp = ds.get("ImagePositionPatient")
+        return [Path(path).stem, str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", "")),
+                float(ipp[2]) if ipp is not None else None, ""]
+    except Exception as err:  # noqa: BLE001 - recorded in the index, applied per data.on_error later
+        return [Path(path).stem, "", "", None, f"{type(err).__name__}: {err}"]
+
+
+@register_datamodule("rsna_ich")
+class RSNAICHDataModule(VolumeDataModule):
+    """RSNA intracranial haemorrhage slices regrouped into head CT series, six labels per series."""
+
+    Config = RSNAICHConfig
+    label_names = list(SUBTYPES)
+    EXPECTED_LAYOUT = """\
+  <root>/stage_2_train.csv                 ID,Label  (ID_<hex>_<subtype>, six rows per image)
+  <root>/stage_2_train/ID_<hex>.dcm ...    one axial slice per file (flat)
+"""
+
+    def __init__(self, cfg: RSNAICHConfig, tokenizer: Any = None) -> None:
+        super().__init__(cfg, tokenizer)
+        if not (0 <= float(cfg.val_fraction) and 0 <= float(cfg.test_fraction)
+                and float(cfg.val_fraction) + float(cfg.test_fraction) < 1):
+            raise ValueError(f"data.val_fraction and data.test_fraction must be >= 0 with a sum < 1, got "
+                             f"{cfg.val_fraction} and {cfg.test_fraction}.")
+        self.counts: dict[str, int] = {}
+        self._series: dict[str, dict[str, Any]] | None = None
+
+    @classmethod
+    def check_root(cls, cfg: DataConfig) -> None:
+        super().check_root(cfg)
+        root = Path(cfg.root)
+        if not (root / LABELS_CSV).is_file():
+            raise DataRootError(cls.root_message(cfg.root, f"has no {LABELS_CSV}"))
+        if not (root / TRAIN_DIR).is_dir():
+            raise DataRootError(cls.root_message(cfg.root, f"has no {TRAIN_DIR}/ folder"))
+
+    # ------------------------------------------------------------------ header index
+    def index_path(self) -> Path:
+        from medvlp.cache import cache_dir
+
+        key = hashlib.sha1(os.path.abspath(str(self.cfg.root)).encode()).hexdigest()[:12]
+        return cache_dir() / "index" / f"rsna_ich-{key}-v{INDEX_VERSION}.jsonl"
+
+    def header_index(self) -> list[list[Any]]:
+        """``[image id, study uid, series uid, z, error]`` for every DICOM of ``stage_2_train/``, read
+        once (``data.index_workers`` processes) and kept in :meth:`index_path`; rebuilt when the set of
+        files changes."""
+        folder = Path(self.cfg.root) / TRAIN_DIR
+        files = sorted(str(p) for p in folder.iterdir() if p.suffix.lower() == ".dcm")
+        path = self.index_path()
+        stems = sorted(Path(f).stem for f in files)
+        if path.is_file():
+            with open(path, encoding="utf-8") as fh:
+                rows = [json.loads(line) for line in fh if line.strip()]
+            if sorted(r[0] for r in rows) == stems:
+                return rows
+        workers = int(self.cfg.index_workers or self.cfg.num_workers or os.cpu_count() or 1)
+        log.info("rsna_ich: reading %d DICOM headers once (%d processes) into %s", len(files), workers, path)
+        if workers > 1 and len(files) > 256:
+            import multiprocessing as mp
+
+            with mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None).Pool(workers) as pool:
+                rows = pool.map(_header_row, files, chunksize=256)
+        else:
+            rows = [_header_row(f) for f in files]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(tmp, path)
+        return rows
+
+    def series(self) -> dict[str, dict[str, Any]]:
+        """``{series uid: {"study", "slices" (paths), "labels" [6]}}`` of the usable series."""
+        if self._series is not None:
+            return self._series
+        root = Path(self.cfg.root)
+        labels, dupes = read_labels(root / LABELS_CSV, set(self.cfg.exclude))
+        self.counts["duplicate_csv_rows"] = dupes
+        groups: dict[str, dict[str, Any]] = {}
+        bad: dict[str, str] = {}
+        unreadable = []
+        excluded = set(self.cfg.exclude)
+        for image, study, series, _z, error in self.header_index():
+            if error and image in excluded:
+                continue  # a known corrupt file, left out on purpose
+            if error:
+                unreadable.append(f"{root / TRAIN_DIR / image}.dcm: {error}")
+                continue
+            g = groups.setdefault(series, {"study": study, "slices": [], "images": []})
+            g["slices"].append(str(root / TRAIN_DIR / f"{image}.dcm"))
+            g["images"].append(image)
+            if image in excluded:
+                bad[series] = f"slice {image} is in data.exclude"
+            elif image not in labels:
+                bad[series] = f"slice {image} has no rows in {LABELS_CSV}"
+        problems = unreadable + [f"series {s}: {why}" for s, why in bad.items()]
+        if problems:
+            self.counts["dropped"] = len(problems)
+            text = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
+            if self.cfg.on_error != "skip":
+                raise DataError(f"RSNA haemorrhage ({root}): {text}. Set data.on_error=skip to skip (and count) them.")
+            log.warning("rsna_ich: dropped %d series / files: %s", len(problems), text)
+        out = {}
+        for uid, g in groups.items():
+            if uid in bad:
+                continue
+            g["labels"] = np.max(np.stack([labels[i] for i in g["images"]]), axis=0)
+            out[uid] = g
+        self._series = out
+        return out
+
+    def split_of(self, study: str) -> str:
+        cfg = self.cfg
+        u = int(hashlib.sha1(f"{cfg.split_seed}:{study}".encode()).hexdigest()[:8], 16) / 2**32
+        return "test" if u < float(cfg.test_fraction) else "val" if u < float(cfg.test_fraction) + float(cfg.val_fraction) else "train"
+
+    # ------------------------------------------------------------------ contract
+    def build_records(self, split: str) -> list[Record]:
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"Unknown split '{split}'; expected train, val or test.")
+        root = Path(self.cfg.root) / TRAIN_DIR
+        records = []
+        for uid, g in sorted(self.series().items()):
+            if self.split_of(g["study"]) == split:
+                records.append(Record(uid, f"{root}#{uid}", "", g["labels"].copy(),
+                                      {"study": g["study"], "slices": list(g["slices"])}))
+        return records
+
+    def cache_source(self, record: Record) -> list[str]:
+        return record.meta["slices"]
+
+    def load_image(self, record: Record, train: bool) -> Any:
+        return self.transform(self.load_volume(str(record.image_path), record.meta["slices"]), train=train)
+
+    def hu_image(self, path: str, source: Any) -> Any:
+        from medvlp.datamodules.formats.dicom_series import read_series
+
+        return read_series(list(source), float(self.cfg.spacing_tolerance), fix_wrapped_12bit=True)
+
+    def volume_settings(self) -> dict[str, Any]:
+        return {**super().volume_settings(), "spacing_tolerance": float(self.cfg.spacing_tolerance),
+                "fix_wrapped_12bit": True}
+
+
+__all__ = ["RSNAICHConfig", "RSNAICHDataModule", "SUBTYPES", "read_labels"]
