@@ -158,6 +158,9 @@ class VLPDataModule:
     default_prompts: ClassVar[str] = ""  # name of a file in configs/prompts/
     demo_kind: ClassVar[str] = ""  # synthetic world written for data.root=demo ("cxr" | "ct"); "" = none
     label_names: list[str] = []
+    # True: an item's image is a stack of scans [S, C, D, H, W] with S varying per study; batches
+    # pad S with empty scans and carry scan_mask [B, S] (True = real scan).
+    multi_scan: ClassVar[bool] = False
 
     def __init__(self, cfg: DataConfig, tokenizer: Any = None) -> None:
         if cfg.text_augment not in TEXT_AUGMENTS:
@@ -255,8 +258,11 @@ class VLPDataModule:
             targets["box_labels"] = [it["box_labels"] for it in kept]
         if "mask" in kept[0]:
             targets["masks"] = torch.stack([it["mask"] for it in kept])
+        images, scan_mask = stack_images([it["image"] for it in kept], self.multi_scan)
+        if scan_mask is not None:
+            targets["scan_mask"] = scan_mask
         return ImageTextBatch(
-            images=torch.stack([it["image"] for it in kept]),
+            images=images,
             input_ids=tok["input_ids"],
             attention_mask=tok["attention_mask"],
             study_ids=[it["study_id"] for it in kept],
@@ -321,6 +327,22 @@ class VLPDataModule:
                 raise DataError(f"data.prompts '{self.cfg.prompts}' is not a file (nor one in {config_dir() / 'prompts'}).")
             return p
         return config_dir() / "prompts" / self.default_prompts
+
+
+def stack_images(images: list[Any], multi_scan: bool) -> tuple[Any, Any]:
+    """``(images [B, ...], scan_mask or None)``. Multi-scan items ``[S_i, C, D, H, W]`` are padded with
+    zero scans to the largest ``S`` of the batch; ``scan_mask`` ``[B, S]`` marks the real ones."""
+    import torch
+
+    if not multi_scan:
+        return torch.stack(images), None
+    most = max(int(im.shape[0]) for im in images)
+    out = images[0].new_zeros((len(images), most, *images[0].shape[1:]))
+    mask = torch.zeros(len(images), most, dtype=torch.bool)
+    for i, im in enumerate(images):
+        out[i, : im.shape[0]] = im
+        mask[i, : im.shape[0]] = True
+    return out, mask
 
 
 USE_PREPROCESSED = ("auto", "true", "false")
