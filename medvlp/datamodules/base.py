@@ -258,6 +258,8 @@ class VLPDataModule:
             targets["box_labels"] = [it["box_labels"] for it in kept]
         if "mask" in kept[0]:
             targets["masks"] = torch.stack([it["mask"] for it in kept])
+        if "anatomy" in kept[0]:
+            targets["anatomy_masks"] = torch.stack([it["anatomy"] for it in kept])
         images, scan_mask = stack_images([it["image"] for it in kept], self.multi_scan)
         if scan_mask is not None:
             targets["scan_mask"] = scan_mask

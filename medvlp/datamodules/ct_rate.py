@@ -477,6 +477,27 @@ class CTRateDataModule(VolumeDataModule):
             nifti.set_geometry(img, spec.spacing_zyx, spec.origin, spec.direction)
         return nifti.rescale(img, spec.slope, spec.intercept) if spec.rescale else nifti.rescale(img)
 
+    def fix_anatomy_geometry(self, img: Any, source: Any) -> Any:
+        """A mask stored without geometry (spacing 1, origin 0, as the v1 volumes are) gets its volume's:
+        from the metadata for v1, from the volume file's header for v2."""
+        import SimpleITK as sitk
+
+        from medvlp.datamodules.formats import nifti
+
+        spec: VolumeSpec = source
+        if tuple(img.GetSpacing()) != (1.0, 1.0, 1.0) or any(img.GetOrigin()):
+            return img
+        if spec.spacing_zyx is not None:
+            nifti.set_geometry(img, spec.spacing_zyx, spec.origin, spec.direction)
+            return img
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(spec.path)
+        reader.ReadImageInformation()
+        img.SetSpacing(reader.GetSpacing())
+        img.SetOrigin(reader.GetOrigin())
+        img.SetDirection(reader.GetDirection())
+        return img
+
     # ------------------------------------------------------------------ preprocessed cache (medvlp preprocess)
     cache_keys: ClassVar[tuple[str, ...]] = (*VolumeDataModule.cache_keys, "version", "apply_metadata_rescale")
 

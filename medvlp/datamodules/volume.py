@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -46,6 +47,17 @@ class VolumeConfig(DataConfig):
     cache_size: int = 0  # finished volumes kept in memory per process (0 = none)
     preprocessed_dir: str = ""  # cache written by `medvlp preprocess`; "" = <cache_dir>/preprocessed/<name>-<digest>
     use_preprocessed: str = "auto"  # auto (use the cache when its manifest matches) | true (require it) | false
+    anatomy_dir: str = ""  # TotalSegmentator output per volume (see anatomy_file); "" = no anatomy masks
+    anatomy_groups: str = "none"  # none (TotalSegmentator v2 ids as they are) | fvlm4 (1 lung, 2 heart, 3 esophagus, 4 aorta)
+
+
+# TotalSegmentator v2 ``total`` ids of the structures the groupings use (specs/methods/fvlm.md §3.1).
+TOTALSEG_V2 = {"liver": 5, "lung_upper_lobe_left": 10, "lung_lower_lobe_left": 11, "lung_upper_lobe_right": 12,
+               "lung_middle_lobe_right": 13, "lung_lower_lobe_right": 14, "esophagus": 15, "trachea": 16, "heart": 51,
+               "aorta": 52, "atrial_appendage_left": 61}
+ANATOMY_GROUPS = {
+    "fvlm4": {10: 1, 11: 1, 12: 1, 13: 1, 14: 1, 51: 2, 61: 2, 15: 3, 52: 4},  # fVLM's merge; the rest -> 0
+}
 
 
 class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
@@ -74,9 +86,12 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
             validate_orientation(cfg.orientation)
         except ValueError as err:
             raise ValueError(f"data.orientation: {err}") from err
+        if cfg.anatomy_groups not in ("none", *ANATOMY_GROUPS):
+            raise ValueError(f"data.anatomy_groups='{cfg.anatomy_groups}': choose none or one of {list(ANATOMY_GROUPS)}.")
         self.init_preprocessed(cfg)
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._transform: VolumeTransform | None = None
+        self._anatomy_index: dict[str, str] | None = None
 
     @property
     def transform(self) -> VolumeTransform:
@@ -149,8 +164,118 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
 
         paths = record.image_path if isinstance(record.image_path, list) else [record.image_path]
         index = int(torch.randint(len(paths), ()).item()) if train and len(paths) > 1 else 0
-        single = record if len(paths) == 1 else _with_path(record, paths[index])
+        single = record if not isinstance(record.image_path, list) else _with_path(record, paths[index])
         return self.transform(self.load_volume(str(paths[index]), self.cache_source(single)), train=train)
+
+    # ------------------------------------------------------------------ anatomy masks (TotalSegmentator)
+    def anatomy_file(self, path: str) -> str:
+        """The TotalSegmentator output for the volume at ``path`` under ``data.anatomy_dir``, found by the
+        volume's file name anywhere below it: a multi-label NIfTI ``<name>.nii.gz`` (``--ml``) or a
+        folder ``<name>/`` of per-structure masks (TotalSegmentator's default output)."""
+        if self._anatomy_index is None:
+            import os
+
+            index: dict[str, str] = {}
+            for dirpath, dirnames, filenames in os.walk(self.cfg.anatomy_dir):
+                for f in filenames:
+                    if f.endswith((".nii.gz", ".nii")):
+                        index.setdefault(f, os.path.join(dirpath, f))
+                for d in dirnames:
+                    index.setdefault(d + ".nii.gz", os.path.join(dirpath, d))
+            self._anatomy_index = index
+        name = Path(path).name
+        if not name.endswith((".nii.gz", ".nii")):
+            name = name + ".nii.gz"
+        found = self._anatomy_index.get(name)
+        if found is None:
+            raise DataError(f"No anatomy mask for {path} under data.anatomy_dir={self.cfg.anatomy_dir} (looked for "
+                            f"{name} or a folder {name.split('.nii')[0]}/ of per-structure masks).")
+        return found
+
+    def anatomy_image(self, path: str, source: Any) -> Any:
+        """The volume's anatomy label map as a SimpleITK image (ids per ``data.anatomy_groups``) with the
+        volume's geometry (a subclass may set it from metadata, as for CT-RATE v1 files)."""
+        import SimpleITK as sitk
+
+        from medvlp.datamodules.formats import nifti
+
+        where = Path(self.anatomy_file(path))
+        groups = ANATOMY_GROUPS.get(self.cfg.anatomy_groups)
+        try:
+            if where.is_dir():  # per-structure masks: combine the known structures
+                if groups is None:
+                    raise DataError(f"{where} holds per-structure masks; set data.anatomy_groups (e.g. fvlm4) to "
+                                    f"merge them, or run TotalSegmentator with --ml for one label map.")
+                img, arr = None, None
+                for structure, sid in TOTALSEG_V2.items():
+                    f = where / f"{structure}.nii.gz"
+                    if sid in groups and f.is_file():
+                        part = nifti.read_image(f)
+                        a = sitk.GetArrayFromImage(part) > 0
+                        if arr is None:
+                            img, arr = part, np.zeros(a.shape, np.uint8)
+                        arr[a] = groups[sid]
+                if arr is None:
+                    raise DataError(f"{where} holds none of the structures data.anatomy_groups={self.cfg.anatomy_groups} uses.")
+                out = sitk.GetImageFromArray(arr)
+                out.CopyInformation(img)
+            else:
+                out = nifti.read_image(where)
+                if groups is not None:
+                    lut = np.zeros(max(max(groups), int(sitk.GetArrayViewFromImage(out).max())) + 1, np.uint8)
+                    for sid, g in groups.items():
+                        lut[sid] = g
+                    mapped = sitk.GetImageFromArray(lut[sitk.GetArrayFromImage(out).astype(np.int64)])
+                    mapped.CopyInformation(out)
+                    out = mapped
+        except DataError:
+            raise
+        except Exception as err:  # noqa: BLE001 - unreadable mask file
+            raise DataError(f"Anatomy mask {where} cannot be read: {type(err).__name__}: {err}") from err
+        return self.fix_anatomy_geometry(out, source)
+
+    def fix_anatomy_geometry(self, img: Any, source: Any) -> Any:
+        """Hook: give the mask the volume's true geometry (default: as stored)."""
+        return img
+
+    def load_anatomy(self, path: str, source: Any = None) -> np.ndarray:
+        """int64 ``[D, H, W]`` label map aligned with :meth:`load_volume` (orient, nearest resampling, the
+        same crop / pad with 0)."""
+        import SimpleITK as sitk
+
+        from medvlp.datamodules.formats import nifti
+
+        cfg = self.cfg
+        img = nifti.orient(self.anatomy_image(path, source), cfg.orientation)
+        if list(cfg.spacing):
+            img = nifti.resample(img, [float(s) for s in cfg.spacing], label=True, default_value=0.0)
+        arr = sitk.GetArrayFromImage(img).astype(np.int64)
+        if list(cfg.size):
+            arr = nifti.center_crop_or_pad(arr, [int(s) for s in cfg.size], pad_value=0)
+        return np.ascontiguousarray(arr)
+
+    def load_sample(self, record: Record, train: bool) -> dict[str, Any]:
+        """``{"image": [1, D, H, W]}`` plus, with ``data.anatomy_dir``, ``"anatomy"`` ``[1, D, H, W]`` int64
+        flipped together with the image."""
+        if not self.cfg.anatomy_dir:
+            return {"image": self.load_image(record, train)}
+        import torch
+
+        paths = record.image_path if isinstance(record.image_path, list) else [record.image_path]
+        index = int(torch.randint(len(paths), ()).item()) if train and len(paths) > 1 else 0
+        single = record if not isinstance(record.image_path, list) else _with_path(record, paths[index])
+        source = self.cache_source(single)
+        image = self.transform(self.load_volume(str(paths[index]), source), train=False)
+        anatomy = torch.from_numpy(self.load_anatomy(str(paths[index]), source))[None]
+        if anatomy.shape != image.shape:
+            raise DataError(f"The anatomy mask of {paths[index]} comes out {tuple(anatomy.shape)}, its volume "
+                            f"{tuple(image.shape)}: their geometries differ.")
+        p = float(self.cfg.flip_prob)
+        if train and p > 0:
+            dims = [d for d in (1, 2, 3) if torch.rand(()).item() < p]
+            if dims:
+                image, anatomy = torch.flip(image, dims), torch.flip(anatomy, dims)
+        return {"image": image, "anatomy": anatomy}
 
     # ------------------------------------------------------------------ preprocessed cache (medvlp preprocess)
     def volume_settings(self) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -278,3 +279,36 @@ def test_demo_world_loads(tmp_path, tiny_tokenizer):
     batch = next(iter(dm.train_dataloader()))
     assert batch.images.shape[1:] == (1, *SIZE)
     assert batch.labels.shape[1] == 18
+
+
+def test_anatomy_masks_align_with_the_volume_and_flip_with_it(tmp_path, tiny_tokenizer):
+    """TotalSegmentator label maps (the demo world's anatomy_masks/) resampled with nearest neighbour
+    through the same geometry, crop and flips as the volume; fVLM's 4-group merge."""
+    from medvlp.datamodules.demo import write_ct_demo
+
+    root = write_ct_demo(tmp_path, size="tiny", seed=0)
+    dm = make(root, anatomy_dir=str(root / "anatomy_masks"), anatomy_groups="fvlm4", spacing=[10.0, 6.0, 6.0],
+              size=[32, 64, 64])
+    dm.set_tokenizer(tiny_tokenizer)
+    rec = dm.records("train")[0]
+    sample = dm.load_sample(rec, train=False)
+    image, anatomy = sample["image"], sample["anatomy"]
+    assert anatomy.shape == image.shape and anatomy.dtype == torch.int64
+    assert set(anatomy.unique().tolist()) <= {0, 1, 2, 3, 4} and (anatomy == 1).any() and (anatomy == 2).any()
+    hu = image * 0.226 + 0.449  # back to the [0, 1] window: lung is dark, heart is soft tissue
+    assert hu[anatomy == 1].median() < 0.25 < hu[anatomy == 2].median()
+    raw = make(root, anatomy_dir=str(root / "anatomy_masks"), spacing=[10.0, 6.0, 6.0], size=[32, 64, 64])
+    ids = set(raw.load_sample(rec, train=False)["anatomy"].unique().tolist())
+    assert {10, 51, 52} <= ids  # TotalSegmentator v2 ids without a grouping
+    flip = make(root, anatomy_dir=str(root / "anatomy_masks"), anatomy_groups="fvlm4", spacing=[10.0, 6.0, 6.0],
+                size=[32, 64, 64], flip_prob=1.0)
+    rec = dataclasses.replace(rec, image_path=rec.image_path[:1], meta={**rec.meta, "volumes": rec.meta["volumes"][:1]})
+    sample = dm.load_sample(rec, train=False)  # one reconstruction: train and eval read the same volume
+    image, anatomy = sample["image"], sample["anatomy"]
+    flipped = flip.load_sample(rec, train=True)
+    assert torch.equal(flipped["anatomy"], torch.flip(anatomy, [1, 2, 3]))
+    assert torch.allclose(flipped["image"], torch.flip(image, [1, 2, 3]))
+    batch = dm.collate([dm.dataset("train")[0], dm.dataset("train")[1]])
+    assert batch.anatomy_masks.shape == (2, 1, 32, 64, 64)
+    with pytest.raises(DataError, match="No anatomy mask"):
+        make(root, anatomy_dir=str(tmp_path / "elsewhere"), size=[32, 64, 64]).load_sample(rec, train=False)
