@@ -180,6 +180,17 @@ class VLPDataModule:
             raise DataRootError(cls.root_message(cfg.root, "does not exist or is not a directory"))
 
     @classmethod
+    def require(cls, cfg: DataConfig, files: tuple[str, ...] = (), dirs: tuple[str, ...] = ()) -> None:
+        """Raise :class:`DataRootError` (path + ``EXPECTED_LAYOUT``) unless these files / folders exist under root."""
+        root = Path(cfg.root)
+        for rel in files:
+            if not (root / rel).is_file():
+                raise DataRootError(cls.root_message(cfg.root, f"has no {rel}"))
+        for rel in dirs:
+            if not (root / rel).is_dir():
+                raise DataRootError(cls.root_message(cfg.root, f"has no {rel}/ folder"))
+
+    @classmethod
     def root_message(cls, path: str | os.PathLike, problem: str) -> str:
         return (
             f"data.root '{path}' {problem}. The {cls.__name__} expects the dataset exactly as "

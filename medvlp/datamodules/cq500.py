@@ -79,8 +79,7 @@ class CQ500DataModule(VolumeDataModule):
     @classmethod
     def check_root(cls, cfg: DataConfig) -> None:
         super().check_root(cfg)
-        if not (Path(cfg.root) / READS).is_file():
-            raise DataRootError(cls.root_message(cfg.root, f"has no {READS}"))
+        cls.require(cfg, files=(READS,))
         zips = list(Path(cfg.root).glob("CQ500-CT-*.zip"))
         if zips and not any(p.is_dir() for p in Path(cfg.root).iterdir() if _OUTER.match(p.name) or _INNER.match(p.name)):
             raise DataRootError(cls.root_message(cfg.root, f"holds {len(zips)} CQ500-CT-*.zip files but no extracted scan "

@@ -50,7 +50,6 @@ from medvlp.registry import register_datamodule
 
 if TYPE_CHECKING:  # heavy imports stay inside functions (base.py: check_root must not pay for them)
     import pandas as pd
-    import torch
 
 
 log = logging.getLogger(__name__)
@@ -454,13 +453,6 @@ class CTRateDataModule(VolumeDataModule):
             log.info("ct_rate %s: dropped %d of %d scans whose %s text is empty or 'Not given.'", split, dropped, len(scans), self.cfg.text)
         log.info("ct_rate %s: %d records from %d scans", split, len(records), len(scans) - dropped)
         return records
-
-    def load_image(self, record: Record, train: bool) -> torch.Tensor:
-        import torch
-
-        vols: list[VolumeSpec] = record.meta["volumes"]
-        index = int(torch.randint(len(vols), ()).item()) if train and len(vols) > 1 else 0
-        return self.transform(self.volume(vols[index]), train=train)
 
     def volume(self, spec: VolumeSpec) -> np.ndarray:
         """Windowed, resampled, cropped volume ``[D, H, W]`` in ``[0, 1]`` (:meth:`load_volume`)."""

@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medvlp.datamodules.base import DataConfig, DataError, DataRootError, Record
+from medvlp.datamodules.base import DataConfig, DataError, Record
 from medvlp.datamodules.radiograph import (
     RadiographConfig,
     RadiographDataModule,
@@ -185,11 +185,7 @@ class RSNAPneumoniaDataModule(RadiographDataModule):
     @classmethod
     def check_root(cls, cfg: DataConfig) -> None:
         super().check_root(cfg)
-        root = Path(cfg.root)
-        if not (root / LABELS_CSV).is_file():
-            raise DataRootError(cls.root_message(cfg.root, f"has no {LABELS_CSV}"))
-        if not (root / IMAGE_DIR).is_dir():
-            raise DataRootError(cls.root_message(cfg.root, f"has no {IMAGE_DIR}/ folder"))
+        cls.require(cfg, files=(LABELS_CSV,), dirs=(IMAGE_DIR,))
 
     @property
     def root(self) -> Path:

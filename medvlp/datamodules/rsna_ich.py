@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from medvlp.datamodules.base import DataConfig, DataError, DataRootError, Record
+from medvlp.datamodules.base import DataConfig, DataError, Record
 from medvlp.datamodules.volume import VolumeConfig, VolumeDataModule
 from medvlp.registry import register_datamodule
 
@@ -133,11 +133,7 @@ class RSNAICHDataModule(VolumeDataModule):
     @classmethod
     def check_root(cls, cfg: DataConfig) -> None:
         super().check_root(cfg)
-        root = Path(cfg.root)
-        if not (root / LABELS_CSV).is_file():
-            raise DataRootError(cls.root_message(cfg.root, f"has no {LABELS_CSV}"))
-        if not (root / TRAIN_DIR).is_dir():
-            raise DataRootError(cls.root_message(cfg.root, f"has no {TRAIN_DIR}/ folder"))
+        cls.require(cfg, files=(LABELS_CSV,), dirs=(TRAIN_DIR,))
 
     # ------------------------------------------------------------------ header index
     def index_path(self) -> Path:
@@ -234,9 +230,6 @@ class RSNAICHDataModule(VolumeDataModule):
 
     def cache_source(self, record: Record) -> list[str]:
         return record.meta["slices"]
-
-    def load_image(self, record: Record, train: bool) -> Any:
-        return self.transform(self.load_volume(str(record.image_path), record.meta["slices"]), train=train)
 
     def hu_image(self, path: str, source: Any) -> Any:
         from medvlp.datamodules.formats.dicom_series import read_series

@@ -158,14 +158,21 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
                 self._cache.popitem(last=False)
         return vol
 
-    def load_image(self, record: Record, train: bool) -> torch.Tensor:
-        """One file of the record (drawn at random in training when it lists several) as ``[1, D, H, W]``."""
+    def pick(self, record: Record, train: bool) -> tuple[str, Any]:
+        """``(path, source)`` of the file read for ``record``: its only file, or, when it lists several
+        (e.g. reconstructions), one drawn at random in training and the first at evaluation."""
         import torch
 
-        paths = record.image_path if isinstance(record.image_path, list) else [record.image_path]
+        if not isinstance(record.image_path, list):
+            return str(record.image_path), self.cache_source(record)
+        paths = record.image_path
         index = int(torch.randint(len(paths), ()).item()) if train and len(paths) > 1 else 0
-        single = record if not isinstance(record.image_path, list) else _with_path(record, paths[index])
-        return self.transform(self.load_volume(str(paths[index]), self.cache_source(single)), train=train)
+        return str(paths[index]), self.cache_source(_with_path(record, paths[index]))
+
+    def load_image(self, record: Record, train: bool) -> torch.Tensor:
+        """The file :meth:`pick` chooses, as ``[1, D, H, W]``."""
+        path, source = self.pick(record, train)
+        return self.transform(self.load_volume(path, source), train=train)
 
     # ------------------------------------------------------------------ anatomy masks (TotalSegmentator)
     def anatomy_file(self, path: str) -> str:
@@ -261,14 +268,11 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
             return {"image": self.load_image(record, train)}
         import torch
 
-        paths = record.image_path if isinstance(record.image_path, list) else [record.image_path]
-        index = int(torch.randint(len(paths), ()).item()) if train and len(paths) > 1 else 0
-        single = record if not isinstance(record.image_path, list) else _with_path(record, paths[index])
-        source = self.cache_source(single)
-        image = self.transform(self.load_volume(str(paths[index]), source), train=False)
-        anatomy = torch.from_numpy(self.load_anatomy(str(paths[index]), source))[None]
+        path, source = self.pick(record, train)
+        image = self.transform(self.load_volume(path, source), train=False)
+        anatomy = torch.from_numpy(self.load_anatomy(path, source))[None]
         if anatomy.shape != image.shape:
-            raise DataError(f"The anatomy mask of {paths[index]} comes out {tuple(anatomy.shape)}, its volume "
+            raise DataError(f"The anatomy mask of {path} comes out {tuple(anatomy.shape)}, its volume "
                             f"{tuple(image.shape)}: their geometries differ.")
         p = float(self.cfg.flip_prob)
         if train and p > 0:

@@ -6,28 +6,14 @@
 from __future__ import annotations
 
 import pandas as pd
-
-from medvlp import api
-from medvlp import config as C
+from conftest import train_and_check
 
 
 def test_mgca_learns_2d_demo(tmp_path):
-    cfg = C.compose(method="mgca", data="demo_cxr",
-                    overrides=[f"run.out_dir={tmp_path}", "trainer.max_steps=300", "trainer.max_epochs=100",
-                               "trainer.enable_progress_bar=false", "trainer.limit_val_batches=2"])
-    api.resolve_data_root(cfg)
-    C.resolve(cfg)
-
-    def checks(res):
-        auc, r5 = res["zeroshot"]["mean_auroc"], res["retrieval"]["image_to_text"]["R@5"]
-        chance = res["retrieval"]["chance_R@5_i2t"]
-        return auc >= 0.75, r5 >= 2 * chance, f"mean AUROC {auc:.3f}, R@5 {r5:.3f} (chance {chance:.3f})"
-
-    auc_ok, r5_ok, msg = checks(api.evaluate_method(api.build_method(cfg), cfg))
-    assert not auc_ok and not r5_ok, f"untrained model already passes: {msg}"
-    run_dir = api.fit(cfg)
-    auc_ok, r5_ok, msg = checks(api.evaluate(run_dir))
-    assert auc_ok and r5_ok, msg
+    _, run_dir, _, _ = train_and_check(
+        0.75, method="mgca", data="demo_cxr",
+        overrides=[f"run.out_dir={tmp_path}", "trainer.max_steps=300", "trainer.max_epochs=100",
+                   "trainer.enable_progress_bar=false", "trainer.limit_val_batches=2"])
 
     metrics = pd.read_csv(run_dir / "metrics.csv")
     for term in ("ita", "cta", "cpa"):
