@@ -342,6 +342,14 @@ class VLPDataModule:
         return config_dir() / "prompts" / self.default_prompts
 
 
+def stable_fraction(seed: int, key: str) -> float:
+    """A number in [0, 1) fixed by ``(seed, key)``: splits by patient / study / subject that do not depend
+    on file order or on the other ids present."""
+    import hashlib
+
+    return int(hashlib.sha1(f"{seed}:{key}".encode()).hexdigest()[:8], 16) / 2**32
+
+
 def stack_images(images: list[Any], multi_scan: bool) -> tuple[Any, Any]:
     """``(images [B, ...], scan_mask or None)``. Multi-scan items ``[S_i, C, D, H, W]`` are padded with
     zero scans to the largest ``S`` of the batch; ``scan_mask`` ``[B, S]`` marks the real ones."""

@@ -24,7 +24,6 @@ subject never straddle the split); ``test`` = the ``data.test_lists`` rows.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import re
@@ -34,7 +33,14 @@ from typing import Any
 
 import numpy as np
 
-from medvlp.datamodules.base import DataConfig, DataError, DataRootError, Record, VLPDataModule
+from medvlp.datamodules.base import (
+    DataConfig,
+    DataError,
+    DataRootError,
+    Record,
+    VLPDataModule,
+    stable_fraction,
+)
 from medvlp.registry import register_datamodule
 
 log = logging.getLogger(__name__)
@@ -171,8 +177,7 @@ class MedBLIPMRIDataModule(VLPDataModule):
         return records
 
     def split_of(self, subject: str) -> str:
-        u = int(hashlib.sha1(f"{self.cfg.split_seed}:{subject}".encode()).hexdigest()[:8], 16) / 2**32
-        return "val" if u < float(self.cfg.val_fraction) else "train"
+        return "val" if stable_fraction(int(self.cfg.split_seed), subject) < float(self.cfg.val_fraction) else "train"
 
     def load_image(self, record: Record, train: bool) -> Any:
         """``[1, size, size, size]``: min-max, aspect-keeping trilinear resize, centred zero padding."""

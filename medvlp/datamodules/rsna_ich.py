@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from medvlp.datamodules.base import DataConfig, DataError, Record
+from medvlp.datamodules.base import DataConfig, DataError, Record, stable_fraction
 from medvlp.datamodules.volume import VolumeConfig, VolumeDataModule
 from medvlp.registry import register_datamodule
 
@@ -213,7 +213,7 @@ class RSNAICHDataModule(VolumeDataModule):
 
     def split_of(self, study: str) -> str:
         cfg = self.cfg
-        u = int(hashlib.sha1(f"{cfg.split_seed}:{study}".encode()).hexdigest()[:8], 16) / 2**32
+        u = stable_fraction(int(cfg.split_seed), study)
         return "test" if u < float(cfg.test_fraction) else "val" if u < float(cfg.test_fraction) + float(cfg.val_fraction) else "train"
 
     # ------------------------------------------------------------------ contract

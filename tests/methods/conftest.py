@@ -9,6 +9,12 @@ from medvlp import api
 from medvlp import config as C
 
 
+def demo_overrides(tmp_path: Any, steps: int) -> list[str]:
+    """Command-line overrides of a learning run: ``steps`` optimiser steps into ``tmp_path``, quiet."""
+    return [f"run.out_dir={tmp_path}", f"trainer.max_steps={steps}", "trainer.max_epochs=100",
+            "trainer.enable_progress_bar=false", "trainer.limit_val_batches=2"]
+
+
 def learning_checks(res: dict[str, Any], auc_min: float) -> tuple[bool, bool, str]:
     """``(mean AUROC >= auc_min, image-to-text R@5 >= 2 x chance, message)``."""
     auc = res["zeroshot"]["mean_auroc"]

@@ -5,7 +5,7 @@ steps, 3D: 600 steps), so they run in the default suite.
 """
 
 import pytest
-from conftest import train_and_check
+from conftest import demo_overrides, train_and_check
 
 from medvlp import api
 from medvlp import config as C
@@ -13,14 +13,12 @@ from medvlp import config as C
 
 def test_clip_learns_2d_demo(tmp_path):
     train_and_check(0.75, method="clip", data="demo_cxr",
-                    overrides=[f"run.out_dir={tmp_path}", "trainer.max_steps=300", "trainer.max_epochs=100", "trainer.enable_progress_bar=false",
-                                "trainer.limit_val_batches=2"])
+                    overrides=demo_overrides(tmp_path, 300))
 
 
 def test_clip_learns_3d_demo(tmp_path):
     train_and_check(0.70, config_file=str(C.config_dir() / "experiment" / "clip_demo_ct.yaml"),
-                     overrides=[f"run.out_dir={tmp_path}", "trainer.max_steps=600", "trainer.max_epochs=100", "trainer.enable_progress_bar=false",
-                                "trainer.limit_val_batches=2"])
+                     overrides=demo_overrides(tmp_path, 600))
 
 
 @pytest.mark.gpu

@@ -6,14 +6,12 @@
 from __future__ import annotations
 
 import pandas as pd
-from conftest import train_and_check
+from conftest import demo_overrides, train_and_check
 
 
 def test_mgca_learns_2d_demo(tmp_path):
     _, run_dir, _, _ = train_and_check(
-        0.75, method="mgca", data="demo_cxr",
-        overrides=[f"run.out_dir={tmp_path}", "trainer.max_steps=300", "trainer.max_epochs=100",
-                   "trainer.enable_progress_bar=false", "trainer.limit_val_batches=2"])
+        0.75, method="mgca", data="demo_cxr", overrides=demo_overrides(tmp_path, 300))
 
     metrics = pd.read_csv(run_dir / "metrics.csv")
     for term in ("ita", "cta", "cpa"):
