@@ -158,6 +158,8 @@ DATAMODULES.register_lazy("cq500", "medvlp.datamodules.cq500:CQ500DataModule", "
 DATAMODULES.register_lazy("rsna_ich", "medvlp.datamodules.rsna_ich:RSNAICHDataModule", "RSNA intracranial haemorrhage slices regrouped into head CT series, 6 labels (3D)")
 DATAMODULES.register_lazy("pub_brain5", "medvlp.datamodules.pub_brain5:PubBrain5DataModule", "Pub-Brain-5 brain MRI studies of several series (.pt), 5 classes; multi-scan batches (3D, evaluation)")
 DATAMODULES.register_lazy("medblip_mri", "medvlp.datamodules.medblip_mri:MedBLIPMRIDataModule", "brain MRI + EHR text + CN/MCI/AD in MedBLIP's list format (ADNI, NACC, OASIS, AIBL, MIRIAD) (3D)")
+DATAMODULES.register_lazy("brain_mri", "medvlp.datamodules.brain_mri:BrainMRIDataModule", "brain MRI studies of several series + report sentences in HLIP's study-JSON layout; multi-scan batches (3D)")
+DATAMODULES.register_lazy("head_ct", "medvlp.datamodules.brain_mri:HeadCTDataModule", "head CT studies of several series + report sentences in HLIP's study-JSON layout; multi-scan batches (3D)")
 IMAGE_ENCODERS.register_lazy("timm", "medvlp.encoders.image2d:TimmImageEncoder", "any timm model (ViT patch tokens / CNN feature-map cells)")
 IMAGE_ENCODERS.register_lazy("vit3d", "medvlp.encoders.image3d:ViT3DEncoder", "ViT over volumes, 3D patches, optional 2D->3D inflation")
 TEXT_ENCODERS.register_lazy("hf", "medvlp.encoders.text:HFTextEncoder", "any BERT-family transformers model (hub name, local dir or 'tiny')")

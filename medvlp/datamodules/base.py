@@ -145,8 +145,7 @@ class RecordDataset:
                 f"Could not load study {rec.study_id} from {rec.image_path}: {msg}. "
                 f"Set data.on_error=skip to skip (and count) unreadable items."
             ) from err
-        text = augment_text(rec.text, self.dm.cfg.text_augment, float(self.dm.cfg.text_keep)) if self.train else rec.text
-        return {"text": text, "study_id": rec.study_id, "labels": rec.labels, "meta": rec.meta, **sample}
+        return {"text": self.dm.item_text(rec, self.train), "study_id": rec.study_id, "labels": rec.labels, "meta": rec.meta, **sample}
 
 
 class VLPDataModule:
@@ -208,6 +207,12 @@ class VLPDataModule:
         """``{"image": tensor}``, plus ``"boxes"`` ``[N, 4]`` / ``"box_labels"`` ``[N]`` / ``"mask"``
         ``[H, W]`` in the transformed image's pixels for datasets with such targets."""
         return {"image": self.load_image(record, train)}
+
+    def item_text(self, record: Record, train: bool) -> str:
+        """The text paired with ``record`` in one draw: ``data.text_augment`` applied in training."""
+        if not train:
+            return record.text
+        return augment_text(record.text, self.cfg.text_augment, float(self.cfg.text_keep))
 
     # ------------------------------------------------------------------ shared machinery
     def set_tokenizer(self, tokenizer: Any) -> None:

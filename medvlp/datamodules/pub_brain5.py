@@ -141,7 +141,8 @@ class PubBrain5DataModule(VLPDataModule):
     def load_series(self, path: str) -> Any:
         """One series as ``[1, num_slices, image_size, image_size]`` (HLIP's evaluation pipeline)."""
         import torch
-        import torch.nn.functional as F
+
+        from medvlp.datamodules.transforms import square_resize_crop
 
         cfg = self.cfg
         try:
@@ -154,15 +155,7 @@ class PubBrain5DataModule(VLPDataModule):
             t = t[..., 0]
         if t.ndim != 3:
             raise DataError(f"{path}: tensor of shape {tuple(t.shape)}; expected (D, H, W) or (D, H, W, k).")
-        t = t.float()
-        d, h, w = t.shape
-        side = max(h, w)
-        top, left = (side - h) // 2, (side - w) // 2
-        t = F.pad(t, (left, side - w - left, top, side - h - top))
-        t = F.interpolate(t[None], size=(int(cfg.resize), int(cfg.resize)), mode="bilinear", align_corners=False)[0]
-        t = F.interpolate(t[None, None], size=(int(cfg.num_slices), int(cfg.resize), int(cfg.resize)), mode="nearest")[0, 0]
-        s, c = int(cfg.image_size), (int(cfg.resize) - int(cfg.image_size)) // 2
-        t = t[:, c : c + s, c : c + s]
+        t = square_resize_crop(t, int(cfg.num_slices), int(cfg.resize), int(cfg.image_size), "nearest")
         return ((t - float(cfg.mean)) / float(cfg.std))[None].contiguous()
 
     def load_image(self, record: Record, train: bool) -> Any:

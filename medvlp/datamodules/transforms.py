@@ -3,8 +3,9 @@
 2D (chest X-ray): 8-bit gray -> resize the longest side -> centred zero-pad to a square ->
 (train) light random affine -> Normalize(0.5, 0.5) -> 1 or 3 channels, ``[C, S, S]``.
 
-3D (CT): a windowed volume in ``[0, 1]`` -> (x - mean) / std -> (train) random flips ->
-``[1, D, H, W]``.
+3D: a volume in ``[0, 1]`` -> (train) intensity jitter, translation -> (x - mean) / std -> (train)
+random flips -> ``[1, D, H, W]``; HLIP's shape normalisation of brain-MRI scans
+(:func:`square_resize_crop`).
 
 Randomness comes from torch's generator (seeded per DataLoader worker by torch), or from an
 explicit ``generator`` argument.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -212,30 +214,96 @@ class CXRTransform:
 
 @dataclass
 class VolumeTransform:
-    """CT pipeline: windowed volume ``[D, H, W]`` in ``[0, 1]`` -> normalised ``[1, D, H, W]``.
+    """3D pipeline: volume ``[D, H, W]`` in ``[0, 1]`` -> normalised ``[1, D, H, W]``.
 
-    ``flip_prob`` flips each axis independently at train time (fVLM uses 0.2; HLIP none).
+    Train-time augmentations, each off by default (HLIP uses none; fVLM flips with p = 0.2):
+
+    * ``intensity_scale`` / ``intensity_shift``: ``x * (1 + a) + b`` with ``a ~ U(-s, s)``, ``b ~ U(-t, t)``
+      on the ``[0, 1]`` values (contrast / brightness);
+    * ``max_shift``: a random translation of up to that many voxels per axis, ``(d, h, w)``; voxels
+      that enter are filled with 0 (the window floor), labels with 0;
+    * ``flip_prob``: flips each axis independently.
+
+    A label volume (``mask``) passed along receives the same translation and flips.
     """
 
     mean: float = 0.449
     std: float = 0.226
     flip_prob: float = 0.0
+    intensity_scale: float = 0.0
+    intensity_shift: float = 0.0
+    max_shift: Sequence[int] = (0, 0, 0)
 
     def __post_init__(self) -> None:
         if self.std <= 0:
             raise ValueError(f"std must be positive, got {self.std}")
         if not 0.0 <= self.flip_prob <= 1.0:
             raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
+        if not (0.0 <= self.intensity_scale < 1.0 and self.intensity_shift >= 0.0):
+            raise ValueError(f"intensity_scale must be in [0, 1) and intensity_shift >= 0, got "
+                             f"{self.intensity_scale} and {self.intensity_shift}")
+        self.max_shift = tuple(int(v) for v in self.max_shift)
+        if len(self.max_shift) != 3 or min(self.max_shift) < 0:
+            raise ValueError(f"max_shift must be 3 non-negative voxel counts (d, h, w), got {list(self.max_shift)}")
 
-    def __call__(self, volume: np.ndarray | Tensor, train: bool = False, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(self, volume: np.ndarray | Tensor, train: bool = False, generator: torch.Generator | None = None,
+                 mask: Tensor | None = None) -> Any:
+        """The normalised ``[1, D, H, W]`` volume, or ``(volume, mask)`` when a ``mask`` ``[1, D, H, W]`` is given."""
         t = torch.as_tensor(np.ascontiguousarray(volume) if not isinstance(volume, Tensor) else volume).float()
         if t.ndim == 3:
             t = t[None]
         if t.ndim != 4:
             raise ValueError(f"expected a volume [D, H, W] or [1, D, H, W], got shape {tuple(t.shape)}")
-        t = (t - self.mean).div_(self.std)  # a new tensor: the caller's volume (possibly cached) is untouched
+        if mask is not None and tuple(mask.shape[-3:]) != tuple(t.shape[-3:]):
+            raise ValueError(f"mask {tuple(mask.shape)} does not match the volume {tuple(t.shape)}")
+        if train and (self.intensity_scale > 0 or self.intensity_shift > 0):
+            a = _uniform(-self.intensity_scale, self.intensity_scale, generator)
+            b = _uniform(-self.intensity_shift, self.intensity_shift, generator)
+            t = t * (1.0 + a) + b  # a new tensor: the caller's volume (possibly cached) is untouched
+        if train and any(self.max_shift):
+            offsets = [int(torch.randint(-m, m + 1, (), generator=generator).item()) if m else 0 for m in self.max_shift]
+            t = translate(t, offsets, 0.0)
+            if mask is not None:
+                mask = translate(mask, offsets, 0)
+        t = (t - self.mean).div_(self.std)
         if train and self.flip_prob > 0:
             dims = [d for d in (1, 2, 3) if torch.rand((), generator=generator).item() < self.flip_prob]
             if dims:
                 t = torch.flip(t, dims)
-        return t.contiguous()
+                if mask is not None:
+                    mask = torch.flip(mask, dims)
+        return t.contiguous() if mask is None else (t.contiguous(), mask.contiguous())
+
+
+def translate(t: Tensor, offsets: Sequence[int], fill: float) -> Tensor:
+    """``t`` ``[..., D, H, W]`` moved by ``offsets`` voxels along the last three axes (positive = towards
+    higher indices); the voxels that enter take ``fill``. The shape is unchanged."""
+    out = torch.full_like(t, fill)
+    src, dst = [slice(None)] * (t.ndim - 3), [slice(None)] * (t.ndim - 3)
+    for size, off in zip(t.shape[-3:], offsets, strict=True):
+        if abs(off) >= size:
+            return out
+        src.append(slice(max(0, -off), size - max(0, off)))
+        dst.append(slice(max(0, off), size - max(0, -off)))
+    out[tuple(dst)] = t[tuple(src)]
+    return out
+
+
+def square_resize_crop(t: Tensor, num_slices: int, resize: int, crop: int, slice_mode: str = "nearest-exact") -> Tensor:
+    """HLIP's shape normalisation of one scan ``[D, H, W]`` (no physical resampling): zero-pad ``H, W``
+    to a centred square, bilinear resize to ``resize`` x ``resize``, resize ``D`` to ``num_slices`` with
+    ``slice_mode`` (``nearest-exact`` in training, ``nearest`` in the Pub-Brain-5 scripts), centre crop
+    ``crop`` x ``crop``. Returns ``[num_slices, crop, crop]`` float32."""
+    if t.ndim != 3:
+        raise ValueError(f"expected a scan [D, H, W], got shape {tuple(t.shape)}")
+    t = t.float()
+    _, h, w = t.shape
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    t = F.pad(t, (left, side - w - left, top, side - h - top))
+    if side != resize:
+        t = F.interpolate(t[None], size=(resize, resize), mode="bilinear", align_corners=False)[0]
+    if t.shape[0] != num_slices:
+        t = F.interpolate(t[None, None], size=(num_slices, resize, resize), mode=slice_mode)[0, 0]
+    c = (resize - crop) // 2
+    return t[:, c : c + crop, c : c + crop].contiguous()

@@ -7,7 +7,8 @@ This class then runs, per read::
 
     hu_image -> orient (data.orientation) -> resample (data.spacing, linear, padding = window floor)
     -> HU sanity check -> [stored here by `medvlp preprocess` as int16 HU]
-    -> centre crop / pad (data.size) -> window (data.window) to [0, 1] -> (x - mean) / std -> flips
+    -> centre crop / pad (data.size) -> window (data.window) to [0, 1] -> (train: intensity jitter,
+    translation) -> (x - mean) / std -> (train: flips)
 
 and keeps up to ``data.cache_size`` finished volumes in memory. ``medvlp preprocess --data <name>``
 stores the bracketed stage once per file (memory-mappable int16 with spacing and origin); reads then
@@ -43,6 +44,9 @@ class VolumeConfig(DataConfig):
     mean: float = 0.449
     std: float = 0.226
     flip_prob: float = 0.0  # train-time flip of each axis (fVLM: 0.2)
+    intensity_scale: float = 0.0  # train-time contrast jitter: x * (1 + U(-s, s)) on the windowed [0, 1] values
+    intensity_shift: float = 0.0  # train-time brightness jitter: + U(-t, t)
+    max_shift: list[int] = field(default_factory=lambda: [0, 0, 0])  # train-time translation, voxels (d, h, w)
     orientation: str = "LPS"  # canonical frame of the arrays; "" = stored order
     cache_size: int = 0  # finished volumes kept in memory per process (0 = none)
     preprocessed_dir: str = ""  # cache written by `medvlp preprocess`; "" = <cache_dir>/preprocessed/<name>-<digest>
@@ -82,6 +86,11 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
             raise ValueError(f"data.hu_check_range must be [low, high] HU, got {list(cfg.hu_check_range)}")
         if float(cfg.std) <= 0 or not 0.0 <= float(cfg.flip_prob) <= 1.0:
             raise ValueError(f"data.std must be > 0 and data.flip_prob in [0, 1], got {cfg.std} and {cfg.flip_prob}")
+        if not (0.0 <= float(cfg.intensity_scale) < 1.0 and float(cfg.intensity_shift) >= 0.0):
+            raise ValueError(f"data.intensity_scale must be in [0, 1) and data.intensity_shift >= 0, got "
+                             f"{cfg.intensity_scale} and {cfg.intensity_shift}")
+        if len(cfg.max_shift) != 3 or min(int(v) for v in cfg.max_shift) < 0:
+            raise ValueError(f"data.max_shift must be 3 non-negative voxel counts (d, h, w), got {list(cfg.max_shift)}")
         try:
             validate_orientation(cfg.orientation)
         except ValueError as err:
@@ -95,12 +104,15 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
 
     @property
     def transform(self) -> VolumeTransform:
-        """Normalisation + flips (built on first use; imports torch)."""
+        """Normalisation + train-time augmentations (built on first use; imports torch)."""
         if self._transform is None:
             from medvlp.datamodules.transforms import VolumeTransform
 
             cfg = self.cfg
-            self._transform = VolumeTransform(mean=float(cfg.mean), std=float(cfg.std), flip_prob=float(cfg.flip_prob))
+            self._transform = VolumeTransform(
+                mean=float(cfg.mean), std=float(cfg.std), flip_prob=float(cfg.flip_prob),
+                intensity_scale=float(cfg.intensity_scale), intensity_shift=float(cfg.intensity_shift),
+                max_shift=[int(v) for v in cfg.max_shift])
         return self._transform
 
     # ------------------------------------------------------------------ to implement
@@ -263,22 +275,18 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
 
     def load_sample(self, record: Record, train: bool) -> dict[str, Any]:
         """``{"image": [1, D, H, W]}`` plus, with ``data.anatomy_dir``, ``"anatomy"`` ``[1, D, H, W]`` int64
-        flipped together with the image."""
+        moved and flipped together with the image."""
         if not self.cfg.anatomy_dir:
             return {"image": self.load_image(record, train)}
         import torch
 
         path, source = self.pick(record, train)
-        image = self.transform(self.load_volume(path, source), train=False)
+        volume = self.load_volume(path, source)
         anatomy = torch.from_numpy(self.load_anatomy(path, source))[None]
-        if anatomy.shape != image.shape:
-            raise DataError(f"The anatomy mask of {path} comes out {tuple(anatomy.shape)}, its volume "
-                            f"{tuple(image.shape)}: their geometries differ.")
-        p = float(self.cfg.flip_prob)
-        if train and p > 0:
-            dims = [d for d in (1, 2, 3) if torch.rand(()).item() < p]
-            if dims:
-                image, anatomy = torch.flip(image, dims), torch.flip(anatomy, dims)
+        if tuple(anatomy.shape[1:]) != tuple(volume.shape):
+            raise DataError(f"The anatomy mask of {path} comes out {tuple(anatomy.shape[1:])}, its volume "
+                            f"{tuple(volume.shape)}: their geometries differ.")
+        image, anatomy = self.transform(volume, train=train, mask=anatomy)
         return {"image": image, "anatomy": anatomy}
 
     # ------------------------------------------------------------------ preprocessed cache (medvlp preprocess)

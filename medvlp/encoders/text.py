@@ -21,7 +21,7 @@ from medvlp.batch import TextFeatures
 from medvlp.config import TextEncoderConfig
 from medvlp.registry import register_text_encoder
 
-TINY_VERSION = 1
+TINY_VERSION = 2
 TINY_VOCAB = 2000
 TINY_BERT = {
     "hidden_size": 64,

@@ -186,6 +186,37 @@ def test_flips_and_cache(ct_root):
     assert dm.volume(rec.meta["volumes"][0]) is dm.volume(rec.meta["volumes"][0])
 
 
+def test_translation_and_intensity_augmentations(ct_root):
+    """Train-time 3D augmentations: translation (window floor enters), contrast / brightness jitter;
+    evaluation reads are untouched; a label volume moves with the image."""
+    from medvlp.datamodules.transforms import VolumeTransform, translate
+
+    t = torch.arange(24, dtype=torch.float32).reshape(1, 2, 3, 4)
+    moved = translate(t, [0, 1, -1], -5.0)
+    assert torch.equal(moved[0, :, 1:, :3], t[0, :, :2, 1:]) and (moved[0, :, 0] == -5).all() and (moved[0, :, :, 3] == -5).all()
+    assert (translate(t, [2, 0, 0], 0.0) == 0).all() and torch.equal(translate(t, [0, 0, 0], 0.0), t)
+    vol = torch.rand(8, 10, 12)
+    tf = VolumeTransform(mean=0.0, std=1.0, intensity_scale=0.2, intensity_shift=0.1, max_shift=[1, 2, 3])
+    mask = (vol > 0.5).long()[None]
+    g = torch.Generator().manual_seed(3)
+    out, m = tf(vol, train=True, generator=g, mask=mask)
+    g = torch.Generator().manual_seed(3)
+    a, b = -0.2 + 0.4 * torch.rand((), generator=g).item(), -0.1 + 0.2 * torch.rand((), generator=g).item()
+    offs = [int(torch.randint(-k, k + 1, (), generator=g).item()) for k in (1, 2, 3)]
+    assert torch.allclose(out, translate(vol[None] * (1 + a) + b, offs, 0.0))
+    assert torch.equal(m, translate(mask, offs, 0)) and m.dtype == torch.int64
+    assert torch.equal(tf(vol, train=False), vol[None])
+    with pytest.raises(ValueError, match="max_shift"):
+        VolumeTransform(max_shift=[1, 2])
+    dm = make(ct_root, max_shift=[2, 4, 4], intensity_scale=0.1)
+    rec = all_train(dm)["train_2_a"]
+    assert torch.equal(dm.load_image(rec, train=False), dm.load_image(rec, train=False))
+    torch.manual_seed(0)
+    assert len({float(dm.load_image(rec, train=True).sum()) for _ in range(5)}) == 5
+    with pytest.raises(ValueError, match="data.max_shift"):
+        make(ct_root, max_shift=[-1, 0, 0])
+
+
 def test_join_validation(tmp_path, caplog):
     vols = [CTVolume("train_1_a_1"), CTVolume("train_2_a_1"), CTVolume("train_3_a_1"), CTVolume("valid_1_a_1")]
     parent = tmp_path / "c"

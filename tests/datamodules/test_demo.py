@@ -349,19 +349,21 @@ def test_ensure_demo_generates_once_into_the_cache(tmp_path: Path, monkeypatch: 
 @pytest.fixture(scope="module")
 def corpus_vocab() -> set[str]:
     corpus = demo.report_corpus(seed=0, n=3000)
-    assert len(corpus) == 3000 and corpus[:50] == demo.report_corpus(seed=0, n=50)
+    assert len(corpus) > 3800 and corpus[:50] == demo.report_corpus(seed=0, n=50)[:50]
+    assert sum(t.startswith("This MRI study shows: ") for t in corpus) > 800
     assert any("FINAL REPORT" in t for t in corpus) and any("Not given." in t or "slice thickness" in t for t in corpus)
     return {w for text in corpus for w in re.findall(r"[a-z0-9]+", text.lower())}
 
 
-@pytest.mark.parametrize("prompt_file", ["cxr.yaml", "ct_rate.yaml", "ct_rate_impressions.yaml", "nih14.yaml"])
+@pytest.mark.parametrize("prompt_file", ["cxr.yaml", "ct_rate.yaml", "ct_rate_impressions.yaml", "nih14.yaml", "brain_mri.yaml"])
 def test_report_corpus_covers_every_prompt_word(prompt_file: str, corpus_vocab: set[str]) -> None:
     vocab = corpus_vocab
     prompts = yaml.safe_load((PROMPTS / prompt_file).read_text())
     from medvlp.datamodules.nih14 import LABELS as NIH_LABELS
 
     expected = {"cxr.yaml": cxr.CHEXPERT_LABELS, "ct_rate.yaml": ct.CT_RATE_LABELS,
-                "ct_rate_impressions.yaml": ct.CT_RATE_LABELS, "nih14.yaml": NIH_LABELS}[prompt_file]
+                "ct_rate_impressions.yaml": ct.CT_RATE_LABELS, "nih14.yaml": NIH_LABELS,
+                "brain_mri.yaml": demo.BRAIN_FINDINGS}[prompt_file]
     assert sorted(prompts) == sorted(expected)
     for label, sides in prompts.items():
         assert set(sides) == {"positive", "negative"} and all(2 <= len(sides[s]) <= 6 for s in sides)

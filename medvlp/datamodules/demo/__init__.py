@@ -8,6 +8,8 @@ procedurally drawn images whose findings also appear, with side and location, in
 * ``ct`` - CT-RATE (§8): v1 NIfTI volumes (raw stored values, default header) plus a few v2
   ``*_fixed`` copies, reports / labels / metadata CSVs, and TotalSegmentator-style anatomy masks
   (:mod:`~medvlp.datamodules.demo.ct`);
+* ``brain_mri`` - brain-MRI studies of 1-6 series (T1, T2, FLAIR, DWI, post-contrast T1) with report
+  sentence lists in HLIP's study-JSON layout (§12.4) (:mod:`~medvlp.datamodules.demo.brain_mri`);
 * ``chexpert`` / ``rsna`` / ``siim`` / ``nih14`` / ``covidx`` / ``object_cxr`` - the same synthetic
   chest X-rays (no reports) as CheXpert CSVs + JPGs, RSNA DICOMs + boxes, SIIM DICOMs + RLE masks,
   ChestX-ray14 PNGs + boxes, COVIDx label files and Object-CXR annotations, for the downstream
@@ -43,14 +45,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medvlp.cache import cache_dir
-from medvlp.datamodules.demo import ct, cxr, downstream
+from medvlp.datamodules.demo import brain_mri, ct, cxr, downstream
 from medvlp.datamodules.demo._util import pick, rng_for
+from medvlp.datamodules.demo.brain_mri import BRAIN_FINDINGS
 from medvlp.datamodules.demo.ct import CT_FINDINGS
 from medvlp.datamodules.demo.cxr import CXR_FINDINGS
 
 __all__ = [
-    "CT_FINDINGS", "CXR_FINDINGS", "GEN_VERSION", "SIZES", "DemoSize", "cache_dir", "ensure_demo", "main_demo",
-    "report_corpus", "write_ct_demo", "write_cxr_demo",
+    "BRAIN_FINDINGS", "CT_FINDINGS", "CXR_FINDINGS", "GEN_VERSION", "SIZES", "DemoSize", "cache_dir", "ensure_demo", "main_demo",
+    "report_corpus", "write_brain_mri_demo", "write_ct_demo", "write_cxr_demo",
 ]  # fmt: skip
 
 GEN_VERSION = 1  # bump whenever the generated content changes, so cached copies are rebuilt
@@ -63,13 +66,14 @@ class DemoSize:
     cxr_studies: int  # MIMIC-CXR studies (a few carry no frontal image: a trap)
     ct_patients: int  # CT-RATE patients, ~2/9 of them in the valid split
     downstream_images: int  # images of each downstream world (CheXpert, RSNA, SIIM, NIH14)
+    brain_studies: int  # brain-MRI studies (HLIP layout), ~1/5 of them in the valid split
 
 
 SIZES = {
-    "tiny": DemoSize(cxr_studies=12, ct_patients=6, downstream_images=40),  # unit tests: every trap, a few seconds
-    "default": DemoSize(cxr_studies=1200, ct_patients=360, downstream_images=600),  # CPU training demos
+    "tiny": DemoSize(cxr_studies=12, ct_patients=6, downstream_images=40, brain_studies=12),  # unit tests: every trap, a few seconds
+    "default": DemoSize(cxr_studies=1200, ct_patients=360, downstream_images=600, brain_studies=500),  # CPU training demos
 }
-KINDS = ("cxr", "ct", *downstream.KINDS)
+KINDS = ("cxr", "ct", "brain_mri", *downstream.KINDS)
 _CORPUS_STREAM = 99
 
 
@@ -113,6 +117,22 @@ def write_ct_demo(out: str | os.PathLike, size: str = "default", seed: int = 0) 
     return root
 
 
+def write_brain_mri_demo(out: str | os.PathLike, size: str = "default", seed: int = 0) -> Path:
+    """Write the brain-MRI world (multi-series studies, HLIP's study-JSON layout) into ``out``.
+
+    Args:
+        out: dataset root to write (gets ``train.json``, ``valid.json``, ``labels.csv``, study folders).
+        size: a key of ``SIZES``.
+        seed: world seed; the same seed gives identical files.
+
+    Returns:
+        The dataset root (``out``).
+    """
+    root = Path(out)
+    brain_mri.write_dataset(root, _size(size).brain_studies, seed)
+    return root
+
+
 def _downstream_writer(kind: str) -> Callable[[str | os.PathLike, str, int], Path]:
     def write(out: str | os.PathLike, size: str = "default", seed: int = 0) -> Path:
         downstream.write_downstream(kind, Path(out), _size(size).downstream_images, seed)
@@ -125,6 +145,7 @@ def _downstream_writer(kind: str) -> Callable[[str | os.PathLike, str, int], Pat
 _WRITERS: dict[str, Callable[[str | os.PathLike, str, int], Path]] = {
     "cxr": write_cxr_demo,
     "ct": write_ct_demo,
+    "brain_mri": write_brain_mri_demo,
     **{k: _downstream_writer(k) for k in downstream.KINDS},
 }
 
@@ -137,7 +158,7 @@ def ensure_demo(kind: str, size: str = "default", seed: int = 0) -> Path:
     one: if another process finishes first, its copy is kept and ours is discarded.
 
     Args:
-        kind: ``cxr`` (MIMIC-CXR-JPG), ``ct`` (CT-RATE) or a downstream world (``chexpert``,
+        kind: ``cxr`` (MIMIC-CXR-JPG), ``ct`` (CT-RATE), ``brain_mri`` (HLIP study JSON) or a downstream world (``chexpert``,
             ``rsna``, ``siim``, ``nih14``, ``covidx``, ``object_cxr``).
         size: a key of ``SIZES``.
         seed: world seed.
@@ -167,18 +188,19 @@ def ensure_demo(kind: str, size: str = "default", seed: int = 0) -> Path:
 
 
 def report_corpus(seed: int = 0, n: int = 3000) -> list[str]:
-    """Report texts of both worlds (no pixels), e.g. to train the demo tokenizer.
+    """Report texts of the worlds (no pixels), e.g. to train the demo tokenizer.
 
-    Half are MIMIC-style CXR reports (every layout style, traps included), half CT-RATE rows
-    (clinical information, technique, findings and impression joined). The generators' phrase
-    banks cover every word of ``configs/prompts/cxr.yaml`` and ``ct_rate.yaml``.
+    ``n`` texts, half MIMIC-style CXR reports (every layout style, traps included), half CT-RATE
+    rows (clinical information, technique, findings and impression joined), then ``n // 3``
+    brain-MRI sentence lists with HLIP's prefix. The generators' phrase banks cover every word of
+    ``configs/prompts/cxr.yaml``, ``ct_rate.yaml`` and ``brain_mri.yaml``.
 
     Args:
         seed: corpus seed.
-        n: number of texts.
+        n: number of CXR + CT texts.
 
     Returns:
-        ``n`` texts.
+        ``n + n // 3`` texts (fewer brain texts if some drawn studies have an empty report).
     """
     rng = rng_for(seed, _CORPUS_STREAM)
     styles = cxr.STYLES + cxr.TRAP_STYLES
@@ -193,7 +215,7 @@ def report_corpus(seed: int = 0, n: int = 3000) -> list[str]:
             row = ct.report_row(ct.sample_findings(rng), rng, float(pick(rng, (5.0, 6.0, 7.5))))
             text = " ".join(row.values())
         texts.append(text)
-    return texts
+    return texts + brain_mri.example_report(seed, n // 3)
 
 
 def main_demo(out: str | os.PathLike, kind: str = "all", size: str = "default", seed: int = 0) -> dict[str, Path]:
@@ -212,7 +234,7 @@ def main_demo(out: str | os.PathLike, kind: str = "all", size: str = "default", 
     if any(k not in _WRITERS for k in kinds):
         raise ValueError(f"Unknown demo kind '{kind}'. Choose one of: all, {', '.join(KINDS)}.")
     folders = {"cxr": "mimic-cxr-jpg", "ct": "ct-rate", "chexpert": "CheXpert-v1.0-small", "rsna": "rsna-pneumonia",
-               "siim": "siim-acr-pneumothorax", "nih14": "chestx-ray14", "covidx": "covidx", "object_cxr": "object-cxr"}
+               "siim": "siim-acr-pneumothorax", "nih14": "chestx-ray14", "covidx": "covidx", "object_cxr": "object-cxr", "brain_mri": "brain-mri"}
     written = {}
     for k in kinds:
         start = time.perf_counter()
