@@ -41,7 +41,14 @@ from typing import Any
 
 import numpy as np
 
-from medvlp.datamodules.base import DataConfig, DataError, DataRootError, Record, VLPDataModule, stable_fraction
+from medvlp.datamodules.base import (
+    DataConfig,
+    DataError,
+    DataRootError,
+    Record,
+    VLPDataModule,
+    stable_fraction,
+)
 from medvlp.registry import register_datamodule
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
-from medvlp.datamodules.demo._util import cap, gaussian_blur, pick, rng_for, smooth_noise, write_csv, write_json
+from medvlp.datamodules.demo._util import (
+    cap,
+    gaussian_blur,
+    pick,
+    rng_for,
+    smooth_noise,
+    write_csv,
+    write_json,
+)
 
 BRAIN_FINDINGS = ["Acute infarct", "Mass", "Hemorrhage", "Ventriculomegaly", "White matter lesions"]
 PREVALENCE = {"Acute infarct": 0.25, "Mass": 0.2, "Hemorrhage": 0.2, "Ventriculomegaly": 0.25, "White matter lesions": 0.25}
