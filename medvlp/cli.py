@@ -82,7 +82,9 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="write the synthetic demo datasets", description="Write the synthetic radiology world in the real dataset formats.")
     demo.add_argument("--out", required=True)
-    demo.add_argument("--kind", default="all", choices=["all", "cxr", "ct", "chexpert", "rsna", "siim", "nih14", "covidx", "object_cxr"])
+    demo.add_argument("--kind", default="all", choices=["all", "cxr", "ct", "brain_mri", "chexpert", "rsna", "siim", "nih14",
+                                                        "covidx", "object_cxr", "rad_chestct", "cq500", "rsna_ich", "pub_brain5",
+                                                        "medblip_mri"])
     demo.add_argument("--size", default="default", choices=["tiny", "default"])
     demo.add_argument("--seed", type=int, default=0)
 

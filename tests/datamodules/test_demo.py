@@ -370,3 +370,28 @@ def test_report_corpus_covers_every_prompt_word(prompt_file: str, corpus_vocab: 
         for phrase in sides["positive"] + sides["negative"]:
             missing = [w for w in re.findall(r"[a-z0-9]+", phrase.lower()) if w not in vocab]
             assert not missing, (label, phrase, missing)
+
+
+def test_format_examples_and_brain_world_are_readable_by_their_datamodules(worlds: dict[str, Path]) -> None:
+    """``medvlp demo --kind all`` also writes the brain-MRI world and the format examples of §9-13."""
+    from medvlp.cli import _parser
+    from medvlp.datamodules.base import DataError
+    from medvlp.registry import DATAMODULES
+
+    demo_action = next(a for a in _parser()._subparsers._group_actions[0].choices["demo"]._actions if a.dest == "kind")
+    assert sorted(demo_action.choices) == sorted(("all", *demo.KINDS))
+    for kind in ("brain_mri", *demo.FORMAT_KINDS):
+        root = worlds[kind]
+        assert json.loads((root / "demo_truth" / "info.json").read_text())["counts"]
+        cls = DATAMODULES.get(kind)
+        lists = {"train_lists": ["ADNI-train", "OASIS2-train"]} if kind == "medblip_mri" else {}  # no NACC list in it
+        cfg = cls.Config(root=str(root), **lists)
+        cls.check_root(cfg)
+        dm = cls(cfg)
+        found = 0
+        for split in ("train", "val", "test"):
+            try:
+                found += len(dm.records(split))
+            except DataError:
+                pass
+        assert found > 0, kind

@@ -10,6 +10,8 @@ procedurally drawn images whose findings also appear, with side and location, in
   (:mod:`~medvlp.datamodules.demo.ct`);
 * ``brain_mri`` - brain-MRI studies of 1-6 series (T1, T2, FLAIR, DWI, post-contrast T1) with report
   sentence lists in HLIP's study-JSON layout (§12.4) (:mod:`~medvlp.datamodules.demo.brain_mri`);
+* ``rad_chestct`` / ``cq500`` / ``rsna_ich`` / ``pub_brain5`` / ``medblip_mri`` - format examples: the small
+  fixtures of those layouts (one size; for reading a format, too small to train on);
 * ``chexpert`` / ``rsna`` / ``siim`` / ``nih14`` / ``covidx`` / ``object_cxr`` - the same synthetic
   chest X-rays (no reports) as CheXpert CSVs + JPGs, RSNA DICOMs + boxes, SIIM DICOMs + RLE masks,
   ChestX-ray14 PNGs + boxes, COVIDx label files and Object-CXR annotations, for the downstream
@@ -46,7 +48,7 @@ from pathlib import Path
 
 from medvlp.cache import cache_dir
 from medvlp.datamodules.demo import brain_mri, ct, cxr, downstream
-from medvlp.datamodules.demo._util import pick, rng_for
+from medvlp.datamodules.demo._util import pick, rng_for, write_json
 from medvlp.datamodules.demo.brain_mri import BRAIN_FINDINGS
 from medvlp.datamodules.demo.ct import CT_FINDINGS
 from medvlp.datamodules.demo.cxr import CXR_FINDINGS
@@ -73,7 +75,15 @@ SIZES = {
     "tiny": DemoSize(cxr_studies=12, ct_patients=6, downstream_images=40, brain_studies=12),  # unit tests: every trap, a few seconds
     "default": DemoSize(cxr_studies=1200, ct_patients=360, downstream_images=600, brain_studies=500),  # CPU training demos
 }
-KINDS = ("cxr", "ct", "brain_mri", *downstream.KINDS)
+# format examples: the tiny fixtures of specs/datasets.md §9-13, one size (for reading a layout, not training)
+FORMAT_KINDS = {
+    "rad_chestct": ("rad_chestct", "write_rad_chestct_fixture", "rad-chestct"),
+    "cq500": ("cq500", "write_cq500_fixture", "cq500"),
+    "rsna_ich": ("rsna_ich", "write_rsna_ich_fixture", "rsna-ich"),
+    "pub_brain5": ("pub_brain5", "write_pub_brain5_fixture", "pub-brain-5"),
+    "medblip_mri": ("medblip_mri", "write_medblip_fixture", "medblip-mri"),
+}
+KINDS = ("cxr", "ct", "brain_mri", *downstream.KINDS, *FORMAT_KINDS)
 _CORPUS_STREAM = 99
 
 
@@ -142,11 +152,29 @@ def _downstream_writer(kind: str) -> Callable[[str | os.PathLike, str, int], Pat
     return write
 
 
+def _format_writer(kind: str) -> Callable[[str | os.PathLike, str, int], Path]:
+    module, function, _ = FORMAT_KINDS[kind]
+
+    def write(out: str | os.PathLike, size: str = "default", seed: int = 0) -> Path:
+        import importlib
+
+        root = Path(out)
+        getattr(importlib.import_module(f"medvlp.datamodules.demo.{module}"), function)(root, seed=seed)
+        files = [p for p in root.rglob("*") if p.is_file()]
+        write_json(root / "demo_truth" / "info.json", {"world": kind, "seed": seed, "format_example": True,
+                                                       "counts": {"files": len(files)}})
+        return root
+
+    write.__doc__ = f"Write the {kind} format example (demo/{module}.py; one size) into ``out``."
+    return write
+
+
 _WRITERS: dict[str, Callable[[str | os.PathLike, str, int], Path]] = {
     "cxr": write_cxr_demo,
     "ct": write_ct_demo,
     "brain_mri": write_brain_mri_demo,
     **{k: _downstream_writer(k) for k in downstream.KINDS},
+    **{k: _format_writer(k) for k in FORMAT_KINDS},
 }
 
 
@@ -234,7 +262,8 @@ def main_demo(out: str | os.PathLike, kind: str = "all", size: str = "default", 
     if any(k not in _WRITERS for k in kinds):
         raise ValueError(f"Unknown demo kind '{kind}'. Choose one of: all, {', '.join(KINDS)}.")
     folders = {"cxr": "mimic-cxr-jpg", "ct": "ct-rate", "chexpert": "CheXpert-v1.0-small", "rsna": "rsna-pneumonia",
-               "siim": "siim-acr-pneumothorax", "nih14": "chestx-ray14", "covidx": "covidx", "object_cxr": "object-cxr", "brain_mri": "brain-mri"}
+               "siim": "siim-acr-pneumothorax", "nih14": "chestx-ray14", "covidx": "covidx", "object_cxr": "object-cxr", "brain_mri": "brain-mri",
+               **{k: v[2] for k, v in FORMAT_KINDS.items()}}
     written = {}
     for k in kinds:
         start = time.perf_counter()
