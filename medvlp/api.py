@@ -211,7 +211,7 @@ def evaluate_method(method, cfg: DictConfig, tasks: tuple[str, ...] = ("zeroshot
     """Evaluate an in-memory method on ``split`` of the dataset in ``cfg.data``."""
     from medvlp.downstream.embed import extract
     from medvlp.downstream.retrieval import retrieval_recall
-    from medvlp.downstream.zero_shot import load_prompts, zero_shot_auc
+    from medvlp.downstream.zero_shot import load_merges, load_prompts, zero_shot_auc
 
     resolve_data_root(cfg)
     dm = build_datamodule(cfg, tokenizer=method.tokenizer)
@@ -220,7 +220,8 @@ def evaluate_method(method, cfg: DictConfig, tasks: tuple[str, ...] = ("zeroshot
     out: dict[str, Any] = {"split": split, "n": len(emb.study_ids)}
     if "zeroshot" in tasks:
         prompts = load_prompts(dm.prompt_file())
-        out["zeroshot"] = zero_shot_auc(method, emb, list(dm.label_names), dm.eval_label_names(), prompts, cfg.data.max_length)
+        out["zeroshot"] = zero_shot_auc(method, emb, list(dm.label_names), dm.eval_label_names(), prompts, cfg.data.max_length,
+                                        merges=load_merges(dm.prompt_file()))
     if "retrieval" in tasks:
         out["retrieval"] = retrieval_recall(method, emb)
     return out

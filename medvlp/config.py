@@ -43,6 +43,8 @@ class ImageEncoderConfig:
     ``kwargs`` (passed to ``timm.create_model``). ``vit3d`` reads ``img_size`` (D, H, W),
     ``patch_size`` (per axis), ``width``, ``depth``, ``heads``, ``mlp_ratio``, ``pos_embed``,
     ``global_pool``, ``inflate_from`` (a timm ViT whose weights are inflated to 3D) and ``pretrained``.
+    ``hlip_vit`` reads the ``vit3d`` keys plus ``levels``, ``max_scans``, ``sequence_pos_embed`` and
+    ``patch_dropout``.
     """
 
     name: str = "timm"
@@ -63,6 +65,11 @@ class ImageEncoderConfig:
     global_pool: str = "cls"  # vit3d pooled feature: cls ([CLS] token) | mean (of the patch tokens)
     stem: str = "patch"  # vit3d patch embedding: patch (one strided conv) | conv (stride-2 conv stem)
     inflate_from: str = ""  # timm ViT name, e.g. vit_base_patch16_224.mae; "" = random init
+    # HLIP's hierarchical ViT (hlip_vit): one attention level per block, scans per study, patch dropout
+    levels: list[str] = field(default_factory=lambda: ["slice", "scan", "study"] * 4)  # slice | scan | study
+    max_scans: int = 40  # rows of the fixed sequence (scan index) table
+    sequence_pos_embed: bool = False  # add the scan-index table (HLIP's multi-scan models)
+    patch_dropout: float = 0.0  # training: drop this fraction of the tokens of every window
 
 
 @dataclass
@@ -303,7 +310,7 @@ def compose(
     # A full saved config (no compose key) already holds every section: merge no group files.
     saved = bool(config_file) and not groups and all(s in file_cfg for s in ("method", "data"))
     method = method or groups.get("method") or (None if saved else _name_in([file_cfg, dot], "method")) or (None if saved else "clip")
-    data = data or groups.get("data") or (None if saved else "demo_cxr")
+    data = data or groups.get("data") or (None if saved else _default_data(method))
     trainer = trainer or groups.get("trainer") or (None if saved else "default")
 
     layers: list[tuple[str, DictConfig]] = []
@@ -337,6 +344,18 @@ def compose(
         layer = OmegaConf.masked_copy(layer, [k for k in layer if k in cfg]) if _sections_only(layer) else layer
         cfg = _merge(cfg, layer, source, schemas)
     return cfg
+
+
+def _default_data(method: str | None) -> str:
+    """The data group a method trains on without ``--data``: its ``default_data`` (e.g. a 3D world), else ``demo_cxr``."""
+    if not method:
+        return "demo_cxr"
+    from medvlp.registry import METHODS, RegistryError
+
+    try:
+        return str(getattr(METHODS.get(method), "default_data", "demo_cxr"))
+    except RegistryError:
+        return "demo_cxr"  # the unknown method is reported where its schema is looked up
 
 
 def open_dict_fields(node: DictConfig, schema: Any) -> None:

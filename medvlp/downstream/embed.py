@@ -24,7 +24,7 @@ def default_device() -> torch.device:
 
 @torch.no_grad()
 def extract(method, loader, device: torch.device | None = None) -> Embeddings:
-    """Run ``method.embed_image`` / ``embed_text`` over ``loader`` in eval mode."""
+    """Run ``method.embed_images`` (with the batch's ``scan_mask``) / ``embed_text`` over ``loader`` in eval mode."""
     device = device or default_device()
     was_training = method.training
     method.eval().to(device)
@@ -32,7 +32,8 @@ def extract(method, loader, device: torch.device | None = None) -> Embeddings:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     with autocast:
         for batch in loader:
-            imgs.append(method.embed_image(batch.images.to(device)).float().cpu())
+            mask = batch.scan_mask.to(device) if batch.scan_mask is not None else None
+            imgs.append(method.embed_images(batch.images.to(device), mask).float().cpu())
             txts.append(method.embed_text(batch.input_ids.to(device), batch.attention_mask.to(device)).float().cpu())
             ids.extend(batch.study_ids)
             labels.append(batch.labels)

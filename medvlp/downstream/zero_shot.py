@@ -4,6 +4,10 @@ Several prompts per side are embedded, averaged and re-normalised (as CheXzero /
 average prompt ensembles); the score is the difference of the two similarities, i.e. the logit of
 the two-way softmax over {positive, negative}. AUROC per label over the images whose label is
 known (NaN labels are left out).
+
+A prompt file may merge labels scored separately into one (``_merge: {new: [a, b]}``; HLIP's
+Rad-ChestCT calcification, H10): the merged score is the larger of the two scores when either is
+positive (the two-way softmax above 0.5), else the smaller; its label is the first source's column.
 """
 
 from __future__ import annotations
@@ -28,20 +32,44 @@ def load_prompts(path: str | Path) -> dict[str, dict[str, list[str]]]:
         raise DataError(f"Prompt file {path} must map each label to {{positive: [...], negative: [...]}}.")
     out = {}
     for label, sides in raw.items():
+        if str(label).startswith("_"):  # file-level options (_merge)
+            continue
         if not isinstance(sides, dict) or not sides.get("positive") or not sides.get("negative"):
             raise DataError(f"Prompt file {path}: label '{label}' needs non-empty 'positive' and 'negative' lists.")
         out[str(label)] = {"positive": list(sides["positive"]), "negative": list(sides["negative"])}
     return out
 
 
+def load_merges(path: str | Path) -> dict[str, list[str]]:
+    """The ``_merge`` section of a prompt file: ``{merged label: [source labels]}`` (empty if none)."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(OmegaConf.load(path))
+    merges = raw.get("_merge", {}) if isinstance(raw, dict) else {}
+    if not isinstance(merges, dict) or not all(isinstance(v, list) and len(v) >= 2 for v in merges.values()):
+        raise DataError(f"Prompt file {path}: _merge must map a new label to a list of at least two labels.")
+    return {str(k): [str(x) for x in v] for k, v in merges.items()}
+
+
+def merge_scores(scores: list[np.ndarray]) -> np.ndarray:
+    """HLIP's merge of per-class zero-shot scores (logits of the two-way softmax): the maximum where
+    any score is positive (probability above 0.5), else the minimum."""
+    stack = np.stack(scores)
+    hi, lo = stack.max(axis=0), stack.min(axis=0)
+    return np.where(hi > 0, hi, lo)
+
+
 def zero_shot_auc(method, emb: Embeddings, label_names: list[str], eval_labels: list[str],
-                  prompts: dict[str, dict[str, list[str]]], max_length: int) -> dict[str, Any]:
+                  prompts: dict[str, dict[str, list[str]]], max_length: int,
+                  merges: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """Per-label and mean AUROC of prompt-pair zero-shot scores.
 
     Args:
         method: a trained ``VLPMethod``.
         emb: image embeddings of the split with their ``labels`` (``label_names`` order).
         eval_labels: the labels to score (each needs an entry in ``prompts``).
+        merges: ``{merged: [sources]}``: the sources among ``eval_labels`` are scored, merged with
+            :func:`merge_scores` and reported as one label.
     """
     if emb.labels is None:
         raise DataError("Zero-shot evaluation needs labels, but this split has none.")
@@ -49,13 +77,25 @@ def zero_shot_auc(method, emb: Embeddings, label_names: list[str], eval_labels: 
     if missing:
         raise DataError(f"No prompts for {missing}; add them to the prompt file (data.prompts).")
     result: dict[str, Any] = {"auroc": {}, "positives": {}, "negatives": {}}
+    scores: dict[str, np.ndarray] = {}
     for lab in eval_labels:
         pos = embed_prompts(method, prompts[lab]["positive"], max_length)
         neg = embed_prompts(method, prompts[lab]["negative"], max_length)
         with torch.no_grad():
             sims = method.similarity(emb.images.to(pos.device), torch.stack([pos, neg]).to(emb.images.dtype)).float()
-        score = (sims[:, 0] - sims[:, 1]).cpu().numpy()
-        y = emb.labels[:, label_names.index(lab)].numpy()
+        scores[lab] = (sims[:, 0] - sims[:, 1]).cpu().numpy()
+    columns = {lab: lab for lab in eval_labels}
+    for merged, sources in (merges or {}).items():
+        present = [s for s in sources if s in scores]
+        if len(present) < 2:
+            continue
+        scores[merged] = merge_scores([scores.pop(s) for s in present])
+        columns[merged] = present[0]
+        for s in present:
+            columns.pop(s)
+    for lab in columns:
+        score = scores[lab]
+        y = emb.labels[:, label_names.index(columns[lab])].numpy()
         result["auroc"][lab] = auroc(score, y)
         result["positives"][lab] = int(np.nansum(y > 0.5))
         result["negatives"][lab] = int(np.sum(y < 0.5))

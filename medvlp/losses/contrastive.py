@@ -45,3 +45,35 @@ def clip_loss(
     loss_i2t = info_nce(logit_scale * img_emb @ all_txt.T, targets)
     loss_t2i = info_nce(logit_scale * txt_emb @ all_img.T, targets)
     return (loss_i2t + loss_t2i) / 2, loss_i2t, loss_t2i
+
+
+def siglip_loss(
+    img_emb: Tensor,
+    txt_emb: Tensor,
+    logit_scale: Tensor | float,
+    logit_bias: Tensor | float,
+    gather_distributed: bool = True,
+) -> Tensor:
+    """Sigmoid image-text loss (SigLIP, Zhai et al. 2023; open_clip's ``SigLipLoss``).
+
+    ``L = -(1/B) sum_i sum_j log sigmoid(z_ij (s <u_i, w_j> + b))`` with ``z_ij = +1`` on the pairs and
+    ``-1`` elsewhere; each rank scores its ``B`` images against the texts of every rank (the same total
+    as open_clip's neighbour exchange).
+
+    Args:
+        img_emb: ``[B, D]`` L2-normalised image embeddings (row i pairs with ``txt_emb[i]``).
+        txt_emb: ``[B, D]`` L2-normalised text embeddings.
+        logit_scale: ``s`` (already exponentiated).
+        logit_bias: ``b``.
+        gather_distributed: use the texts of every rank as negatives.
+    """
+    rank, size = world()
+    if gather_distributed and size > 1:
+        all_txt, offset = gather(txt_emb), rank * img_emb.shape[0]
+    else:
+        all_txt, offset = txt_emb, 0
+    logits = logit_scale * img_emb @ all_txt.T + logit_bias
+    signs = -torch.ones_like(logits)
+    idx = torch.arange(img_emb.shape[0], device=logits.device)
+    signs[idx, idx + offset] = 1.0
+    return -F.logsigmoid(signs * logits).sum() / img_emb.shape[0]

@@ -43,6 +43,7 @@ class VLPMethod(L.LightningModule):
     """
 
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    default_data: ClassVar[str] = "demo_cxr"  # configs/data group used when `medvlp fit` gets no --data
 
     def __init__(self, cfg: Any, optim: Any = None) -> None:
         super().__init__()
@@ -71,6 +72,26 @@ class VLPMethod(L.LightningModule):
     def embed_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Retrieval / zero-shot text embedding ``[B, D]``."""
         raise NotImplementedError
+
+    def embed_images(self, images: Tensor, scan_mask: Tensor | None = None) -> Tensor:
+        """Image embeddings of a batch as the loaders give it.
+
+        Images / volumes go to :meth:`embed_image`. Studies of several scans ``[B, S, C, D, H, W]``
+        (with ``scan_mask`` ``[B, S]``, True = real scan) are embedded scan by scan and averaged over
+        the real scans (re-normalised); a method that attends across scans (HLIP) overrides this.
+        """
+        if images.ndim != 6:
+            return self.embed_image(images)
+        b, s = images.shape[:2]
+        real = torch.ones(b, s, dtype=torch.bool, device=images.device) if scan_mask is None else scan_mask.to(images.device)
+        emb = self.embed_image(images.flatten(0, 1)[real.flatten()])
+        if emb.ndim != 2:
+            raise ValueError(f"{type(self).__name__} embeds an image as {tuple(emb.shape[1:])}; averaging over scans needs [D].")
+        full = emb.new_zeros(b * s, emb.shape[-1])
+        full[real.flatten()] = emb
+        w = real.to(emb.dtype)
+        mean = (full.view(b, s, -1) * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
+        return torch.nn.functional.normalize(mean, dim=-1)
 
     def similarity(self, img_emb: Tensor, txt_emb: Tensor) -> Tensor:
         """Scores ``[B_img, B_txt]`` used by every zero-shot and retrieval evaluation (cosine)."""

@@ -64,7 +64,7 @@ class CLIP(VLPMethod):
         return F.normalize(self.txt_proj(self.encode_text(input_ids, attention_mask).pooled), dim=-1)
 
     def losses(self, batch: ImageTextBatch) -> dict[str, Tensor]:
-        img = self.embed_image(batch.images)
+        img = self.embed_images(batch.images, batch.scan_mask)
         txt = self.embed_text(batch.input_ids, batch.attention_mask)
         scale = self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
         loss, _, _ = clip_loss(img, txt, scale, gather_distributed=self.cfg.gather_distributed)

@@ -1,0 +1,274 @@
+"""HLIP: the hierarchical ViT's invariants (spec §9), the loss, the optimiser groups and the configs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medvlp.config import ImageEncoderConfig
+from medvlp.encoders.hlip_vit import HierarchicalViT, inflate_patch_kernel, sincos_1d
+from medvlp.losses import clip_loss, siglip_loss
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+TINY = {"name": "hlip_vit", "in_chans": 1, "img_size": [16, 32, 32], "patch_size": [4, 8, 8], "width": 48, "depth": 6,
+        "heads": 3, "levels": ["slice", "scan", "study", "slice", "scan", "study"], "max_scans": 40,
+        "sequence_pos_embed": True, "pos_embed": "sincos", "pretrained": False}
+
+
+def encoder(**kw) -> HierarchicalViT:
+    torch.manual_seed(0)
+    cfg = ImageEncoderConfig(**{**TINY, **kw})
+    if "levels" not in kw and "depth" in kw:
+        cfg.levels = (["slice", "scan", "study"] * kw["depth"])[: kw["depth"]]
+    return HierarchicalViT(cfg).eval()
+
+
+def studies(b: int, n: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, n, 1, 16, 32, 32, generator=g)
+
+
+def test_level_list_is_validated_against_the_depth() -> None:
+    with pytest.raises(ValueError, match="levels has 3 entries for depth=6"):
+        encoder(levels=["slice", "scan", "study"])
+    with pytest.raises(ValueError, match=r"\['volume'\] are not levels"):
+        encoder(levels=["slice", "scan", "study", "slice", "scan", "volume"])
+
+
+def test_token_counts_and_shapes() -> None:
+    enc = encoder()
+    out = enc(studies(2, 3))
+    assert out.pooled.shape == (2, 48) and out.tokens.shape == (2, 3 * 64, 48) and out.grid == (4, 4, 4)
+    assert enc(studies(2, 1)[:, 0]).pooled.shape == (2, 48)  # [B, C, D, H, W]: one scan per study
+
+
+def test_a_study_alone_equals_the_same_study_in_a_padded_batch() -> None:
+    """Padded scans take no part in any attention or mean (fp32, < 1e-5)."""
+    enc = encoder()
+    a, b = studies(1, 2, seed=1), studies(1, 4, seed=2)
+    alone = enc(a).pooled
+    batch = torch.cat([torch.cat([a, torch.randn(1, 2, 1, 16, 32, 32) * 5], dim=1), b])  # padding is garbage on purpose
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    padded = enc(batch, scan_mask=mask).pooled
+    assert (padded[0] - alone[0]).abs().max() < 1e-5
+    assert (padded[1] - enc(b).pooled[0]).abs().max() < 1e-5
+    mean = encoder(global_pool="mean")
+    assert (mean(batch, scan_mask=mask).pooled[0] - mean(a).pooled[0]).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="at least one real scan"):
+        enc(batch, scan_mask=torch.tensor([[False] * 4, [True] * 4]))
+
+
+def test_slice_blocks_ignore_other_slabs_and_scan_blocks_ignore_other_scans() -> None:
+    x = studies(1, 2)
+    slab = encoder(depth=2, levels=["slice", "slice"], sequence_pos_embed=False)
+    y = x.clone()
+    y[:, :, :, 4:8] += 3.0  # slab 1 (slices 4-7) of both scans
+    t0, t1 = slab(x).tokens.reshape(2, 4, 16, 48), slab(y).tokens.reshape(2, 4, 16, 48)
+    assert torch.equal(t0[:, 0], t1[:, 0]) and torch.equal(t0[:, 2:], t1[:, 2:]) and not torch.allclose(t0[:, 1], t1[:, 1])
+    scan = encoder(depth=2, levels=["scan", "scan"], sequence_pos_embed=False)
+    y = x.clone()
+    y[:, 1] += 3.0
+    t0, t1 = scan(x).tokens.reshape(2, 64, 48), scan(y).tokens.reshape(2, 64, 48)
+    assert torch.equal(t0[0], t1[0]) and not torch.allclose(t0[1], t1[1])
+    study = encoder(depth=2, levels=["scan", "study"], sequence_pos_embed=False)
+    assert not torch.allclose(study(x).tokens[:, :64], study(y).tokens[:, :64])  # a study block mixes the scans
+
+
+def test_windowed_blocks_equal_masked_global_attention() -> None:
+    """A slice block over window batches = the same block on the whole sequence with a block-diagonal
+    mask where each window carries its own [CLS] copy (§9)."""
+    enc = encoder(depth=1, levels=["slice"], sequence_pos_embed=False)
+    x = studies(1, 2)
+    patches, grid = enc.patch_embed(x.flatten(0, 1))
+    patches = (patches.reshape(1, 2, *grid, 48) + enc.spatial_positions(grid)).reshape(8, 16, 48)  # 8 windows
+    cls = enc.cls_token.expand(8, 1, 48)
+    windows = torch.cat([cls, patches], dim=1)  # [8, 17, 48]
+    full = windows.reshape(1, 8 * 17, 48)
+    owner = torch.arange(8).repeat_interleave(17)
+    mask = (owner[:, None] == owner[None, :])[None, None]
+    ref = enc.blocks[0](full, attn_mask=mask).reshape(8, 17, 48)
+    expect_cls = enc.norm(ref[:, 0].mean(0))
+    out = enc(x)
+    assert (out.pooled[0] - expect_cls).abs().max() < 1e-5
+    assert (out.tokens[0] - enc.norm(ref[:, 1:].reshape(-1, 48))).abs().max() < 1e-5
+
+
+def test_one_study_block_over_one_window_is_a_plain_vit_block() -> None:
+    enc = encoder(depth=1, levels=["study"], sequence_pos_embed=False)
+    x = studies(2, 1)
+    patches, grid = enc.patch_embed(x.flatten(0, 1))
+    seq = torch.cat([enc.cls_token.expand(2, 1, 48), patches + enc.spatial_positions(grid).reshape(1, -1, 48)], dim=1)
+    ref = enc.norm(enc.blocks[0](seq))
+    out = enc(x)
+    assert (out.pooled - ref[:, 0]).abs().max() < 1e-6 and (out.tokens - ref[:, 1:]).abs().max() < 1e-6
+
+
+def test_with_one_scan_scan_and_study_blocks_agree_and_regrouping_round_trips() -> None:
+    a = encoder(depth=4, levels=["scan"] * 4)
+    b = encoder(depth=4, levels=["study"] * 4)
+    b.load_state_dict(a.state_dict())
+    x = studies(2, 1)
+    assert (a(x).pooled - b(x).pooled).abs().max() < 1e-6
+    enc = encoder()
+    cls = torch.randn(2, 3, 48)  # scan level [B, N, C]
+    for fine in ("slice",):
+        down = enc._regroup(cls, "scan", fine, 3, 4, None)
+        assert down.shape == (2, 3, 4, 48) and torch.equal(enc._regroup(down, fine, "scan", 3, 4, None), cls)
+    up = enc._regroup(cls, "scan", "study", 3, 4, None)
+    assert torch.allclose(up, cls.mean(1))
+    assert torch.equal(enc._regroup(up, "study", "slice", 3, 4, None)[:, 1, 2], up)
+
+
+def test_positions_are_fixed_and_sequence_rows_random_in_training() -> None:
+    enc = encoder()
+    assert not enc.spatial_pos.requires_grad and not enc.sequence_pos.requires_grad
+    assert torch.allclose(enc.sequence_pos, sincos_1d(torch.arange(40), 48))
+    assert torch.equal(enc.sequence_positions(3), enc.sequence_pos[:3])
+    assert enc.sequence_positions(50).shape == (50, 48)  # eval: interpolated beyond max_scans
+    enc.train()
+    rows = enc.sequence_positions(10)
+    idx = [int((enc.sequence_pos - r).abs().sum(1).argmin()) for r in rows]
+    assert len(set(idx)) == 10
+    with pytest.raises(ValueError, match="max_scans"):
+        enc.sequence_positions(41)
+    before = (enc.spatial_pos.clone(), enc.sequence_pos.clone())
+    opt = torch.optim.AdamW([p for p in enc.parameters() if p.requires_grad], lr=1e-2)
+    enc(studies(2, 2)).pooled.sum().backward()
+    opt.step()
+    assert torch.equal(before[0], enc.spatial_pos) and torch.equal(before[1], enc.sequence_pos)
+    assert encoder(pos_embed="learned").spatial_pos.requires_grad
+
+
+def test_scan_order_matters_only_through_the_sequence_embedding() -> None:
+    x = studies(1, 3)
+    perm = x[:, [2, 0, 1]]
+    plain = encoder(sequence_pos_embed=False)
+    assert (plain(x).pooled - plain(perm).pooled).abs().max() < 1e-5
+    seq = encoder()
+    assert (seq(x).pooled - seq(perm).pooled).abs().max() > 1e-4
+
+
+def test_patch_dropout_keeps_the_same_token_count_in_every_window() -> None:
+    enc = encoder(patch_dropout=0.25)
+    enc.train()
+    out = enc(studies(2, 3))
+    assert out.tokens.shape == (2, 3 * 4 * 12, 48)  # 16 tokens per slab -> 12 kept
+    scan_only = encoder(depth=2, levels=["scan", "study"], patch_dropout=0.5).train()
+    assert scan_only(studies(1, 2)).tokens.shape == (1, 2 * 32, 48)
+    enc.eval()
+    assert enc(studies(2, 3)).tokens.shape == (2, 3 * 64, 48)
+
+
+def test_average_inflation_reproduces_the_2d_patch_response() -> None:
+    """A volume constant along z whose slices are the 2D image I gives the 2D conv of I replicated to RGB."""
+    import timm
+
+    torch.manual_seed(0)
+    vit2d = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    enc = HierarchicalViT(ImageEncoderConfig(**{**TINY, "width": 192, "depth": 2, "heads": 3, "levels": ["scan", "study"],
+                                                "patch_size": [4, 16, 16], "img_size": [8, 32, 32]}))
+    enc.inflate_from_2d.__func__  # noqa: B018 - the method exists
+    w3d = inflate_patch_kernel(vit2d.patch_embed.proj.weight.detach(), (4, 16, 16), 1)
+    image = torch.randn(1, 1, 32, 32)
+    vol = image[:, :, None].expand(1, 1, 8, 32, 32)
+    out3d = F.conv3d(vol, w3d, vit2d.patch_embed.proj.bias, stride=(4, 16, 16))
+    out2d = F.conv2d(image.expand(1, 3, 32, 32), vit2d.patch_embed.proj.weight, vit2d.patch_embed.proj.bias, stride=16)
+    assert torch.allclose(out3d[:, :, 0], out2d, atol=1e-5) and torch.allclose(out3d[:, :, 1], out2d, atol=1e-5)
+    resized = inflate_patch_kernel(vit2d.patch_embed.proj.weight.detach(), (8, 24, 24), 1)
+    assert resized.shape == (192, 1, 8, 24, 24)  # bicubic 16 -> 24, no magnitude rescaling (H6)
+    direct = F.interpolate(vit2d.patch_embed.proj.weight.detach(), size=(24, 24), mode="bicubic", align_corners=False)
+    assert torch.allclose(resized[:, 0, 3], direct.sum(1) / 8)
+
+
+def test_inflating_a_timm_vit_copies_blocks_cls_and_2d_positions(monkeypatch) -> None:
+    import timm
+
+    torch.manual_seed(0)
+    src = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: src)
+    enc = HierarchicalViT(ImageEncoderConfig(**{**TINY, "width": 192, "depth": 12, "heads": 3, "levels": ["scan", "study"] * 6,
+                                                "patch_size": [4, 16, 16], "img_size": [8, 224, 224],
+                                                "inflate_from": "vit_tiny_patch16_224"}))
+    assert torch.equal(enc.blocks[5].mlp.fc1.weight, src.blocks[5].mlp.fc1.weight)
+    assert torch.allclose(enc.cls_token, src.cls_token + src.pos_embed[:, :1])
+    table = src.pos_embed[0, 1:].T.reshape(192, 14, 14)
+    depth = sincos_1d(torch.arange(2), 192)
+    assert torch.allclose(enc.spatial_pos[0, :, 1], table + depth[1][:, None, None], atol=1e-6)
+    with pytest.raises(ValueError, match="Cannot inflate"):
+        HierarchicalViT(ImageEncoderConfig(**{**TINY, "inflate_from": "vit_tiny_patch16_224"}))
+
+
+# ---------------------------------------------------------------------------------------------- method + loss
+
+
+def make_method(**kw):
+    from medvlp.methods.hlip import HLIP
+
+    torch.manual_seed(0)
+    return HLIP({"image_encoder": TINY, "text_encoder": {"name": "hf", "model": "tiny", "pool": "cls"}, "embed_dim": 32, **kw},
+                {"lr": 1e-3, "weight_decay": 0.2, "betas": [0.9, 0.98], "eps": 1e-6})
+
+
+def test_clip_loss_at_init_and_logit_scale_clamp() -> None:
+    torch.manual_seed(0)
+    u, w = F.normalize(torch.randn(64, 512), dim=-1), F.normalize(torch.randn(64, 512), dim=-1)
+    loss, i2t, t2i = clip_loss(u, w, 1 / 0.07)
+    assert abs(float(loss) - (math.log(64) + 1 / (2 * 512 * 0.07**2))) < 0.15  # spec §9: ~4.34
+    assert torch.allclose(clip_loss(w, u, 1 / 0.07)[0], loss)  # symmetric in the modalities
+    m = make_method()
+    assert abs(float(m.logit_scale.detach()) - math.log(1 / 0.07)) < 1e-6
+    with torch.no_grad():
+        m.logit_scale.fill_(7.0)
+    m.clamp_logit_scale()
+    assert abs(float(m.logit_scale.detach()) - math.log(100)) < 1e-6
+    with torch.no_grad():
+        m.logit_scale.fill_(-1.0)
+    m.clamp_logit_scale()
+    assert float(m.logit_scale.detach()) == 0.0
+
+
+def test_siglip_loss_by_hand() -> None:
+    u = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    w = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    s, b = 10.0, -10.0
+    logits = s * u @ w.T + b
+    z = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
+    expect = -torch.log(torch.sigmoid(z * logits)).sum() / 2
+    assert torch.allclose(siglip_loss(u, w, s, b), expect)
+    m = make_method(loss="siglip")
+    assert abs(float(m.logit_scale.detach().exp()) - 10.0) < 1e-5 and float(m.logit_bias.detach()) == -10.0
+
+
+def test_step_embeddings_groups_and_text_lock() -> None:
+    from medvlp.batch import ImageTextBatch
+
+    m = make_method()
+    tok = m.tokenizer(["The volume shows: Emphysema.", "The volume shows: Not emphysema."] * 2, padding="max_length",
+                      max_length=16, truncation=True, return_tensors="pt")
+    mask = torch.tensor([[True, True], [True, False], [True, True], [True, False]])
+    batch = ImageTextBatch(images=studies(4, 2), input_ids=tok["input_ids"], attention_mask=tok["attention_mask"],
+                           study_ids=list("abcd"), texts=[""] * 4, scan_mask=mask)
+    terms = m.losses(batch)
+    assert set(terms) == {"itc"} and terms["itc"].isfinite()
+    terms["itc"].backward()
+    m.eval()  # fixed sequence positions
+    emb = m.embed_images(batch.images, batch.scan_mask)
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(4)) and emb.shape == (4, 32)
+    assert torch.allclose(m.embed_images(batch.images[1:2, :1]), emb[1], atol=1e-5)
+    names = {id(p): n for n, p in m.named_parameters()}
+    groups = m.param_groups()
+    decay = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    flat = {names[id(p)] for g in groups for p in g["params"]}
+    assert "image_encoder.cls_token" in decay and "img_proj.weight" in decay and "image_encoder.patch_embed.proj.weight" in decay
+    assert "logit_scale" in flat - decay and not any(n.endswith("bias") or "norm" in n.lower() for n in decay)
+    assert not any("spatial_pos" in n or "sequence_pos" in n for n in flat)
+    locked = make_method(lock_text=True)
+    trainable = [n for n, p in locked.text_encoder.named_parameters() if p.requires_grad]
+    assert trainable and all("LayerNorm" in n for n in trainable)
+    assert locked.txt_proj.weight.requires_grad
+    with pytest.raises(ValueError, match="hlip_vit"):
+        make_method(image_encoder={**TINY, "name": "vit3d"})
