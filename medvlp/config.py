@@ -84,6 +84,7 @@ class TextEncoderConfig:
     freeze_layers: int = 0  # >0 freezes the first N layers (and the embeddings, see freeze_embeddings)
     freeze_embeddings: bool = True  # with freeze_layers > 0, freeze the embedding layer too (G2D's code does not)
     attn_implementation: str = "sdpa"
+    architecture: str = "auto"  # auto (the checkpoint's own model class) | bert (load the BERT trunk, e.g. of CXR-BERT)
     pool: str = "cls"  # pooled feature: cls ([CLS] token) | mean | max (over unmasked tokens; ConVIRT max-pools)
     grad_checkpointing: bool = False
     config_overrides: dict[str, Any] = field(default_factory=dict)  # fields of the HF config

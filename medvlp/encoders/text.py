@@ -141,9 +141,12 @@ class HFTextEncoder(nn.Module):
 
     def __init__(self, cfg: TextEncoderConfig) -> None:
         super().__init__()
-        from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig
+        from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel
 
         self.cfg = cfg
+        if cfg.architecture not in ("auto", "bert"):
+            raise ValueError(f"method.text_encoder.architecture='{cfg.architecture}': expected auto or bert")
+        model_cls, config_cls = (BertModel, BertConfig) if cfg.architecture == "bert" else (AutoModel, AutoConfig)
         if cfg.pool not in self.POOLS:
             raise ValueError(f"method.text_encoder.pool='{cfg.pool}': expected one of {', '.join(self.POOLS)}")
         name = cfg.model
@@ -153,7 +156,7 @@ class HFTextEncoder(nn.Module):
                 hf_cfg = BertConfig(vocab_size=len(self.tokenizer), pad_token_id=self.tokenizer.pad_token_id, **TINY_BERT)
             else:
                 self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or name)
-                hf_cfg = AutoConfig.from_pretrained(name)
+                hf_cfg = config_cls.from_pretrained(name)
         except OSError as err:
             raise OSError(
                 f"method.text_encoder: could not load '{cfg.tokenizer or name}' ({err}). It must be a model "
@@ -170,9 +173,9 @@ class HFTextEncoder(nn.Module):
         if hf_cfg.model_type == "bert":
             kwargs["add_pooling_layer"] = False  # unused: a pooler without gradients breaks DDP
         if cfg.pretrained and name != "tiny":
-            self.model = AutoModel.from_pretrained(name, config=hf_cfg, **kwargs)
+            self.model = model_cls.from_pretrained(name, config=hf_cfg, **kwargs)
         else:
-            self.model = AutoModel.from_config(hf_cfg, **kwargs)
+            self.model = BertModel._from_config(hf_cfg, **kwargs) if cfg.architecture == "bert" else AutoModel.from_config(hf_cfg, **kwargs)
         if cfg.grad_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.out_dim = int(hf_cfg.hidden_size)

@@ -119,3 +119,28 @@ def test_param_groups_no_decay_on_norms_and_text_lr():
         if g["weight_decay"] > 0:
             assert all(p.ndim > 1 for p in g["params"])
     assert sum(len(g["params"]) for g in groups) == sum(1 for p in m.parameters() if p.requires_grad)
+
+
+def test_multi_scan_studies_are_embedded_scan_by_scan_and_averaged():
+    """A method without cross-scan attention embeds each real scan of a [B, S, C, D, H, W] study and
+    averages them (padded scans ignored); the loss runs on such batches."""
+    cfg = C.compose(config_file=str(C.config_dir() / "experiment" / "clip_demo_ct.yaml"),
+                    overrides=["data.root=/unused", "method.image_encoder.img_size=[8,32,32]",
+                               "method.image_encoder.patch_size=[4,8,8]", "method.image_encoder.width=24",
+                               "method.image_encoder.depth=1", "method.image_encoder.heads=2"])
+    C.resolve(cfg)
+    m = METHODS.get("clip")(cfg.method, cfg.optim).eval()
+    torch.manual_seed(0)
+    studies = torch.randn(2, 3, 1, 8, 32, 32)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    with torch.no_grad():
+        emb = m.embed_images(studies, mask)
+        per_scan = m.embed_image(studies[0, :2])
+    assert torch.allclose(emb[0], F.normalize(per_scan.mean(0), dim=-1), atol=1e-6)
+    studies[0, 2] = 100.0  # the padded scan does not matter
+    with torch.no_grad():
+        assert torch.allclose(m.embed_images(studies, mask), emb, atol=1e-6)
+    tok = m.tokenizer(REPORTS[:2], padding="max_length", truncation=True, max_length=24, return_tensors="pt")
+    batch = ImageTextBatch(images=studies, input_ids=tok["input_ids"], attention_mask=tok["attention_mask"],
+                           study_ids=["a", "b"], scan_mask=mask)
+    assert m.train().losses(batch)["itc"].isfinite()

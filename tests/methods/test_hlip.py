@@ -272,3 +272,148 @@ def test_step_embeddings_groups_and_text_lock() -> None:
     assert locked.txt_proj.weight.requires_grad
     with pytest.raises(ValueError, match="hlip_vit"):
         make_method(image_encoder={**TINY, "name": "vit3d"})
+
+
+# ---------------------------------------------------------------------------------------------- configs + CLI
+
+
+def resolved(name: str, *overrides: str):
+    from medvlp import config as C
+
+    cfg = C.compose(config_file=str(CONFIGS / "experiment" / name), overrides=["data.root=/unused", *overrides])
+    C.resolve(cfg)
+    return cfg
+
+
+def test_ctrate_parity_config_matches_the_spec() -> None:
+    cfg = resolved("hlip_ctrate.yaml")
+    m, e, d, o, t = cfg.method, cfg.method.image_encoder, cfg.data, cfg.optim, cfg.trainer
+    assert (m.name, m.embed_dim, m.loss, m.temperature, m.max_logit_scale, m.lock_text) == ("hlip", 512, "clip", 0.07, 100.0, True)
+    assert (e.width, e.depth, e.heads, e.mlp_ratio, e.drop_path) == (768, 12, 12, 4.0, 0.2)
+    assert list(e.img_size) == [112, 336, 336] and list(e.patch_size) == [8, 24, 24]
+    assert [i for i, v in enumerate(e.levels) if v == "scan"] == [2, 5, 8, 11]
+    assert [i for i, v in enumerate(e.levels) if v == "slice"] == [0, 1, 3, 4, 6, 7, 9, 10]
+    assert (e.pos_embed, e.sequence_pos_embed, e.global_pool, e.patch_dropout) == ("sincos", False, "cls", 0.0)
+    assert e.inflate_from == "vit_base_patch16_224.mae" and e.grad_checkpointing
+    assert (cfg.method.text_encoder.model, cfg.method.text_encoder.pool) == ("microsoft/BiomedVLP-CXR-BERT-specialized", "cls")
+    assert list(d.spacing) == [3.0, 1.0, 1.0] and list(d.size) == [112, 336, 336] and list(d.window) == [-1150.0, 350.0]
+    assert (d.mean, d.std, d.orientation, d.flip_prob, d.max_length, d.text) == (0.449, 0.226, "", 0.0, 512, "impressions+findings")
+    assert len(d.eval_labels) == 16 and "Medical material" not in d.eval_labels and "Lymphadenopathy" not in d.eval_labels
+    assert d.batch_size * int(t.devices) == 512  # 4 GPUs x 32 x accum-batch 4 (one concatenated forward)
+    assert (o.lr, o.weight_decay, list(o.betas), o.eps, o.warmup_steps, o.schedule) == (8e-5, 0.2, [0.9, 0.98], 1e-6, 47, "cosine")
+    assert (t.max_epochs, t.precision, t.gradient_clip_val) == (20, "bf16-mixed", 0.0)
+    tokens = math.prod(s // p for s, p in zip(e.img_size, e.patch_size, strict=True))
+    assert tokens == 2744
+
+
+def test_brainmri_parity_config_matches_the_spec() -> None:
+    cfg = resolved("hlip_brainmri.yaml")
+    e, d = cfg.method.image_encoder, cfg.data
+    assert list(e.img_size) == [48, 224, 224] and list(e.patch_size) == [8, 16, 16]
+    assert math.prod(s // p for s, p in zip(e.img_size, e.patch_size, strict=True)) == 1176
+    assert [i for i, v in enumerate(e.levels) if v == "study"] == [2, 5, 8, 11] and "slice" not in e.levels
+    assert (e.max_scans, e.sequence_pos_embed, e.patch_dropout, e.drop_path) == (40, True, 0.25, 0.2)
+    assert (d.num_scans, d.scan_sampling, d.num_slices, d.eval_num_slices, d.resize, d.image_size) == (10, "repeat", 48, 144, 256, 224)
+    assert (d.max_length, d.eval_batch_size, d.text_prefix) == (256, 1, "This MRI study shows: ")
+    assert cfg.method.text_encoder.model == "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext"
+
+
+def test_hlip_prompt_files_follow_the_spec() -> None:
+    from medvlp.downstream.zero_shot import load_merges, load_prompts, merge_scores
+
+    ct = load_prompts(CONFIGS / "prompts" / "hlip_ct_rate.yaml")
+    assert len(ct) == 16
+    assert ct["Atelectasis"] == {"positive": ["The volume shows: Atelectasis."], "negative": ["The volume shows: Not atelectatic."]}
+    assert ct["Lung nodule"]["negative"] == ["The volume shows: Not lung nodule."]
+    assert ct["Hiatal hernia"]["negative"] == ["The volume shows: Not hiatal hernia."]
+    rad = load_prompts(CONFIGS / "prompts" / "hlip_rad_chestct.yaml")
+    assert len(rad) == 15 and "Mosaic attenuation pattern" not in rad
+    merges = load_merges(CONFIGS / "prompts" / "hlip_rad_chestct.yaml")
+    assert merges == {"Calcification": ["Coronary artery wall calcification", "Arterial wall calcification"]}
+    import numpy as np
+
+    merged = merge_scores([np.array([0.3, -0.2, -0.5, 0.1]), np.array([-0.4, -0.1, 0.2, 0.6])])
+    assert merged.tolist() == [0.3, -0.2, 0.2, 0.6]  # max if either is positive, else min
+
+
+def test_zero_shot_merges_two_labels_into_one(monkeypatch) -> None:
+    """Rad-ChestCT's calcification: two scored classes become one AUROC, 14 classes in the mean."""
+    import numpy as np
+
+    from medvlp.downstream import zero_shot as Z
+    from medvlp.downstream.embed import Embeddings
+
+    labels = ["A", "B", "C"]
+    y = torch.tensor([[1, 1, 0], [0, 0, 1], [1, 1, 1], [0, 0, 0]], dtype=torch.float32)
+    emb = Embeddings(images=torch.eye(4), texts=torch.eye(4), study_ids=list("wxyz"), labels=y)
+    vectors = {"pa": torch.tensor([1.0, 0, 1, 0]), "na": torch.tensor([0, 1.0, 0, 1]), "pb": torch.tensor([0.5, 0, 0.5, 0]),
+               "nb": torch.zeros(4), "pc": torch.tensor([0, 1.0, 1, 0]), "nc": torch.zeros(4)}
+    monkeypatch.setattr(Z, "embed_prompts", lambda method, texts, max_length: vectors[texts[0]])
+
+    class M:
+        @staticmethod
+        def similarity(a, b):
+            return a @ b.T
+
+    prompts = {k: {"positive": ["p" + k.lower()], "negative": ["n" + k.lower()]} for k in labels}
+    res = Z.zero_shot_auc(M(), emb, labels, labels, prompts, 8, merges={"AB": ["A", "B"]})
+    assert set(res["auroc"]) == {"AB", "C"} and res["auroc"]["AB"] == 1.0
+    assert np.isclose(res["mean_auroc"], np.mean([res["auroc"]["AB"], res["auroc"]["C"]]))
+
+
+def test_fit_hlip_on_the_ct_rate_fixture(tmp_path) -> None:
+    """`medvlp fit --method hlip --data ct_rate data.root=<fixture>` end to end (the tiny CT-RATE world in
+    the real layout), then zero-shot with HLIP's prompt pairs."""
+    import subprocess
+    import sys
+
+    from medvlp.datamodules.demo import write_ct_demo
+
+    ct_root = write_ct_demo(tmp_path / "ct-rate", size="tiny", seed=0)
+    out = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "medvlp.cli", "fit", "--method", "hlip", "--data", "ct_rate", f"data.root={ct_root}",
+           "data.spacing=[10.0,6.0,6.0]", "data.size=[8,32,32]", "data.batch_size=2", "data.max_length=32",
+           "data.num_workers=0", "method.image_encoder.img_size=[8,32,32]", "method.image_encoder.patch_size=[4,8,8]",
+           f"run.out_dir={out}", "trainer.max_steps=3", "trainer.enable_progress_bar=false", "trainer.limit_val_batches=1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (run,) = list(out.iterdir())
+    assert (run / "checkpoints" / "last.ckpt").is_file() and "name: hlip_vit" in (run / "config.yaml").read_text()
+    zs = [sys.executable, "-m", "medvlp.cli", "zeroshot", "--run", str(run), "--split", "val", "data.prompts=hlip_ct_rate.yaml",
+          "data.eval_labels=[Emphysema,Cardiomegaly,Lung nodule]"]
+    res = subprocess.run(zs, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Cardiomegaly" in res.stdout and "mean" in res.stdout
+
+
+@pytest.mark.gpu
+def test_ctrate_recipe_step_on_cuda_in_bf16() -> None:
+    """One AdamW step at the CT-RATE recipe's per-GPU forward batch (128 volumes of 112 x 336 x 336, ViT-B
+    with gradient checkpointing; text side offline-tiny) under bf16 autocast; prints time and peak memory."""
+    import time
+
+    from medvlp.batch import ImageTextBatch
+    from medvlp.registry import METHODS
+
+    cfg = resolved("hlip_ctrate.yaml", "method.image_encoder.inflate_from=", "method.text_encoder.model=tiny",
+                   "method.text_encoder.architecture=auto", "method.lock_text=false")
+    m = METHODS.get("hlip")(cfg.method, cfg.optim).cuda()
+    opt = torch.optim.AdamW(m.param_groups(), lr=8e-5, betas=(0.9, 0.98), eps=1e-6)
+    b = int(cfg.data.batch_size)
+    tok = m.tokenizer(["The volume shows: Emphysema."] * b, padding="max_length", max_length=64, return_tensors="pt")
+    batch = ImageTextBatch(images=torch.randn(b, 1, 1, 112, 336, 336, device="cuda"), input_ids=tok["input_ids"].cuda(),
+                           attention_mask=tok["attention_mask"].cuda(), study_ids=[str(i) for i in range(b)])
+    torch.cuda.reset_peak_memory_stats()
+    for step in range(2):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = m.losses(batch)["itc"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        m.clamp_logit_scale()
+        torch.cuda.synchronize()
+        print(f"step {step}: {time.perf_counter() - start:.2f} s, loss {float(loss):.3f}, "
+              f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    assert torch.isfinite(loss)
