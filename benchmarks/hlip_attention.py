@@ -124,7 +124,7 @@ def main() -> None:
           f"{args.device}, {'forward + backward' if args.grad else 'forward'}")
     print(f"{'scans':>5} {'tokens':>7} " + " ".join(f"{pat + ' s':>10} {pat + ' MB':>10}" for pat in patterns)
           + f" {'score ratio':>12}")
-    passthrough = [a for a in sys.argv[1:] if a not in ("--scans",)]
+    passthrough = sys.argv[1:]
     for n in args.scans:
         row = {}
         for pat in patterns:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import json
 import logging
 import math
 import os
@@ -69,7 +70,9 @@ LABELS = [
 UNREADABLE = ["train_1267_a_4", "train_11755_a_3", "train_11755_a_4"]  # HLIP excludes these
 VERSIONS = ("auto", "v1", "v2")
 RECONSTRUCTIONS = ("one", "all")
-TEXTS = ("impressions+findings", "findings", "impressions")
+TEXTS = ("impressions+findings", "findings", "impressions", "organ")
+ORGANS = ("lung", "heart", "esophagus", "aorta")
+NO_ABNORMALITY = "No significant abnormalities."
 PLACEHOLDERS = {"", "not given.", "not given", "nan"}
 _NAME = re.compile(r"^(train|valid)_(\d+)_([a-z]+)_(\d+)$")
 _HLIP_STRIP = str.maketrans("", "", "\"'()")
@@ -87,7 +90,9 @@ class CTRateConfig(VolumeConfig):
     version: str = "auto"  # auto: v2 (train_fixed/) where the file exists, else v1 | v1 | v2
     apply_metadata_rescale: str = "auto"  # auto: on for v1 files, off for v2 | on | off
     reconstructions: str = "one"  # one: one volume per scan (random at train) | all: every volume
-    text: str = "impressions+findings"  # impressions+findings (HLIP) | findings | impressions
+    text: str = "impressions+findings"  # impressions+findings (HLIP) | findings | impressions | organ (HLIP organ-wise)
+    organ_findings_file: str = "desc_info.json"  # text=organ: fVLM's per-organ findings {scan: {organ: str}}
+    organ_impressions_file: str = "conc_info.json"  # text=organ: fVLM's per-organ impressions
     exclude: list[str] = field(default_factory=lambda: list(UNREADABLE))  # VolumeNames left out
     val_fraction: float = 0.05  # patients of official train held out as the val split
     val_seed: int = 0  # seed of that holdout (independent of data.seed, so runs share one val split)
@@ -148,10 +153,26 @@ def report_text(findings: Any, impressions: Any, mode: str = "impressions+findin
         return i or None
     parts = []
     if i:
-        parts.append(f"The volume shows: {i}")
+        parts.append(f"The volume shows: {_period(i)}")
     if f:
-        parts.append(f"The volume looks like: {f}")
+        parts.append(f"The volume looks like: {_period(f)}")
     return " ".join(parts).translate(_HLIP_STRIP) if parts else None
+
+
+def _period(text: str) -> str:
+    return text if text.endswith(".") else text + "."
+
+
+def organ_texts(findings: dict[str, Any] | None, impressions: dict[str, Any] | None) -> list[str]:
+    """HLIP's organ-wise supervision of one scan (spec §3.6): for lung, heart, esophagus and aorta,
+    ``"The <organ> shows: <impression part> The <organ> looks like: <findings part>"``, an empty or
+    missing part replaced by ``No significant abnormalities.``, ``"'()`` removed."""
+    out = []
+    for organ in ORGANS:
+        i = clean_field((impressions or {}).get(organ)) or NO_ABNORMALITY
+        f = clean_field((findings or {}).get(organ)) or NO_ABNORMALITY
+        out.append(f"The {organ} shows: {_period(i)} The {organ} looks like: {_period(f)}".translate(_HLIP_STRIP))
+    return out
 
 
 _META_COLUMNS = ["XYSpacing", "ZSpacing", "RescaleSlope", "RescaleIntercept", "ImagePositionPatient", "ImageOrientationPatient"]
@@ -434,16 +455,25 @@ class CTRateDataModule(VolumeDataModule):
             scans.setdefault(scan_of(n), []).append(n)
         records: list[Record] = []
         dropped = 0
+        organ = self.organ_annotations() if self.cfg.text == "organ" else None
         for scan, vols in scans.items():
             first = vols[0]  # lowest reconstruction number: reports and labels are per scan
             findings, impressions = reports[first]
-            text = report_text(findings, impressions, self.cfg.text)
+            extra: dict[str, Any] = {}
+            if organ is not None:
+                if scan not in organ[0] and scan not in organ[1]:
+                    dropped += 1
+                    continue
+                extra["organ_texts"] = organ_texts(organ[0].get(scan), organ[1].get(scan))
+                text = " ".join(extra["organ_texts"])
+            else:
+                text = report_text(findings, impressions, self.cfg.text)
             if text is None:
                 dropped += 1
                 continue
             lab = labels[first]
             vol_specs = [specs[v] for v in vols]
-            meta = {"patient": patient_of(first), "split": split, "volumes": vol_specs}
+            meta = {"patient": patient_of(first), "split": split, "volumes": vol_specs, **extra}
             if self.cfg.reconstructions == "one":
                 records.append(Record(scan, [s.path for s in vol_specs], text, lab.copy(), meta))
             else:
@@ -453,6 +483,33 @@ class CTRateDataModule(VolumeDataModule):
             log.info("ct_rate %s: dropped %d of %d scans whose %s text is empty or 'Not given.'", split, dropped, len(scans), self.cfg.text)
         log.info("ct_rate %s: %d records from %d scans", split, len(records), len(scans) - dropped)
         return records
+
+    def organ_annotations(self) -> tuple[dict[str, dict], dict[str, dict]]:
+        """fVLM's per-organ findings and impressions ``({scan: {organ: text}}, ...)`` for ``data.text=organ``."""
+        out = []
+        for key in ("organ_findings_file", "organ_impressions_file"):
+            path = Path(getattr(self.cfg, key))
+            path = path if path.is_absolute() else Path(self.cfg.root) / path
+            try:
+                table = json.loads(path.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise DataError(f"data.text=organ needs data.{key} ({path} does not exist): fVLM's per-organ "
+                                f"report file {{scan: {{lung|heart|esophagus|aorta: text}}}}.") from None
+            except (OSError, ValueError) as err:
+                raise DataError(f"data.{key}: {path} is not readable JSON: {err}") from err
+            if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+                raise DataError(f"data.{key}: {path} must map each scan (e.g. train_1_a) to {{organ: text}}.")
+            out.append({volume_key(k): v for k, v in table.items()})
+        return out[0], out[1]
+
+    def item_text(self, record: Record, train: bool) -> str:
+        """Organ-wise text: the four organ strings shuffled in every training draw (HLIP)."""
+        parts = record.meta.get("organ_texts")
+        if not train or not parts:
+            return super().item_text(record, train)
+        import torch
+
+        return " ".join(parts[i] for i in torch.randperm(len(parts)).tolist())
 
     def volume(self, spec: VolumeSpec) -> np.ndarray:
         """Windowed, resampled, cropped volume ``[D, H, W]`` in ``[0, 1]`` (:meth:`load_volume`)."""

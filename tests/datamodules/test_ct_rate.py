@@ -79,6 +79,36 @@ def test_report_text_rules():
     assert report_text("", float("nan")) is None
     assert report_text("Nodule (3 mm).", "X.", mode="findings") == "Nodule (3 mm)."
     assert report_text("Nodule.", "", mode="impressions") is None
+    assert report_text("Lungs clear", "Normal") == "The volume shows: Normal. The volume looks like: Lungs clear."
+
+
+def test_organ_wise_text(ct_root, tmp_path):
+    """HLIP's organ supervision from fVLM's per-organ files: four strings, empty parts filled, never 'nan.',
+    shuffled in every training draw; scans without an entry are dropped and counted."""
+    import json
+
+    from medvlp.datamodules.ct_rate import organ_texts
+
+    parts = organ_texts({"lung": "Nodule (5 mm) in the right lung", "heart": float("nan")}, {"lung": "Lung nodule."})
+    assert parts[0] == "The lung shows: Lung nodule. The lung looks like: Nodule 5 mm in the right lung."
+    assert parts[1] == "The heart shows: No significant abnormalities. The heart looks like: No significant abnormalities."
+    assert [p.split()[1] for p in parts] == ["lung", "heart", "esophagus", "aorta"] and not any("nan" in p for p in parts)
+    desc = {"train_1_a": {"lung": "Lungs clear."}, "train_2_a": {"heart": "Enlarged heart."}, "train_3_a": {}}
+    conc = {"train_2_a": {"heart": "Cardiomegaly."}}
+    (tmp_path / "desc.json").write_text(json.dumps(desc))
+    (tmp_path / "conc.json").write_text(json.dumps(conc))
+    dm = make(ct_root, text="organ", organ_findings_file=str(tmp_path / "desc.json"),
+              organ_impressions_file=str(tmp_path / "conc.json"), val_fraction=0.0)
+    recs = {r.study_id: r for r in dm.records("train")}
+    assert sorted(recs) == ["train_1_a", "train_2_a", "train_3_a"]
+    rec = recs["train_2_a"]
+    assert rec.text.startswith("The lung shows: No significant abnormalities.") and "The heart shows: Cardiomegaly." in rec.text
+    torch.manual_seed(0)
+    draws = {dm.item_text(rec, train=True) for _ in range(20)}
+    assert len(draws) > 1 and all(sorted(d.split(". The ")) != [] and len(d) == len(rec.text) for d in draws)
+    assert dm.item_text(rec, train=False) == rec.text
+    with pytest.raises(DataError, match="organ_findings_file"):
+        make(ct_root, text="organ", organ_findings_file=str(tmp_path / "missing.json")).records("train")
 
 
 def test_records_splits_text_and_labels(ct_root, caplog):

@@ -417,3 +417,13 @@ def test_ctrate_recipe_step_on_cuda_in_bf16() -> None:
         print(f"step {step}: {time.perf_counter() - start:.2f} s, loss {float(loss):.3f}, "
               f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     assert torch.isfinite(loss)
+
+
+def test_without_data_hlip_trains_on_the_ct_demo() -> None:
+    from medvlp import config as C
+
+    cfg = C.compose(method="hlip")
+    assert (cfg.data.name, cfg.data.root, cfg.data.text) == ("ct_rate", "demo", "impressions")
+    assert C.compose(method="clip").data.name == "mimic_cxr"
+    brain = C.compose(method="hlip", data="demo_brain_mri")
+    assert brain.data.name == "brain_mri" and brain.method.image_encoder.name == "hlip_vit"
