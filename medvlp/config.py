@@ -289,7 +289,7 @@ def compose(
 
     Args:
         method: a ``configs/method`` name (defaults to ``method.name`` of the config file, or clip).
-        data: a ``configs/data`` name (defaults to the config file's, or ``demo_cxr``).
+        data: a ``configs/data`` name (defaults to the config file's, else the method file's ``compose: {data: ...}``, else ``demo_cxr``).
         trainer: a ``configs/trainer`` name (default ``default``).
         config_file: a saved or experiment config; with a ``compose:`` key it names its groups.
         overrides: command-line ``key=value`` items.
@@ -311,12 +311,16 @@ def compose(
     # A full saved config (no compose key) already holds every section: merge no group files.
     saved = bool(config_file) and not groups and all(s in file_cfg for s in ("method", "data"))
     method = method or groups.get("method") or (None if saved else _name_in([file_cfg, dot], "method")) or (None if saved else "clip")
-    data = data or groups.get("data") or (None if saved else _default_data(method))
+    method_layer = load_yaml(group_file("method", method)) if method else None
+    method_groups = (method_layer.pop("compose", None) or {}) if method_layer is not None else {}
+    if any(k != "data" for k in method_groups):
+        raise ConfigError(f"compose: in configs/method/{method}.yaml may only name the default data group.")
+    data = data or groups.get("data") or (None if saved else method_groups.get("data", "demo_cxr"))
     trainer = trainer or groups.get("trainer") or (None if saved else "default")
 
     layers: list[tuple[str, DictConfig]] = []
-    if method:
-        layers.append((f"configs/method/{method}.yaml", load_yaml(group_file("method", method))))
+    if method_layer is not None:
+        layers.append((f"configs/method/{method}.yaml", method_layer))
     if data:
         layers.append((f"configs/data/{data}.yaml", load_yaml(group_file("data", data))))
     if trainer:
@@ -345,18 +349,6 @@ def compose(
         layer = OmegaConf.masked_copy(layer, [k for k in layer if k in cfg]) if _sections_only(layer) else layer
         cfg = _merge(cfg, layer, source, schemas)
     return cfg
-
-
-def _default_data(method: str | None) -> str:
-    """The data group a method trains on without ``--data``: its ``default_data`` (e.g. a 3D world), else ``demo_cxr``."""
-    if not method:
-        return "demo_cxr"
-    from medvlp.registry import METHODS, RegistryError
-
-    try:
-        return str(getattr(METHODS.get(method), "default_data", "demo_cxr"))
-    except RegistryError:
-        return "demo_cxr"  # the unknown method is reported where its schema is looked up
 
 
 def open_dict_fields(node: DictConfig, schema: Any) -> None:

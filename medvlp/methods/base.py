@@ -43,7 +43,6 @@ class VLPMethod(L.LightningModule):
     """
 
     Config: ClassVar[type[MethodConfig]] = MethodConfig
-    default_data: ClassVar[str] = "demo_cxr"  # configs/data group used when `medvlp fit` gets no --data
 
     def __init__(self, cfg: Any, optim: Any = None) -> None:
         super().__init__()

@@ -55,7 +55,6 @@ class HLIP(VLPMethod):
     """Study-level CLIP with hierarchical attention (term ``itc``, or ``siglip``)."""
 
     Config = HLIPConfig
-    default_data = "demo_ct_impressions"  # without --data: the synthetic chest-CT world (impressions as text)
 
     def build(self) -> None:
         c = self.cfg

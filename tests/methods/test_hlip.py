@@ -114,13 +114,18 @@ def test_with_one_scan_scan_and_study_blocks_agree_and_regrouping_round_trips() 
     x = studies(2, 1)
     assert (a(x).pooled - b(x).pooled).abs().max() < 1e-6
     enc = encoder()
-    cls = torch.randn(2, 3, 48)  # scan level [B, N, C]
-    for fine in ("slice",):
-        down = enc._regroup(cls, "scan", fine, 3, 4, None)
-        assert down.shape == (2, 3, 4, 48) and torch.equal(enc._regroup(down, fine, "scan", 3, 4, None), cls)
-    up = enc._regroup(cls, "scan", "study", 3, 4, None)
-    assert torch.allclose(up, cls.mean(1))
-    assert torch.equal(enc._regroup(up, "study", "slice", 3, 4, None)[:, 1, 2], up)
+    b, n, s_, c = 2, 3, 4, 48
+    shapes = {"slice": (b, n, s_, c), "scan": (b, n, c), "study": (b, c)}
+    for fine, coarse in (("slice", "scan"), ("slice", "study"), ("scan", "study")):
+        x = torch.randn(shapes[coarse])
+        copies = enc._regroup(x, coarse, fine, n, s_, None)  # split: every window gets a copy
+        assert copies.shape == shapes[fine] and torch.allclose(enc._regroup(copies, fine, coarse, n, s_, None), x, atol=1e-6)
+        y = torch.randn(shapes[fine])
+        merged = enc._regroup(y, fine, coarse, n, s_, None)  # merge: the mean of the window copies
+        assert torch.allclose(merged, y.reshape(b, -1, c).mean(1) if coarse == "study" else y.mean(2), atol=1e-6)
+    w = torch.tensor([[0.5, 0.5, 0.0], [1 / 3, 1 / 3, 1 / 3]])  # padded scan 3 of study 0 has no weight
+    y = torch.randn(b, n, c)
+    assert torch.allclose(enc._regroup(y, "scan", "study", n, s_, w)[0], y[0, :2].mean(0), atol=1e-6)
 
 
 def test_positions_are_fixed_and_sequence_rows_random_in_training() -> None:
