@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from medvlp import config as C
@@ -227,4 +228,60 @@ def evaluate_method(method, cfg: DictConfig, tasks: tuple[str, ...] = ("zeroshot
     return out
 
 
-__all__ = ["fit", "load_run", "evaluate", "evaluate_method", "resolve_data_root"]
+# --------------------------------------------------------------------------- downstream transfer
+TASK_NAMES = ("classification",)
+
+
+def downstream_datamodule(run_cfg: DictConfig, data: str, overrides: list[str], fraction: float, tokenizer: Any):
+    """The labelled datamodule of a transfer task: ``configs/data/<data>.yaml`` + ``overrides``, with the
+    pretraining run's ``image_size`` / ``channels`` (what its encoder expects) unless overridden."""
+    dot = C.parse_overrides(overrides)
+    cfg = C.compose(data=data, overrides=overrides, sections=("data",))
+    given = set(dot.get("data", {}) or {})
+    for key in ("image_size", "channels"):
+        if key in cfg.data and key in run_cfg.data and key not in given:
+            cfg.data[key] = run_cfg.data[key]
+    cfg.data.label_fraction = float(fraction)
+    resolve_data_root(cfg)
+    C.resolve(cfg)
+    return build_datamodule(cfg, tokenizer=tokenizer), cfg
+
+
+def downstream(task: str, data: str, run_dir: str | Path, fraction: float = 1.0, protocol: str = "linear",
+               seed: int = 0, overrides: list[str] | None = None, out: str | Path | None = None,
+               **settings: Any) -> dict[str, Any]:
+    """Transfer a run's image encoder to a labelled task and write ``result.json`` (+ plots).
+
+    Args:
+        task: ``classification``.
+        data: a ``configs/data`` name with labels (e.g. ``demo_chexpert``, ``chexpert``, ``covidx``).
+        run_dir: a pre-training run directory (any method).
+        fraction: fraction of the training labels (the shared label-fraction files).
+        protocol: ``linear`` (frozen encoder) or ``finetune``.
+        seed: seed of the head and batch order.
+        overrides: ``data.*`` overrides.
+        out: output folder (default ``<run_dir>/downstream/<task>-<data>-<protocol>-f<fraction>-s<seed>``).
+        settings: optimiser overrides (lr, batch_size, max_epochs, patience, max_steps).
+    """
+    if task not in TASK_NAMES:
+        raise C.ConfigError(f"--task {task} is not available; choose one of {', '.join(TASK_NAMES)}.")
+    from medvlp.downstream.classification import run_classification
+    from medvlp.downstream.plots import roc_png
+
+    method, run_cfg = load_run(run_dir)
+    dm, cfg = downstream_datamodule(run_cfg, data, list(overrides or []), fraction, method.tokenizer)
+    res = run_classification(method, dm, protocol=protocol, seed=seed, **settings)
+    res.update({"run": str(run_dir), "method": run_cfg.method.name, "data": data, "data_name": cfg.data.name})
+    folder = Path(out) if out else Path(run_dir) / "downstream" / f"{task}-{data}-{protocol}-f{fraction:g}-s{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    logits = np.asarray(res.pop("test_logits"))
+    labels = np.asarray(res.pop("test_labels"))
+    roc_png(folder / "roc.png", logits, labels, res["labels"], res["auroc"],
+            title=f"{run_cfg.method.name} -> {data}, {protocol}, {fraction:g} of the labels")
+    np.savez_compressed(folder / "test_predictions.npz", logits=logits, labels=labels)
+    res["files"] = {"result": str(folder / "result.json"), "roc": str(folder / "roc.png")}
+    (folder / "result.json").write_text(json.dumps(res, indent=2))
+    return res
+
+
+__all__ = ["fit", "load_run", "evaluate", "evaluate_method", "downstream", "resolve_data_root"]

@@ -80,6 +80,26 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--words", default="", help="MGCA: comma-separated words to draw (default: up to 8 finding words)")
     ex.add_argument("--out", help="output folder (default RUN_DIR/explain)")
 
+    ds = sub.add_parser("downstream", help="transfer a run's image encoder to a labelled task (linear probe / fine-tune)",
+                        description="Train a linear head on the frozen image encoder of a run (protocol linear, MGCA's "
+                                    "settings) or the encoder and the head (protocol finetune) on a labelled dataset, on "
+                                    "a fraction of its training labels (the shared fraction files); early stopping on the "
+                                    "validation loss; AUROC per label (and accuracy for exclusive classes) on the test "
+                                    "split. Writes result.json, roc.png and the test predictions.")
+    ds.add_argument("--task", default="classification", choices=["classification"])
+    ds.add_argument("--data", required=True, help="configs/data/<name>.yaml with labels (e.g. demo_chexpert, chexpert, covidx)")
+    ds.add_argument("--run", required=True, metavar="RUN_DIR")
+    ds.add_argument("--fraction", type=float, default=1.0, help="fraction of the training labels (e.g. 0.01, 0.1, 1)")
+    ds.add_argument("--protocol", default="linear", choices=["linear", "finetune"])
+    ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--lr", type=float, help="default: 5e-4 (linear), 1e-4 (finetune)")
+    ds.add_argument("--batch-size", type=int, help="default: 48 (linear), 64 (finetune)")
+    ds.add_argument("--max-epochs", type=int, help="default 50")
+    ds.add_argument("--patience", type=int, help="early-stopping patience in epochs (default 10)")
+    ds.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (quick runs)")
+    ds.add_argument("--out", help="output folder (default RUN_DIR/downstream/<task>-<data>-<protocol>-f<F>-s<seed>)")
+    ds.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.root=/data/chexpert")
+
     demo = sub.add_parser("demo", help="write the synthetic demo datasets", description="Write the synthetic radiology world in the real dataset formats.")
     demo.add_argument("--out", required=True)
     demo.add_argument("--kind", default="all", choices=["all", "cxr", "ct", "brain_mri", "chexpert", "rsna", "siim", "nih14",
@@ -165,6 +185,23 @@ def cmd_eval(args: argparse.Namespace, task: str) -> None:
             json.dump(res, fh, indent=2)
 
 
+def cmd_downstream(args: argparse.Namespace) -> None:
+    from medvlp import api
+
+    settings = {"lr": args.lr, "batch_size": args.batch_size, "max_epochs": args.max_epochs, "patience": args.patience,
+                "max_steps": args.max_steps}
+    res = api.downstream(args.task, args.data, args.run, fraction=args.fraction, protocol=args.protocol, seed=args.seed,
+                         overrides=args.overrides, out=args.out, **{k: v for k, v in settings.items() if v is not None})
+    print(f"{args.task} ({args.protocol}) of {res['method']} on {args.data}, {res['fraction']:g} of the training labels "
+          f"({res['n_train']} images), test split ({res['n_test']} images), {res['history']['epochs']} epochs:")
+    rows = [(lab, f"{auc:.3f}") for lab, auc in res["auroc"].items()]
+    rows.append(("mean", f"{res['mean_auroc']:.3f}"))
+    if "accuracy" in res:
+        rows.append(("accuracy", f"{res['accuracy']:.3f}"))
+    _print_table(rows, ("label", "AUROC"))
+    print(f"wrote {res['files']['result']} and {res['files']['roc']}")
+
+
 def cmd_preprocess(args: argparse.Namespace) -> None:
     from medvlp import api
     from medvlp import config as C
@@ -232,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         "retrieve": lambda a: cmd_eval(a, "retrieval"),
         "preprocess": cmd_preprocess,
         "explain": cmd_explain,
+        "downstream": cmd_downstream,
         "demo": cmd_demo,
         "list": lambda a: cmd_list(a.what),
     }

@@ -163,6 +163,8 @@ class VLPDataModule:
     # True: an item's image is a stack of scans [S, C, D, H, W] with S varying per study; batches
     # pad S with empty scans and carry scan_mask [B, S] (True = real scan).
     multi_scan: ClassVar[bool] = False
+    # True: the labels are one-hot over exclusive classes (softmax in classification transfer)
+    multiclass: ClassVar[bool] = False
 
     def __init__(self, cfg: DataConfig, tokenizer: Any = None) -> None:
         if cfg.text_augment not in TEXT_AUGMENTS:

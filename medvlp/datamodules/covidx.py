@@ -139,6 +139,7 @@ class COVIDxDataModule(RadiographDataModule):
     modality = "2d"
     default_prompts = ""  # no zero-shot prompt set for COVIDx classes (fine-tuning only, as in MGCA)
     demo_kind = "covidx"  # data.root=demo: the synthetic world of demo/downstream.py
+    multiclass = True  # one-hot over exclusive classes
     label_names: list[str] = []
     EXPECTED_LAYOUT = """\
 <root>/                                  Kaggle andyczhao/covidx-cxr2 (CXR-2/3/4) or a COVID-Net data folder

@@ -32,6 +32,29 @@ def auroc(scores: np.ndarray, targets: np.ndarray) -> float:
     return float(u / (n_pos * n_neg))
 
 
+def accuracy(pred: np.ndarray, target: np.ndarray) -> float:
+    """Fraction of ``pred`` equal to ``target`` (class indices); NaN for no items."""
+    pred, target = np.asarray(pred).ravel(), np.asarray(target).ravel()
+    return float((pred == target).mean()) if len(pred) else float("nan")
+
+
+def roc_curve(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(false positive rates, true positive rates)`` over every threshold, from (0, 0) to (1, 1)
+    (NaN targets ignored; ties move both rates at once)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.float64)
+    keep = ~np.isnan(targets)
+    scores, targets = scores[keep], targets[keep] > 0.5
+    n_pos, n_neg = int(targets.sum()), int((~targets).sum())
+    if n_pos == 0 or n_neg == 0:
+        return np.array([0.0, 1.0]), np.array([0.0, 1.0])
+    order = np.argsort(-scores, kind="mergesort")
+    s, t = scores[order], targets[order]
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]  # the last index of every distinct score
+    tps, fps = np.cumsum(t)[last], np.cumsum(~t)[last]
+    return np.r_[0.0, fps / n_neg], np.r_[0.0, tps / n_pos]
+
+
 def recall_at_k(sim: np.ndarray, query_ids: list[str], gallery_ids: list[str], ks: tuple[int, ...] = (1, 5, 10)) -> dict[int, float]:
     """Fraction of queries whose top-k gallery items include one with the same id.
 

@@ -1,0 +1,259 @@
+"""Classification transfer of a pretrained image encoder: linear probe and full fine-tuning.
+
+Any run directory of any registered method: the image backbone alone (``method.image_encoder``, no
+projection heads) gives the feature - the pooled [CLS] / global-average feature - and one
+``Linear(feature, K)`` head is trained on a labelled datamodule (``configs/data/*``), on ``fraction``
+of its training split (the shared label-fraction files, so every method sees the same images).
+
+* ``linear`` (MGCA's protocol, ``specs/methods/mgca.md`` §7.2): backbone frozen in eval mode; AdamW
+  lr 5e-4, betas (0.9, 0.999), weight decay 1e-6, no schedule, batch 48, at most 50 epochs, early
+  stopping on the validation loss (patience 10), the best-validation head is tested. The frozen
+  features are computed once per split (no train-time augmentation of the images).
+* ``finetune`` (G2D's ChestX-ray14 protocol, ``g2d.md`` §7.6): backbone and head trained; AdamW lr
+  1e-4, batch 64, at most 50 epochs, the same early stopping; train-time augmentation of the
+  datamodule.
+
+Tasks: multi-label (CheXpert, ChestX-ray14, RSNA's single "Pneumonia" label: one sigmoid per label,
+BCE) or multi-class (``multiclass`` datamodules such as COVIDx: softmax cross-entropy). Metrics:
+AUROC per label and their mean; multi-class adds top-1 accuracy (COVIDx's headline) and one-vs-rest
+AUROC per class. Labels that are unknown (NaN) are left out of the loss and the metrics.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from medvlp.downstream.metrics import accuracy, auroc
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("linear", "finetune")
+
+
+@dataclass
+class ClassifierSettings:
+    """Optimiser and stopping settings of one protocol (defaults: the papers')."""
+
+    lr: float
+    batch_size: int
+    weight_decay: float = 1e-6
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_epochs: int = 50
+    patience: int = 10  # epochs without a lower validation loss before stopping
+    max_steps: int = 0  # > 0: stop after this many optimiser steps (quick runs)
+
+
+DEFAULTS = {"linear": ClassifierSettings(lr=5e-4, batch_size=48), "finetune": ClassifierSettings(lr=1e-4, batch_size=64)}
+
+
+def settings_for(protocol: str, **overrides: Any) -> ClassifierSettings:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol '{protocol}' is not one of {PROTOCOLS}.")
+    base = asdict(DEFAULTS[protocol])
+    unknown = [k for k in overrides if k not in base]
+    if unknown:
+        raise ValueError(f"Unknown classifier setting(s) {unknown}; known: {sorted(base)}.")
+    return ClassifierSettings(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def classification_loss(logits: Tensor, labels: Tensor, multiclass: bool) -> Tensor:
+    """Mean BCE over the known (non-NaN) labels, or softmax CE on the one-hot class."""
+    if multiclass:
+        return F.cross_entropy(logits, labels.argmax(dim=1))
+    known = ~torch.isnan(labels)
+    if not known.any():
+        return logits.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(logits[known], labels[known])
+
+
+def scores_and_metrics(logits: np.ndarray, labels: np.ndarray, names: list[str], multiclass: bool) -> dict[str, Any]:
+    """AUROC per label (one-vs-rest for classes) and mean; top-1 accuracy for multi-class."""
+    probs = _softmax(logits) if multiclass else 1.0 / (1.0 + np.exp(-logits))
+    per = {n: auroc(probs[:, i], labels[:, i]) for i, n in enumerate(names)}
+    valid = [v for v in per.values() if not math.isnan(v)]
+    out: dict[str, Any] = {"auroc": per, "mean_auroc": float(np.mean(valid)) if valid else float("nan")}
+    if multiclass:
+        out["accuracy"] = accuracy(logits.argmax(axis=1), labels.argmax(axis=1))
+    return out
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class Classifier(nn.Module):
+    """The pretrained image backbone + one linear head on its pooled feature."""
+
+    def __init__(self, encoder: nn.Module, n_out: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(int(encoder.out_dim), n_out)
+
+    def features(self, images: Tensor) -> Tensor:
+        return self.encoder(images).pooled.float()
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.features(images))
+
+
+@torch.no_grad()
+def extract_features(model: Classifier, loader: Any, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Frozen features and labels of a whole split."""
+    model.encoder.eval()
+    feats, labels = [], []
+    for batch in loader:
+        with _autocast(device):
+            feats.append(model.features(batch.images.to(device)).float().cpu())
+        labels.append(batch.labels)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _batches(n: int, size: int, shuffle: bool, g: torch.Generator) -> list[Tensor]:
+    order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+    return list(order.split(size))
+
+
+def train_linear(model: Classifier, train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], multiclass: bool,
+                 s: ClassifierSettings, seed: int, device: torch.device) -> dict[str, Any]:
+    """Fit the head on cached features with early stopping on the validation loss; keeps the best head."""
+    g = torch.Generator().manual_seed(seed)
+    head = model.head.to(device)
+    opt = torch.optim.AdamW(head.parameters(), lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
+    xtr, ytr = train[0].to(device), train[1].to(device)
+    xva, yva = val[0].to(device), val[1].to(device)
+    best, best_state, waited, steps, history = math.inf, copy.deepcopy(head.state_dict()), 0, 0, []
+    for epoch in range(s.max_epochs):
+        head.train()
+        for idx in _batches(len(xtr), s.batch_size, True, g):
+            loss = classification_loss(head(xtr[idx]), ytr[idx], multiclass)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+        head.eval()
+        with torch.no_grad():
+            val_loss = float(classification_loss(head(xva), yva, multiclass))
+        history.append(val_loss)
+        if val_loss < best - 1e-6:
+            best, best_state, waited = val_loss, copy.deepcopy(head.state_dict()), 0
+        else:
+            waited += 1
+        if waited >= s.patience or (s.max_steps and steps >= s.max_steps):
+            break
+    head.load_state_dict(best_state)
+    return {"epochs": len(history), "steps": steps, "best_val_loss": best, "val_loss": history}
+
+
+def train_finetune(model: Classifier, dm: Any, multiclass: bool, s: ClassifierSettings, seed: int,
+                   device: torch.device) -> dict[str, Any]:
+    """Train backbone + head on the datamodule's (augmented) training loader, early stopping on the
+    validation loss; keeps the best weights."""
+    torch.manual_seed(seed)
+    model.to(device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr, betas=s.betas,
+                            weight_decay=s.weight_decay)
+    dm.cfg.batch_size = int(s.batch_size)
+    train_loader, val_loader = dm.train_dataloader(), dm.val_dataloader()
+    best, best_state, waited, steps, history = math.inf, copy.deepcopy(model.state_dict()), 0, 0, []
+    for epoch in range(s.max_epochs):
+        model.train()
+        for batch in train_loader:
+            with _autocast(device):
+                logits = model(batch.images.to(device))
+            loss = classification_loss(logits.float(), batch.labels.to(device), multiclass)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            if s.max_steps and steps >= s.max_steps:
+                break
+        val_loss = evaluate_loss(model, val_loader, multiclass, device)
+        history.append(val_loss)
+        if val_loss < best - 1e-6:
+            best, best_state, waited = val_loss, copy.deepcopy(model.state_dict()), 0
+        else:
+            waited += 1
+        if waited >= s.patience or (s.max_steps and steps >= s.max_steps):
+            break
+    model.load_state_dict(best_state)
+    return {"epochs": len(history), "steps": steps, "best_val_loss": best, "val_loss": history}
+
+
+@torch.no_grad()
+def predict(model: Classifier, loader: Any, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    model.eval().to(device)
+    logits, labels = [], []
+    for batch in loader:
+        with _autocast(device):
+            logits.append(model(batch.images.to(device)).float().cpu())
+        labels.append(batch.labels)
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
+def evaluate_loss(model: Classifier, loader: Any, multiclass: bool, device: torch.device) -> float:
+    logits, labels = predict(model, loader, device)
+    return float(classification_loss(torch.from_numpy(logits), torch.from_numpy(labels), multiclass))
+
+
+def run_classification(method: Any, dm: Any, protocol: str = "linear", seed: int = 0,
+                       device: torch.device | None = None, **settings: Any) -> dict[str, Any]:
+    """Train a head (and, for ``finetune``, the backbone) on ``dm`` and test it.
+
+    Args:
+        method: a pretrained ``VLPMethod`` (its ``image_encoder`` is copied; the method is unchanged).
+        dm: a labelled datamodule (its ``cfg.label_fraction`` picks the training subset).
+        protocol: ``linear`` or ``finetune``.
+        seed: seed of the head's initialisation and of the batch order.
+        settings: overrides of :class:`ClassifierSettings` (lr, batch_size, max_epochs, patience, ...).
+
+    Returns:
+        A JSON-ready dict: metrics on the test split, the settings, the training history and the
+        test logits / labels (for plots).
+    """
+    s = settings_for(protocol, **settings)
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    names = list(dm.label_names)
+    if not names:
+        raise ValueError(f"{type(dm).__name__} has no labels to classify.")
+    multiclass = bool(getattr(dm, "multiclass", False))
+    torch.manual_seed(seed)
+    encoder = copy.deepcopy(method.image_encoder)
+    model = Classifier(encoder, len(names)).to(device)
+    start = time.perf_counter()
+    if protocol == "linear":
+        for p in model.encoder.parameters():
+            p.requires_grad_(False)
+        train = extract_features(model, dm.eval_dataloader("train"), device)
+        val = extract_features(model, dm.val_dataloader(), device)
+        history = train_linear(model, train, val, multiclass, s, seed, device)
+        n_train = len(train[0])
+    else:
+        history = train_finetune(model, dm, multiclass, s, seed, device)
+        n_train = len(dm.records("train"))
+    logits, labels = predict(model, dm.test_dataloader(), device)
+    metrics = scores_and_metrics(logits, labels, names, multiclass)
+    return {"task": "classification", "protocol": protocol, "multiclass": multiclass, "labels": names,
+            "fraction": float(dm.cfg.label_fraction), "seed": seed, "n_train": n_train, "n_test": len(labels),
+            "settings": asdict(s), "history": history, "seconds": time.perf_counter() - start, **metrics,
+            "test_logits": logits.tolist(), "test_labels": np.nan_to_num(labels, nan=-1).tolist()}
+
+
+__all__ = ["ClassifierSettings", "PROTOCOLS", "classification_loss", "run_classification", "scores_and_metrics",
+           "settings_for"]

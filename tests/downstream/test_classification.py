@@ -1,0 +1,90 @@
+"""Classification transfer (``medvlp downstream --task classification``): metrics by hand, the loss rules,
+and linear / fine-tune runs of every registered 2D method on the demo worlds."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from medvlp import api
+from medvlp import config as C
+from medvlp.cli import main
+from medvlp.downstream.classification import classification_loss, scores_and_metrics, settings_for
+from medvlp.downstream.metrics import accuracy, roc_curve
+
+METHODS_2D = ("clip", "mgca", "g2d")
+
+
+def test_accuracy_and_roc_curve_by_hand():
+    assert accuracy(np.array([0, 2, 1, 1]), np.array([0, 1, 1, 1])) == 0.75
+    fpr, tpr = roc_curve(np.array([0.9, 0.8, 0.8, 0.1]), np.array([1, 0, 1, np.nan]))
+    assert fpr.tolist() == [0.0, 0.0, 1.0] and tpr.tolist() == [0.0, 0.5, 1.0]  # the tie moves both rates
+    fpr, tpr = roc_curve(np.array([0.3, 0.2]), np.array([1.0, 1.0]))  # one class: the diagonal
+    assert fpr.tolist() == [0.0, 1.0] and tpr.tolist() == [0.0, 1.0]
+
+
+def test_metrics_for_labels_and_exclusive_classes():
+    logits = np.array([[2.0, -1.0, 0.1], [0.0, 3.0, 1.3], [1.0, 0.5, 2.0], [-1.0, 2.2, 0.4]])
+    onehot = np.eye(3)[[0, 1, 2, 2]]
+    m = scores_and_metrics(logits, onehot, ["a", "b", "c"], multiclass=True)
+    assert m["accuracy"] == 0.75 and m["auroc"]["a"] == 1.0
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    c_pos, c_neg = probs[2:, 2], probs[:2, 2]
+    assert math.isclose(m["auroc"]["c"], float(np.mean([(p > q) + 0.5 * (p == q) for p in c_pos for q in c_neg])))
+    multi = scores_and_metrics(np.array([[1.0], [-1.0], [0.5]]), np.array([[1.0], [0.0], [np.nan]]), ["x"], False)
+    assert multi["auroc"]["x"] == 1.0 and "accuracy" not in multi
+
+
+def test_loss_ignores_unknown_labels_and_uses_softmax_for_classes():
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.5]])
+    labels = torch.tensor([[1.0, float("nan")], [0.0, 1.0]])
+    expect = torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor([2.0, 0.5, 0.5]), torch.tensor([1.0, 0.0, 1.0]))
+    assert torch.isclose(classification_loss(logits, labels, False), expect)
+    onehot = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert torch.isclose(classification_loss(logits, onehot, True), torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1])))
+    assert settings_for("linear").lr == 5e-4 and settings_for("finetune").lr == 1e-4 and settings_for("linear").batch_size == 48
+    with pytest.raises(ValueError, match="Unknown classifier setting"):
+        settings_for("linear", momentum=0.9)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A short pre-training run of every registered 2D method on the synthetic chest X-rays."""
+    out = {}
+    for name in METHODS_2D:
+        cfg = C.compose(method=name, overrides=[f"run.out_dir={tmp_path_factory.mktemp(name)}", "trainer.max_steps=40",
+                                                "trainer.enable_progress_bar=false", "trainer.limit_val_batches=1"])
+        api.resolve_data_root(cfg)
+        C.resolve(cfg)
+        out[name] = api.fit(cfg)
+    return out
+
+
+@pytest.mark.parametrize("method", METHODS_2D)
+def test_linear_probe_and_finetune_beat_chance_for_every_2d_method(runs, method, tmp_path):
+    lin = api.downstream("classification", "demo_chexpert", runs[method], protocol="linear", out=tmp_path / "lin")
+    assert lin["protocol"] == "linear" and lin["n_train"] == 540 and set(lin["auroc"]) == set(lin["labels"])
+    assert lin["mean_auroc"] > 0.7, lin["auroc"]
+    assert json.loads((tmp_path / "lin" / "result.json").read_text())["mean_auroc"] == lin["mean_auroc"]
+    assert (tmp_path / "lin" / "roc.png").stat().st_size > 1000
+    ft = api.downstream("classification", "demo_rsna", runs[method], protocol="finetune", out=tmp_path / "ft",
+                        max_steps=30, max_epochs=5)
+    assert ft["history"]["steps"] <= 30 and ft["labels"] == ["Pneumonia"]
+    assert ft["mean_auroc"] > 0.6, ft["auroc"]
+
+
+def test_exclusive_classes_fractions_and_the_cli(runs, tmp_path, capsys):
+    """COVIDx (softmax over its classes, accuracy) through the CLI; a label fraction trains on fewer images."""
+    rc = main(["downstream", "--data", "demo_covidx", "--run", str(runs["clip"]), "--out", str(tmp_path / "cov")])
+    assert rc == 0
+    res = json.loads((tmp_path / "cov" / "result.json").read_text())
+    assert res["multiclass"] and len(res["labels"]) >= 3 and res["accuracy"] > 1.5 / len(res["labels"])
+    assert "accuracy" in capsys.readouterr().out
+    few = api.downstream("classification", "demo_chexpert", runs["clip"], fraction=0.1, out=tmp_path / "few", max_epochs=3)
+    assert few["n_train"] < 100 and few["fraction"] == 0.1
+    with pytest.raises(C.ConfigError, match="detection"):
+        api.downstream("detection", "demo_rsna", runs["clip"])
