@@ -90,6 +90,7 @@ class CTRateConfig(VolumeConfig):
     version: str = "auto"  # auto: v2 (train_fixed/) where the file exists, else v1 | v1 | v2
     apply_metadata_rescale: str = "auto"  # auto: on for v1 files, off for v2 | on | off
     reconstructions: str = "one"  # one: one volume per scan (random at train) | all: every volume
+    eval_reconstructions: str = ""  # val / test splits: one | all; "" = as data.reconstructions (HLIP: all)
     text: str = "impressions+findings"  # impressions+findings (HLIP) | findings | impressions | organ (HLIP organ-wise)
     organ_findings_file: str = "desc_info.json"  # text=organ: fVLM's per-organ findings {scan: {organ: str}}
     organ_impressions_file: str = "conc_info.json"  # text=organ: fVLM's per-organ impressions
@@ -244,6 +245,8 @@ class CTRateDataModule(VolumeDataModule):
         super().__init__(cfg, tokenizer)
         _choice("data.version", cfg.version, VERSIONS)
         _choice("data.reconstructions", cfg.reconstructions, RECONSTRUCTIONS)
+        if cfg.eval_reconstructions:
+            _choice("data.eval_reconstructions", cfg.eval_reconstructions, RECONSTRUCTIONS)
         _choice("data.text", cfg.text, TEXTS)
         self.rescale_mode = _rescale_mode(cfg.apply_metadata_rescale)
         if not 0.0 <= float(cfg.val_fraction) < 1.0:
@@ -474,7 +477,8 @@ class CTRateDataModule(VolumeDataModule):
             lab = labels[first]
             vol_specs = [specs[v] for v in vols]
             meta = {"patient": patient_of(first), "split": split, "volumes": vol_specs, **extra}
-            if self.cfg.reconstructions == "one":
+            mode = self.cfg.reconstructions if split == "train" or not self.cfg.eval_reconstructions else self.cfg.eval_reconstructions
+            if mode == "one":
                 records.append(Record(scan, [s.path for s in vol_specs], text, lab.copy(), meta))
             else:
                 for s in vol_specs:

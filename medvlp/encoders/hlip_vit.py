@@ -164,7 +164,7 @@ class HierarchicalViT(nn.Module):
             return cls
         if scan_w is None:  # scan -> study
             return cls.mean(dim=1)
-        return (cls * scan_w[..., None]).sum(dim=1)
+        return (cls.float() * scan_w[..., None]).sum(dim=1).to(cls.dtype)
 
     @staticmethod
     def _split(cls: Tensor, src: str, dst: str, n: int, s: int) -> Tensor:
@@ -195,6 +195,9 @@ class HierarchicalViT(nn.Module):
             with LastAttentionRecorder(blk.attn) as rec:
                 out = blk(seq, attn_mask=mask) if mask is not None else blk(seq)
             attn = rec.probs()
+            if mask is not None:  # the recorder recomputes softmax(q k^T): drop padded keys, renormalise
+                attn = attn * mask.to(attn.dtype)
+                attn = attn / attn.sum(dim=-1, keepdim=True).clamp(min=1e-12)
         elif self.grad_checkpointing and self.training:
             out = torch.utils.checkpoint.checkpoint(blk, seq, mask, use_reentrant=False)
         else:
@@ -212,13 +215,15 @@ class HierarchicalViT(nn.Module):
         idx = torch.rand(b, n, s, t, device=patches.device).argsort(dim=-1)[..., :keep]
         return torch.gather(patches, 3, idx[..., None].expand(-1, -1, -1, -1, c))
 
-    def forward(self, images: Tensor, scan_mask: Tensor | None = None, return_attention: bool = False) -> ImageFeatures:
+    def forward(self, images: Tensor, scan_mask: Tensor | None = None, return_attention: bool = False,
+                return_tokens: bool = True) -> ImageFeatures:
         """Encode studies ``[B, N, C, D, H, W]`` (or scans ``[B, C, D, H, W]``).
 
         Returns:
             ImageFeatures: ``pooled`` ``[B, width]`` (final-norm [CLS], or the mean patch token with
             ``global_pool=mean``), ``tokens`` ``[B, N * d * h * w, width]`` (normed; padded scans
-            included), ``grid`` ``(d, h, w)``, and with ``return_attention`` the last block's attention.
+            included; None with ``return_tokens=False``, which spares their normalisation), ``grid``
+            ``(d, h, w)``, and with ``return_attention`` the last block's attention.
         """
         if images.ndim == 5:
             images = images[:, None]
@@ -231,7 +236,13 @@ class HierarchicalViT(nn.Module):
         x = x.reshape(b, n, d, h, w, c) + self.spatial_positions(grid).to(x.dtype)
         seq = self.sequence_positions(n)
         if seq is not None:
-            x = x + seq.to(x.dtype)[None, :, None, None, None]
+            counts = scan_mask.sum(dim=1).tolist() if scan_mask is not None else None
+            if not self.training and counts is not None and n > self.max_scans and min(counts) < n:
+                # rows interpolated to each study's own scan count, as if it were alone; padding gets none
+                seq = torch.stack([F.pad(self.sequence_positions(int(k)), (0, 0, 0, n - int(k))) for k in counts])
+                x = x + seq.to(x.dtype)[:, :, None, None, None]
+            else:
+                x = x + seq.to(x.dtype)[None, :, None, None, None]
         finest = min(self.levels, key=_RANK.__getitem__)
         patches = x.reshape(b, n, d, h * w, c) if finest == "slice" else x.reshape(b, n, 1, d * h * w, c)
         patches = self._patch_dropout(patches)
@@ -244,7 +255,7 @@ class HierarchicalViT(nn.Module):
                 raise ValueError(f"scan_mask must be [B, N] = {(b, n)} with at least one real scan per study, got "
                                  f"{tuple(real.shape)}")
             if not real.all():
-                scan_w = real.to(x.dtype) / real.sum(dim=1, keepdim=True).to(x.dtype)  # mean weights over real scans
+                scan_w = real.float() / real.sum(dim=1, keepdim=True).float()  # mean weights over real scans (fp32)
                 keys = torch.cat([real.new_ones(b, 1), real[:, :, None].expand(-1, -1, s * t).reshape(b, -1)], dim=1)
                 key_mask = keys[:, None, None, :]  # [B, 1, 1, 1 + N*S*T], True = attend
 
@@ -261,7 +272,8 @@ class HierarchicalViT(nn.Module):
             attn = a if record else attn
         cls = self._regroup(cls, level, "study", n, s, scan_w)  # [B, C]
         cls = self.norm(cls)
-        tokens = self.norm(patches.reshape(b, n * s * t, c))
+        need = return_tokens or self.cfg.global_pool == "mean"
+        tokens = self.norm(patches.reshape(b, n * s * t, c)) if need else None
         if self.cfg.global_pool == "mean":
             if scan_w is None:
                 pooled = tokens.mean(dim=1)
@@ -269,7 +281,7 @@ class HierarchicalViT(nn.Module):
                 pooled = (tokens.reshape(b, n, s * t, c).mean(dim=2) * scan_w[..., None]).sum(dim=1)
         else:
             pooled = cls
-        return ImageFeatures(pooled=pooled, tokens=tokens, grid=grid, attentions=attn)
+        return ImageFeatures(pooled=pooled, tokens=tokens if return_tokens else None, grid=grid, attentions=attn)
 
     # ------------------------------------------------------------------ 2D -> 3D
     @torch.no_grad()

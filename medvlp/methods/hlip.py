@@ -75,7 +75,8 @@ class HLIP(VLPMethod):
 
     # ------------------------------------------------------------------ embeddings
     def embed_image(self, images: Tensor, scan_mask: Tensor | None = None) -> Tensor:
-        return F.normalize(self.img_proj(self.image_encoder(images, scan_mask=scan_mask).pooled), dim=-1)
+        feats = self.image_encoder(images, scan_mask=scan_mask, return_tokens=False)
+        return F.normalize(self.img_proj(feats.pooled), dim=-1)
 
     def embed_images(self, images: Tensor, scan_mask: Tensor | None = None) -> Tensor:
         return self.embed_image(images, scan_mask)  # the encoder attends across the scans of a study

@@ -216,6 +216,16 @@ def test_flips_and_cache(ct_root):
     assert dm.volume(rec.meta["volumes"][0]) is dm.volume(rec.meta["volumes"][0])
 
 
+def test_eval_reconstructions_all_scores_every_volume(ct_root):
+    dm = make(ct_root, eval_reconstructions="all", val_fraction=0.0)
+    train, test = dm.records("train"), dm.records("test")
+    assert all(isinstance(r.image_path, list) for r in train)  # one record per scan, a volume drawn per step
+    assert all(isinstance(r.image_path, str) for r in test) and len(test) == len({r.image_path for r in test})
+    assert len(test) > len({r.study_id for r in test}) or len(test) == len(make(ct_root).records("test"))
+    with pytest.raises(ValueError, match="data.eval_reconstructions"):
+        make(ct_root, eval_reconstructions="some")
+
+
 def test_translation_and_intensity_augmentations(ct_root):
     """Train-time 3D augmentations: translation (window floor enters), contrast / brightness jitter;
     evaluation reads are untouched; a label volume moves with the image."""

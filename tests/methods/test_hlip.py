@@ -58,6 +58,15 @@ def test_a_study_alone_equals_the_same_study_in_a_padded_batch() -> None:
     assert (padded[1] - enc(b).pooled[0]).abs().max() < 1e-5
     mean = encoder(global_pool="mean")
     assert (mean(batch, scan_mask=mask).pooled[0] - mean(a).pooled[0]).abs().max() < 1e-5
+    few = encoder(max_scans=3)  # evaluation beyond the table: each study's rows fit its own scan count
+    wide = torch.cat([torch.cat([a, torch.zeros(1, 3, 1, 16, 32, 32)], dim=1), studies(1, 5, seed=3)])
+    wide_mask = torch.tensor([[True, True, False, False, False], [True] * 5])
+    assert (few(wide, scan_mask=wide_mask).pooled[0] - few(a).pooled[0]).abs().max() < 1e-5
+    rec = encoder(depth=1, levels=["study"])
+    attn = rec(batch, scan_mask=mask, return_attention=True).attentions  # [B, heads, L, L]
+    assert torch.allclose(attn.sum(-1), torch.ones_like(attn.sum(-1)), atol=1e-5)
+    assert attn[0, :, :, 1 + 2 * 64 :].abs().max() == 0  # no mass on the padded scans' keys
+    assert rec(batch, scan_mask=mask, return_tokens=False).tokens is None
     with pytest.raises(ValueError, match="at least one real scan"):
         enc(batch, scan_mask=torch.tensor([[False] * 4, [True] * 4]))
 
@@ -303,6 +312,7 @@ def test_ctrate_parity_config_matches_the_spec() -> None:
     assert (cfg.method.text_encoder.model, cfg.method.text_encoder.pool) == ("microsoft/BiomedVLP-CXR-BERT-specialized", "cls")
     assert list(d.spacing) == [3.0, 1.0, 1.0] and list(d.size) == [112, 336, 336] and list(d.window) == [-1150.0, 350.0]
     assert (d.mean, d.std, d.orientation, d.flip_prob, d.max_length, d.text) == (0.449, 0.226, "", 0.0, 512, "impressions+findings")
+    assert (d.reconstructions, d.eval_reconstructions) == ("one", "all")  # one drawn per step; all scored
     assert len(d.eval_labels) == 16 and "Medical material" not in d.eval_labels and "Lymphadenopathy" not in d.eval_labels
     assert d.batch_size * int(t.devices) == 512  # 4 GPUs x 32 x accum-batch 4 (one concatenated forward)
     assert (o.lr, o.weight_decay, list(o.betas), o.eps, o.warmup_steps, o.schedule) == (8e-5, 0.2, [0.9, 0.98], 1e-6, 47, "cosine")
