@@ -139,7 +139,7 @@ def train_linear(model: Classifier, train: tuple[Tensor, Tensor], val: tuple[Ten
     xtr, ytr = train[0].to(device), train[1].to(device)
     xva, yva = val[0].to(device), val[1].to(device)
     best, best_state, waited, steps, history = math.inf, copy.deepcopy(head.state_dict()), 0, 0, []
-    for epoch in range(s.max_epochs):
+    for _epoch in range(s.max_epochs):
         head.train()
         for idx in _batches(len(xtr), s.batch_size, True, g):
             loss = classification_loss(head(xtr[idx]), ytr[idx], multiclass)
@@ -172,7 +172,7 @@ def train_finetune(model: Classifier, dm: Any, multiclass: bool, s: ClassifierSe
     dm.cfg.batch_size = int(s.batch_size)
     train_loader, val_loader = dm.train_dataloader(), dm.val_dataloader()
     best, best_state, waited, steps, history = math.inf, copy.deepcopy(model.state_dict()), 0, 0, []
-    for epoch in range(s.max_epochs):
+    for _epoch in range(s.max_epochs):
         model.train()
         for batch in train_loader:
             with _autocast(device):
