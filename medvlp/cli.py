@@ -175,6 +175,9 @@ def cmd_eval(args: argparse.Namespace, task: str) -> None:
         rows.append(("mean", f"{z['mean_auroc']:.3f}"))
         print(f"zero-shot AUROC on the {args.split} split ({res['n']} images)")
         _print_table(rows, ("finding", "AUROC"))
+        print(f"at each finding's ROC-corner threshold (chosen on this split, as HLIP / fVLM report): accuracy "
+              f"{z['mean_accuracy']:.3f}, weighted F1 {z['mean_f1_weighted']:.3f}, precision {z['mean_precision']:.3f}, "
+              f"recall {z['mean_recall']:.3f} (means; per finding in --json)")
     else:
         r = res["retrieval"]
         print(f"retrieval on the {args.split} split ({r['n_images']} images, {r['n_reports']} reports; chance R@5 = {r['chance_R@5_i2t']:.3f})")

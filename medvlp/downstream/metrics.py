@@ -55,6 +55,42 @@ def roc_curve(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.n
     return np.r_[0.0, fps / n_neg], np.r_[0.0, tps / n_pos]
 
 
+def youden_like_threshold(probs: np.ndarray, targets: np.ndarray, grid: int = 100) -> float:
+    """The threshold in ``linspace(0, 1, grid)`` closest to the ROC's ideal corner: the minimum of
+    ``sqrt((1 - TPR)^2 + FPR^2)`` (fVLM / HLIP, chosen on the evaluated set itself); first one on ties."""
+    probs, targets = np.asarray(probs, np.float64), np.asarray(targets, np.float64)
+    keep = ~np.isnan(targets)
+    probs, y = probs[keep], targets[keep] > 0.5
+    best, best_t = np.inf, 0.5
+    for t in np.linspace(0.0, 1.0, grid):
+        pred = probs >= t
+        tpr = (pred & y).sum() / max(int(y.sum()), 1)
+        fpr = (pred & ~y).sum() / max(int((~y).sum()), 1)
+        d = float(np.hypot(1.0 - tpr, fpr))
+        if d < best - 1e-12:
+            best, best_t = d, float(t)
+    return best_t
+
+
+def binary_report(pred: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """Accuracy, precision and recall of the positive class, and the support-weighted F1 over both
+    classes (scikit-learn's ``average="weighted"``), for 0/1 predictions; NaN targets ignored."""
+    pred, targets = np.asarray(pred).astype(bool), np.asarray(targets, np.float64)
+    keep = ~np.isnan(targets)
+    pred, y = pred[keep], targets[keep] > 0.5
+
+    def f1(p: np.ndarray, t: np.ndarray) -> float:
+        tp, fp, fn = int((p & t).sum()), int((p & ~t).sum()), int((~p & t).sum())
+        return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+
+    tp, fp, fn = int((pred & y).sum()), int((pred & ~y).sum()), int((~pred & y).sum())
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    weighted = (n_pos * f1(pred, y) + n_neg * f1(~pred, ~y)) / max(n_pos + n_neg, 1)
+    return {"accuracy": float((pred == y).mean()) if len(y) else float("nan"),
+            "precision": tp / (tp + fp) if tp + fp else 0.0, "recall": tp / (tp + fn) if tp + fn else 0.0,
+            "f1_weighted": float(weighted)}
+
+
 def recall_at_k(sim: np.ndarray, query_ids: list[str], gallery_ids: list[str], ks: tuple[int, ...] = (1, 5, 10)) -> dict[int, float]:
     """Fraction of queries whose top-k gallery items include one with the same id.
 

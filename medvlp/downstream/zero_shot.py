@@ -8,6 +8,11 @@ known (NaN labels are left out).
 A prompt file may merge labels scored separately into one (``_merge: {new: [a, b]}``; HLIP's
 Rad-ChestCT calcification, H10): the merged score is the larger of the two scores when either is
 positive (the two-way softmax above 0.5), else the smaller; its label is the first source's column.
+
+Besides AUROC, each label gets HLIP's / fVLM's thresholded report (``thresholded``): the probability
+``sigma(s * score)`` with the method's logit scale ``s``, the threshold on ``linspace(0, 1, 100)``
+closest to the ROC corner (chosen on the evaluated set, H11), and accuracy, precision, recall and
+weighted F1 there; their means over the labels are ``mean_accuracy`` etc.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch
 
 from medvlp.datamodules.base import DataError
 from medvlp.downstream.embed import Embeddings, embed_prompts
-from medvlp.downstream.metrics import auroc
+from medvlp.downstream.metrics import auroc, binary_report, youden_like_threshold
 
 
 def load_prompts(path: str | Path) -> dict[str, dict[str, list[str]]]:
@@ -93,12 +98,29 @@ def zero_shot_auc(method, emb: Embeddings, label_names: list[str], eval_labels: 
         columns[merged] = present[0]
         for s in present:
             columns.pop(s)
+    scale = logit_scale_of(method)
+    result["logit_scale"] = scale
+    result["thresholded"] = {}
     for lab in columns:
         score = scores[lab]
         y = emb.labels[:, label_names.index(columns[lab])].numpy()
         result["auroc"][lab] = auroc(score, y)
         result["positives"][lab] = int(np.nansum(y > 0.5))
         result["negatives"][lab] = int(np.sum(y < 0.5))
+        probs = 1.0 / (1.0 + np.exp(-scale * score))  # the two-way softmax's positive entry
+        t = youden_like_threshold(probs, y)
+        result["thresholded"][lab] = {"threshold": t, **binary_report(probs >= t, y)}
     vals = [v for v in result["auroc"].values() if not np.isnan(v)]
     result["mean_auroc"] = float(np.mean(vals)) if vals else float("nan")
+    for key in ("accuracy", "f1_weighted", "precision", "recall"):
+        result[f"mean_{key}"] = float(np.mean([m[key] for m in result["thresholded"].values()])) if columns else float("nan")
     return result
+
+
+def logit_scale_of(method: Any) -> float:
+    """The method's learned inverse temperature (``exp(logit_scale)``, clamped as in training), else 1 / 0.07."""
+    theta = getattr(method, "logit_scale", None)
+    if isinstance(theta, torch.Tensor) and theta.numel() == 1:
+        cap = float(getattr(getattr(method, "cfg", None), "max_logit_scale", 100.0) or 100.0)
+        return float(min(float(theta.detach().exp()), cap))
+    return 1.0 / 0.07

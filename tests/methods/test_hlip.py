@@ -374,6 +374,8 @@ def test_zero_shot_merges_two_labels_into_one(monkeypatch) -> None:
     res = Z.zero_shot_auc(M(), emb, labels, labels, prompts, 8, merges={"AB": ["A", "B"]})
     assert set(res["auroc"]) == {"AB", "C"} and res["auroc"]["AB"] == 1.0
     assert np.isclose(res["mean_auroc"], np.mean([res["auroc"]["AB"], res["auroc"]["C"]]))
+    assert set(res["thresholded"]) == {"AB", "C"} and res["logit_scale"] == 1 / 0.07  # no learned scale on M
+    assert res["thresholded"]["AB"]["accuracy"] == 1.0 and 0 <= res["mean_f1_weighted"] <= 1
 
 
 def test_fit_hlip_on_the_ct_rate_fixture(tmp_path) -> None:
