@@ -229,18 +229,22 @@ def evaluate_method(method, cfg: DictConfig, tasks: tuple[str, ...] = ("zeroshot
 
 
 # --------------------------------------------------------------------------- downstream transfer
-TASK_NAMES = ("classification",)
+TASK_NAMES = ("classification", "segmentation")
 
 
-def downstream_datamodule(run_cfg: DictConfig, data: str, overrides: list[str], fraction: float, tokenizer: Any):
+def downstream_datamodule(run_cfg: DictConfig, data: str, overrides: list[str], fraction: float, tokenizer: Any,
+                          task: str = "classification"):
     """The labelled datamodule of a transfer task: ``configs/data/<data>.yaml`` + ``overrides``, with the
-    pretraining run's ``image_size`` / ``channels`` (what its encoder expects) unless overridden."""
+    pretraining run's ``image_size`` / ``channels`` (what its encoder expects) and, for datasets with
+    several target kinds (RSNA, SIIM), ``data.task`` = the transfer task, unless overridden."""
     dot = C.parse_overrides(overrides)
     cfg = C.compose(data=data, overrides=overrides, sections=("data",))
     given = set(dot.get("data", {}) or {})
     for key in ("image_size", "channels"):
         if key in cfg.data and key in run_cfg.data and key not in given:
             cfg.data[key] = run_cfg.data[key]
+    if "task" in cfg.data and "task" not in given:
+        cfg.data.task = task
     cfg.data.label_fraction = float(fraction)
     resolve_data_root(cfg)
     C.resolve(cfg)
@@ -253,34 +257,66 @@ def downstream(task: str, data: str, run_dir: str | Path, fraction: float = 1.0,
     """Transfer a run's image encoder to a labelled task and write ``result.json`` (+ plots).
 
     Args:
-        task: ``classification``.
+        task: ``classification`` or ``segmentation``.
         data: a ``configs/data`` name with labels (e.g. ``demo_chexpert``, ``chexpert``, ``covidx``).
         run_dir: a pre-training run directory (any method).
         fraction: fraction of the training labels (the shared label-fraction files).
-        protocol: ``linear`` (frozen encoder) or ``finetune``.
+        protocol: ``linear`` / ``frozen`` (frozen encoder) or ``finetune``.
         seed: seed of the head and batch order.
         overrides: ``data.*`` overrides.
         out: output folder (default ``<run_dir>/downstream/<task>-<data>-<protocol>-f<fraction>-s<seed>``).
-        settings: optimiser overrides (lr, batch_size, max_epochs, patience, max_steps).
+        settings: optimiser overrides (lr, batch_size, max_epochs, patience, max_steps; segmentation also
+            decoder_channels).
     """
     if task not in TASK_NAMES:
         raise C.ConfigError(f"--task {task} is not available; choose one of {', '.join(TASK_NAMES)}.")
+    method, run_cfg = load_run(run_dir)
+    dm, cfg = downstream_datamodule(run_cfg, data, list(overrides or []), fraction, method.tokenizer, task)
+    folder = Path(out) if out else Path(run_dir) / "downstream" / f"{task}-{data}-{protocol}-f{fraction:g}-s{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    if task == "segmentation":
+        res = _segmentation(method, dm, cfg, protocol, seed, folder, settings)
+    else:
+        res = _classification(method, dm, protocol, seed, folder, run_cfg, data, fraction, settings)
+    res.update({"run": str(run_dir), "method": run_cfg.method.name, "data": data, "data_name": cfg.data.name})
+    res.setdefault("files", {})["result"] = str(folder / "result.json")
+    (folder / "result.json").write_text(json.dumps(res, indent=2))
+    return res
+
+
+def _classification(method: Any, dm: Any, protocol: str, seed: int, folder: Path, run_cfg: DictConfig, data: str,
+                    fraction: float, settings: dict[str, Any]) -> dict[str, Any]:
     from medvlp.downstream.classification import run_classification
     from medvlp.downstream.plots import roc_png
 
-    method, run_cfg = load_run(run_dir)
-    dm, cfg = downstream_datamodule(run_cfg, data, list(overrides or []), fraction, method.tokenizer)
-    res = run_classification(method, dm, protocol=protocol, seed=seed, **settings)
-    res.update({"run": str(run_dir), "method": run_cfg.method.name, "data": data, "data_name": cfg.data.name})
-    folder = Path(out) if out else Path(run_dir) / "downstream" / f"{task}-{data}-{protocol}-f{fraction:g}-s{seed}"
-    folder.mkdir(parents=True, exist_ok=True)
+    res = run_classification(method, dm, protocol="linear" if protocol == "frozen" else protocol, seed=seed, **settings)
     logits = np.asarray(res.pop("test_logits"))
     labels = np.asarray(res.pop("test_labels"))
     roc_png(folder / "roc.png", logits, labels, res["labels"], res["auroc"],
             title=f"{run_cfg.method.name} -> {data}, {protocol}, {fraction:g} of the labels")
     np.savez_compressed(folder / "test_predictions.npz", logits=logits, labels=labels)
-    res["files"] = {"result": str(folder / "result.json"), "roc": str(folder / "roc.png")}
-    (folder / "result.json").write_text(json.dumps(res, indent=2))
+    res["files"] = {"roc": str(folder / "roc.png"), "predictions": str(folder / "test_predictions.npz")}
+    return res
+
+
+def _segmentation(method: Any, dm: Any, cfg: DictConfig, protocol: str, seed: int, folder: Path,
+                  settings: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from medvlp.downstream.plots import mask_overlays_png
+    from medvlp.downstream.segmentation import dice_per_image, run_segmentation
+
+    balance = cfg.data.name == "siim_pneumothorax"  # MGCA balances SIIM's training images
+    settings = dict(settings)
+    settings.setdefault("batch_size", 8 if balance else 16)  # MGCA: 8 (SIIM), 16 (RSNA)
+    res = run_segmentation(method, dm, protocol="frozen" if protocol == "linear" else protocol, seed=seed,
+                           balance=balance, **settings)
+    ex = res.pop("examples")
+    mask_overlays_png(folder / "overlays.png", ex["images"], ex["truths"], ex["predictions"])
+    truths = ex["truths"]
+    ones = dice_per_image(torch.ones_like(truths), truths)
+    res["baseline_all_ones_dice_positive"] = float(ones[truths.flatten(1).sum(1) > 0].mean()) if len(ones) else float("nan")
+    res["files"] = {"overlays": str(folder / "overlays.png")}
     return res
 
 

@@ -86,11 +86,12 @@ def _parser() -> argparse.ArgumentParser:
                                     "a fraction of its training labels (the shared fraction files); early stopping on the "
                                     "validation loss; AUROC per label (and accuracy for exclusive classes) on the test "
                                     "split. Writes result.json, roc.png and the test predictions.")
-    ds.add_argument("--task", default="classification", choices=["classification"])
-    ds.add_argument("--data", required=True, help="configs/data/<name>.yaml with labels (e.g. demo_chexpert, chexpert, covidx)")
+    ds.add_argument("--task", default="classification", choices=["classification", "segmentation"])
+    ds.add_argument("--data", required=True, help="configs/data/<name>.yaml with labels / masks (e.g. demo_chexpert, covidx, demo_siim)")
     ds.add_argument("--run", required=True, metavar="RUN_DIR")
     ds.add_argument("--fraction", type=float, default=1.0, help="fraction of the training labels (e.g. 0.01, 0.1, 1)")
-    ds.add_argument("--protocol", default="linear", choices=["linear", "finetune"])
+    ds.add_argument("--protocol", default="linear", choices=["linear", "frozen", "finetune"],
+                    help="linear / frozen: encoder frozen (a linear head, or a trained decoder); finetune: all trained")
     ds.add_argument("--seed", type=int, default=0)
     ds.add_argument("--lr", type=float, help="default: 5e-4 (linear), 1e-4 (finetune)")
     ds.add_argument("--batch-size", type=int, help="default: 48 (linear), 64 (finetune)")
@@ -197,12 +198,18 @@ def cmd_downstream(args: argparse.Namespace) -> None:
                          overrides=args.overrides, out=args.out, **{k: v for k, v in settings.items() if v is not None})
     print(f"{args.task} ({args.protocol}) of {res['method']} on {args.data}, {res['fraction']:g} of the training labels "
           f"({res['n_train']} images), test split ({res['n_test']} images), {res['history']['epochs']} epochs:")
-    rows = [(lab, f"{auc:.3f}") for lab, auc in res["auroc"].items()]
-    rows.append(("mean", f"{res['mean_auroc']:.3f}"))
-    if "accuracy" in res:
-        rows.append(("accuracy", f"{res['accuracy']:.3f}"))
-    _print_table(rows, ("label", "AUROC"))
-    print(f"wrote {res['files']['result']} and {res['files']['roc']}")
+    if args.task == "segmentation":
+        rows = [("all test images", f"{res['dice']:.3f}"),
+                (f"images with a finding ({res['n_test_positive']})", f"{res['dice_positive']:.3f}"),
+                ("all-ones mask, images with a finding", f"{res['baseline_all_ones_dice_positive']:.3f}")]
+        _print_table(rows, ("Dice", ""))
+    else:
+        rows = [(lab, f"{auc:.3f}") for lab, auc in res["auroc"].items()]
+        rows.append(("mean", f"{res['mean_auroc']:.3f}"))
+        if "accuracy" in res:
+            rows.append(("accuracy", f"{res['accuracy']:.3f}"))
+        _print_table(rows, ("label", "AUROC"))
+    print(f"wrote {', '.join(res['files'].values())}")
 
 
 def cmd_preprocess(args: argparse.Namespace) -> None:

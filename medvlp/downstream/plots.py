@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,4 +44,26 @@ def roc_png(path: str | Path, scores: np.ndarray, labels: np.ndarray, names: lis
     return Path(path)
 
 
-__all__ = ["roc_png"]
+def mask_overlays_png(path: str | Path, images: Any, truths: Any, predictions: Any, threshold: float = 0.5) -> Path:
+    """One row per example: the image, the true mask (green) and the predicted mask (red) over it."""
+    from PIL import Image
+
+    rows = []
+    for img, t, p in zip(images, truths, predictions, strict=True):
+        g = np.asarray(img, dtype=np.float32)
+        g = ((g - g.min()) / max(float(g.max() - g.min()), 1e-6) * 255).astype(np.uint8)
+        base = np.stack([g] * 3, axis=-1)
+        true = base.copy()
+        true[np.asarray(t) > 0.5] = (0.5 * true[np.asarray(t) > 0.5] + [0, 127, 0]).astype(np.uint8)
+        pred = base.copy()
+        pred[np.asarray(p) > threshold] = (0.5 * pred[np.asarray(p) > threshold] + [127, 0, 0]).astype(np.uint8)
+        rows.append(np.concatenate([base, true, pred], axis=1))
+    if not rows:
+        raise ValueError("no examples to draw")
+    grid = np.concatenate(rows, axis=0)
+    scale = max(1, 256 // grid.shape[1] * 3)
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+    return Path(path)
+
+
+__all__ = ["mask_overlays_png", "roc_png"]

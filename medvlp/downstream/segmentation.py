@@ -1,0 +1,251 @@
+"""Segmentation transfer of a pretrained image encoder (MGCA's protocol, ``specs/methods/mgca.md`` §7.4).
+
+* CNN encoders (timm): a segmentation_models_pytorch ``Unet`` whose encoder is the run's backbone
+  (smp's own ResNets take torchvision / timm key names; any other timm CNN goes through smp's ``tu-``
+  encoders), decoder channels 256 / 128 / 64 / 32 / 16 with batch norm, one output channel.
+* ViT encoders: MGCA's SETR-naive decoder on the patch tokens - four [3x3 conv, BN, ReLU, x2 bilinear
+  upsampling] stages (512 / 256 / 128 / 64 channels), a 3x3 conv to one channel, resized to the input.
+
+``protocol=frozen`` (the papers' encoder transfer) trains the decoder only; ``finetune`` trains both.
+Loss: ``10 * focal(gamma 2) - log(soft Dice)``, the soft Dice on sigmoid probabilities with smoothing
+1 over the whole batch. AdamW lr 5e-4, betas (0.9, 0.999), weight decay 0.05, no schedule, batch 8
+(SIIM) or 16 (RSNA), at most 50 epochs, early stopping on the validation loss (patience 10), the best
+weights are tested. The SIIM training split is class-balanced as MGCA does: every positive image and
+as many randomly drawn negatives (``balance=True``), before the label fraction applies.
+
+Metric (MGCA): per image, prediction and truth binarised at 0.5; Dice = 2|P n T| / (|P| + |T|) when
+the truth is not empty, else 1 for an empty prediction and 0 otherwise; the mean over the test images
+(MGCA's code averages per-batch means, Q11: the same with equal batches).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("frozen", "finetune")
+SMP_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+@dataclass
+class SegmenterSettings:
+    """Optimiser and stopping settings (defaults: MGCA's published scripts)."""
+
+    lr: float = 5e-4
+    batch_size: int = 8
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_epochs: int = 50
+    patience: int = 10
+    max_steps: int = 0  # > 0: stop after this many optimiser steps (quick runs)
+    focal_weight: float = 10.0
+
+
+def settings_for(**overrides: Any) -> SegmenterSettings:
+    base = asdict(SegmenterSettings())
+    unknown = [k for k in overrides if k not in base]
+    if unknown:
+        raise ValueError(f"Unknown segmentation setting(s) {unknown}; known: {sorted(base)}.")
+    return SegmenterSettings(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+# ---------------------------------------------------------------------------------------------- metric + loss
+def dice_per_image(pred: Tensor, truth: Tensor) -> Tensor:
+    """MGCA's Dice ``[N]`` of binarised masks ``[N, H, W]``: an empty truth scores 1 for an empty
+    prediction and 0 otherwise."""
+    p, t = (pred > 0.5).flatten(1).float(), (truth > 0.5).flatten(1).float()
+    inter, total = (p * t).sum(1), p.sum(1) + t.sum(1)
+    empty_truth = t.sum(1) == 0
+    dice = 2 * inter / total.clamp(min=1e-12)
+    return torch.where(empty_truth, (p.sum(1) == 0).float(), dice)
+
+
+def focal_loss(logits: Tensor, target: Tensor, gamma: float = 2.0) -> Tensor:
+    """Binary focal loss (mean over pixels): ``-(1 - p_t)^gamma log p_t``."""
+    logp = -F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return (-((1 - logp.exp()) ** gamma) * logp).mean()
+
+
+def soft_dice_batch(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
+    """Soft Dice of the whole batch on sigmoid probabilities, smoothing ``smooth`` (MGCA)."""
+    p = logits.sigmoid().flatten()
+    t = target.flatten()
+    return (2 * (p * t).sum() + smooth) / (p.sum() + t.sum() + smooth)
+
+
+def segmentation_loss(logits: Tensor, target: Tensor, focal_weight: float = 10.0) -> Tensor:
+    """``focal_weight * focal(gamma 2) - log(soft Dice)`` (MGCA)."""
+    return focal_weight * focal_loss(logits, target) - torch.log(soft_dice_batch(logits, target))
+
+
+# ---------------------------------------------------------------------------------------------- models
+def smp_encoder_name(timm_model: str) -> tuple[str, str]:
+    """``(smp encoder_name, key prefix)`` of a timm CNN: smp's ResNets take torchvision key names (= timm's
+    for the torchvision weights), any other timm CNN goes through smp's ``tu-`` encoders."""
+    base = str(timm_model).split(".")[0]
+    if base in SMP_RESNETS and str(timm_model) in (base, f"{base}.tv_in1k", f"{base}.a1_in1k", f"{base}.tv2_in1k"):
+        return base, "encoder."
+    return f"tu-{base}", "encoder.model."
+
+
+class UnetSegmenter(nn.Module):
+    """smp ``Unet`` over a pretrained timm CNN (its weights copied into smp's encoder)."""
+
+    def __init__(self, encoder: nn.Module, in_channels: int, depth: int = 5,
+                 decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)) -> None:
+        super().__init__()
+        import segmentation_models_pytorch as smp
+
+        name, prefix = smp_encoder_name(encoder.cfg.model)
+        self.unet = smp.Unet(encoder_name=name, encoder_weights=None, encoder_depth=depth, in_channels=in_channels,
+                             classes=1, decoder_channels=list(decoder_channels)[:depth], decoder_use_norm="batchnorm")
+        wanted = self.unet.state_dict()
+        state = {prefix + k: v for k, v in encoder.model.state_dict().items() if prefix + k in wanted}
+        expected = [k for k in wanted if k.startswith("encoder.")]
+        missing = [k for k in expected if k not in state]
+        if missing:
+            raise ValueError(f"The encoder's weights do not fit smp.Unet('{name}'): e.g. {missing[:3]} are missing.")
+        self.unet.load_state_dict(state, strict=False)
+        self.encoder = self.unet.encoder
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.unet(images)[:, 0]
+
+
+class SETRNaiveSegmenter(nn.Module):
+    """MGCA's ViT option: patch tokens -> 4 x [3x3 conv, BN, ReLU, x2 bilinear] -> 3x3 conv -> 1 channel."""
+
+    def __init__(self, encoder: nn.Module, channels: tuple[int, ...] = (512, 256, 128, 64)) -> None:
+        super().__init__()
+        self.encoder = encoder
+        layers: list[nn.Module] = []
+        c = int(encoder.local_dim)
+        for out in channels:
+            layers += [nn.Conv2d(c, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(inplace=True),
+                       nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)]
+            c = out
+        layers.append(nn.Conv2d(c, 1, 3, padding=1))
+        self.decoder = nn.Sequential(*layers)
+
+    def forward(self, images: Tensor) -> Tensor:
+        feats = self.encoder(images)
+        h, w = feats.grid
+        x = feats.tokens.transpose(1, 2).reshape(images.shape[0], -1, h, w).float()
+        out = self.decoder(x)
+        return F.interpolate(out, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+
+
+def build_segmenter(method: Any, in_channels: int, decoder_channels: tuple[int, ...] | None = None) -> nn.Module:
+    """The segmenter for the run's image encoder (a copy; the method is unchanged)."""
+    encoder = copy.deepcopy(method.image_encoder)
+    if getattr(encoder, "is_vit", False):
+        return SETRNaiveSegmenter(encoder, tuple(decoder_channels or (512, 256, 128, 64)))
+    if not hasattr(encoder, "model") or not hasattr(encoder, "cfg"):
+        raise ValueError(f"Segmentation transfer needs a timm image encoder (CNN or ViT), got {type(encoder).__name__}.")
+    return UnetSegmenter(encoder, in_channels, decoder_channels=tuple(decoder_channels or (256, 128, 64, 32, 16)))
+
+
+# ---------------------------------------------------------------------------------------------- training
+def balance_positives(records: list[Any], seed: int = 42) -> list[Any]:
+    """Every record with a positive first label and as many randomly drawn negatives (MGCA's SIIM rule)."""
+    pos = [r for r in records if r.labels is not None and float(r.labels[0]) > 0.5]
+    neg = [r for r in records if not (r.labels is not None and float(r.labels[0]) > 0.5)]
+    rng = np.random.default_rng(seed)
+    keep = rng.choice(len(neg), size=min(len(pos), len(neg)), replace=False) if neg else []
+    return pos + [neg[i] for i in sorted(keep)]
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def predict_masks(model: nn.Module, loader: Any, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """``(probabilities, truths, images)`` of a split (CPU tensors)."""
+    model.eval().to(device)
+    probs, truths, images = [], [], []
+    for batch in loader:
+        with _autocast(device):
+            logits = model(batch.images.to(device))
+        probs.append(logits.float().sigmoid().cpu())
+        truths.append(batch.masks.float())
+        images.append(batch.images[:, 0].float())
+    return torch.cat(probs), torch.cat(truths), torch.cat(images)
+
+
+def run_segmentation(method: Any, dm: Any, protocol: str = "frozen", seed: int = 0, balance: bool = False,
+                     device: torch.device | None = None, decoder_channels: tuple[int, ...] | None = None,
+                     **settings: Any) -> dict[str, Any]:
+    """Train a decoder (and with ``finetune`` the encoder) on ``dm``'s masks; test Dice.
+
+    Returns:
+        A JSON-ready dict (Dice on all test images and on those with a finding, the settings, the
+        training history) plus ``examples`` (images, truths, predictions of a few test images).
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol '{protocol}' is not one of {PROTOCOLS}.")
+    s = settings_for(**settings)
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(seed)
+    model = build_segmenter(method, int(dm.cfg.channels), decoder_channels).to(device)
+    if protocol == "frozen":
+        for p in model.encoder.parameters():
+            p.requires_grad_(False)
+    if balance:
+        dm._records["train"] = balance_positives(dm.records("train"))
+    dm.cfg.batch_size = int(s.batch_size)
+    train_loader, val_loader = dm.train_dataloader(), dm.val_dataloader()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr, betas=s.betas,
+                            weight_decay=s.weight_decay)
+    start = time.perf_counter()
+    best, best_state, waited, steps, history = math.inf, copy.deepcopy(model.state_dict()), 0, 0, []
+    for _epoch in range(s.max_epochs):
+        model.train()
+        if protocol == "frozen":
+            model.encoder.eval()  # frozen: batch-norm statistics stay those of pre-training
+        for batch in train_loader:
+            with _autocast(device):
+                logits = model(batch.images.to(device))
+            loss = segmentation_loss(logits.float(), batch.masks.to(device).float(), s.focal_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            if s.max_steps and steps >= s.max_steps:
+                break
+        probs, truths, _ = predict_masks(model, val_loader, device)
+        val_loss = float(segmentation_loss(torch.logit(probs.clamp(1e-6, 1 - 1e-6)), truths, s.focal_weight))
+        history.append(val_loss)
+        if val_loss < best - 1e-6:
+            best, best_state, waited = val_loss, copy.deepcopy(model.state_dict()), 0
+        else:
+            waited += 1
+        if waited >= s.patience or (s.max_steps and steps >= s.max_steps):
+            break
+    model.load_state_dict(best_state)
+    probs, truths, images = predict_masks(model, dm.test_dataloader(), device)
+    dice = dice_per_image(probs, truths)
+    positive = truths.flatten(1).sum(1) > 0
+    order = torch.argsort(positive.float(), descending=True)[:4]
+    return {"task": "segmentation", "protocol": protocol, "fraction": float(dm.cfg.label_fraction), "seed": seed,
+            "balanced": balance, "n_train": len(dm.records("train")), "n_test": len(dice),
+            "n_test_positive": int(positive.sum()), "dice": float(dice.mean()),
+            "dice_positive": float(dice[positive].mean()) if positive.any() else float("nan"),
+            "decoder": type(model).__name__, "settings": asdict(s), "history": {"epochs": len(history), "steps": steps, "best_val_loss": best,
+                                               "val_loss": history}, "seconds": time.perf_counter() - start,
+            "examples": {"images": images[order], "truths": truths[order], "predictions": probs[order]}}
+
+
+__all__ = ["PROTOCOLS", "SegmenterSettings", "balance_positives", "build_segmenter", "dice_per_image", "focal_loss",
+           "run_segmentation", "segmentation_loss", "smp_encoder_name", "soft_dice_batch"]
