@@ -32,10 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medvlp.encoders.image2d import smp_encoder_name
+
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("frozen", "finetune")
-SMP_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
 @dataclass
@@ -90,15 +91,6 @@ def segmentation_loss(logits: Tensor, target: Tensor, focal_weight: float = 10.0
 
 
 # ---------------------------------------------------------------------------------------------- models
-def smp_encoder_name(timm_model: str) -> tuple[str, str]:
-    """``(smp encoder_name, key prefix)`` of a timm CNN: smp's ResNets take torchvision key names (= timm's
-    for the torchvision weights), any other timm CNN goes through smp's ``tu-`` encoders."""
-    base = str(timm_model).split(".")[0]
-    if base in SMP_RESNETS and str(timm_model) in (base, f"{base}.tv_in1k", f"{base}.a1_in1k", f"{base}.tv2_in1k"):
-        return base, "encoder."
-    return f"tu-{base}", "encoder.model."
-
-
 class UnetSegmenter(nn.Module):
     """smp ``Unet`` over a pretrained timm CNN (its weights copied into smp's encoder)."""
 
@@ -248,4 +240,4 @@ def run_segmentation(method: Any, dm: Any, protocol: str = "frozen", seed: int =
 
 
 __all__ = ["PROTOCOLS", "SegmenterSettings", "balance_positives", "build_segmenter", "dice_per_image", "focal_loss",
-           "run_segmentation", "segmentation_loss", "smp_encoder_name", "soft_dice_batch"]
+           "run_segmentation", "segmentation_loss", "soft_dice_batch"]

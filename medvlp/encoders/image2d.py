@@ -151,3 +151,17 @@ class TimmImageEncoder(nn.Module):
             keep = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(n_prefix, attn.shape[-1])]).to(attn.device)
             attn = attn.index_select(-1, keep).index_select(-2, keep)
         return ImageFeatures(pooled=pooled, tokens=tokens, grid=(int(h), int(w)), attentions=attn)
+
+
+SMP_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+def smp_encoder_name(timm_model: str) -> tuple[str, str]:
+    """``(encoder_name, key prefix)`` of a timm CNN inside a segmentation_models_pytorch model: smp's own
+    ResNets take torchvision key names (= timm's for the torchvision weights); any other timm CNN goes
+    through smp's ``tu-`` encoders, which hold the timm model as ``encoder.model``."""
+    base = str(timm_model).split(".")[0]
+    if base in SMP_RESNETS and str(timm_model) in (base, f"{base}.tv_in1k", f"{base}.a1_in1k", f"{base}.tv2_in1k"):
+        return base, "encoder."
+    return f"tu-{base}", "encoder.model."
+

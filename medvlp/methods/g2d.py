@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from medvlp.batch import ImageTextBatch
 from medvlp.config import ImageEncoderConfig, MethodConfig, TextEncoderConfig
 from medvlp.distributed import world
+from medvlp.encoders.image2d import smp_encoder_name
 from medvlp.losses.contrastive import clip_loss
 from medvlp.losses.pseudo_masks import PseudoMaskConfig, pseudo_masks
 from medvlp.losses.pseudo_masks import validate as validate_pseudo_mask
@@ -62,7 +63,6 @@ from medvlp.registry import register_method
 log = logging.getLogger(__name__)
 
 TERMS = ("vla", "pa")
-SMP_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
 @dataclass
@@ -282,11 +282,7 @@ class G2D(VLPMethod):
     def smp_encoder_name(self) -> tuple[str, str]:
         """``(encoder_name, key prefix)`` for ``segmentation_models_pytorch.Unet``: smp's own ResNets take
         torchvision key names (= timm's), any other timm CNN goes through smp's ``tu-`` encoders."""
-        model = str(self.cfg.image_encoder.model)
-        base = model.split(".")[0]
-        if base in SMP_RESNETS and model in (base, f"{base}.tv_in1k", f"{base}.a1_in1k", f"{base}.tv2_in1k"):
-            return base, "encoder."
-        return f"tu-{base}", "encoder.model."
+        return smp_encoder_name(str(self.cfg.image_encoder.model))
 
     def export_unet(self) -> dict[str, Any]:
         """The pre-trained U-Net as ``smp.Unet`` expects it: build
