@@ -51,20 +51,29 @@ def test_loss_ignores_unknown_labels_and_uses_softmax_for_classes():
         settings_for("linear", momentum=0.9)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A short pre-training run of every registered 2D method on the synthetic chest X-rays."""
-    out = {}
-    for name in METHODS_2D:
-        cfg = C.compose(method=name, overrides=[f"run.out_dir={tmp_path_factory.mktemp(name)}", "trainer.max_steps=40",
+class Runs(dict):
+    """Short pre-training runs (40 steps on the synthetic chest X-rays), made on first use."""
+
+    def __init__(self, factory):
+        super().__init__()
+        self.factory = factory
+
+    def __missing__(self, name):
+        cfg = C.compose(method=name, overrides=[f"run.out_dir={self.factory.mktemp(name)}", "trainer.max_steps=40",
                                                 "trainer.enable_progress_bar=false", "trainer.limit_val_batches=1"])
         api.resolve_data_root(cfg)
         C.resolve(cfg)
-        out[name] = api.fit(cfg)
-    return out
+        self[name] = api.fit(cfg)
+        return self[name]
 
 
-@pytest.mark.parametrize("method", METHODS_2D)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return Runs(tmp_path_factory)
+
+
+# CLIP in the default suite; MGCA and G2D (about 20 s each) with the slow tests
+@pytest.mark.parametrize("method", [m if m == "clip" else pytest.param(m, marks=pytest.mark.slow) for m in METHODS_2D])
 def test_linear_probe_and_finetune_beat_chance_for_every_2d_method(runs, method, tmp_path):
     lin = api.downstream("classification", "demo_chexpert", runs[method], protocol="linear", out=tmp_path / "lin")
     assert lin["protocol"] == "linear" and lin["n_train"] == 540 and set(lin["auroc"]) == set(lin["labels"])
