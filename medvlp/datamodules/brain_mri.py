@@ -283,21 +283,11 @@ class BrainMRIDataModule(VLPDataModule):
 
     def load_series(self, path: str, train: bool) -> Any:
         """One series as ``[1, num_slices, image_size, image_size]``."""
-        import torch
-
+        from medvlp.datamodules.pub_brain5 import read_series_tensor
         from medvlp.datamodules.transforms import square_resize_crop
 
         cfg = self.cfg
-        try:
-            t = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise DataError(f"{path} is not a readable tensor file ({type(err).__name__}: {err}).") from err
-        if not isinstance(t, torch.Tensor):
-            raise DataError(f"{path} holds a {type(t).__name__}, not a tensor (D, H, W).")
-        if t.ndim == 4:  # a 4-D series (e.g. DWI pair): the first volume, as HLIP keeps
-            t = t[..., 0]
-        if t.ndim != 3 or min(t.shape) < 1:
-            raise DataError(f"{path}: tensor of shape {tuple(t.shape)}; expected (D, H, W).")
+        t = read_series_tensor(path)
         slices = int(cfg.num_slices) if train or not int(cfg.eval_num_slices) else int(cfg.eval_num_slices)
         t = square_resize_crop(t.float() / float(cfg.scale), slices, int(cfg.resize), int(cfg.image_size), cfg.slice_mode)
         return ((t - float(cfg.mean)) / float(cfg.std))[None].contiguous()

@@ -140,21 +140,10 @@ class PubBrain5DataModule(VLPDataModule):
     # ------------------------------------------------------------------ pixels
     def load_series(self, path: str) -> Any:
         """One series as ``[1, num_slices, image_size, image_size]`` (HLIP's evaluation pipeline)."""
-        import torch
-
         from medvlp.datamodules.transforms import square_resize_crop
 
         cfg = self.cfg
-        try:
-            t = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise DataError(f"{path} is not a readable tensor file ({type(err).__name__}: {err}).") from err
-        if not isinstance(t, torch.Tensor):
-            raise DataError(f"{path} holds a {type(t).__name__}, not a tensor (D, H, W).")
-        if t.ndim == 4:
-            t = t[..., 0]
-        if t.ndim != 3:
-            raise DataError(f"{path}: tensor of shape {tuple(t.shape)}; expected (D, H, W) or (D, H, W, k).")
+        t = read_series_tensor(path)
         t = square_resize_crop(t, int(cfg.num_slices), int(cfg.resize), int(cfg.image_size), "nearest")
         return ((t - float(cfg.mean)) / float(cfg.std))[None].contiguous()
 
@@ -172,4 +161,22 @@ class PubBrain5DataModule(VLPDataModule):
         return torch.stack([self.load_series(p) for p in paths])
 
 
-__all__ = ["PubBrain5Config", "PubBrain5DataModule", "CLASSES"]
+def read_series_tensor(path: str) -> Any:
+    """A ``.pt`` series as a ``(D, H, W)`` tensor; of a 4-D one (e.g. a DWI pair) the first volume of the
+    last axis, as HLIP keeps. A DataError names the file when it is not such a tensor."""
+    import torch
+
+    try:
+        t = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise DataError(f"{path} is not a readable tensor file ({type(err).__name__}: {err}).") from err
+    if not isinstance(t, torch.Tensor):
+        raise DataError(f"{path} holds a {type(t).__name__}, not a tensor (D, H, W).")
+    if t.ndim == 4:
+        t = t[..., 0]
+    if t.ndim != 3 or min(t.shape) < 1:
+        raise DataError(f"{path}: tensor of shape {tuple(t.shape)}; expected (D, H, W) or (D, H, W, k).")
+    return t
+
+
+__all__ = ["PubBrain5Config", "PubBrain5DataModule", "CLASSES", "read_series_tensor"]

@@ -92,6 +92,29 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+class EarlyStopping:
+    """Keeps the weights of ``module`` with the lowest validation loss; ``update`` says when ``patience``
+    epochs passed without a lower one."""
+
+    def __init__(self, module: nn.Module, patience: int) -> None:
+        self.module, self.patience = module, int(patience)
+        self.best, self.state, self.waited, self.history = math.inf, copy.deepcopy(module.state_dict()), 0, []
+
+    def update(self, val_loss: float) -> bool:
+        """Record an epoch's validation loss; True when training should stop."""
+        self.history.append(float(val_loss))
+        if val_loss < self.best - 1e-6:
+            self.best, self.state, self.waited = float(val_loss), copy.deepcopy(self.module.state_dict()), 0
+        else:
+            self.waited += 1
+        return self.waited >= self.patience
+
+    def restore(self, steps: int) -> dict[str, Any]:
+        """Load the best weights back; the training history."""
+        self.module.load_state_dict(self.state)
+        return {"epochs": len(self.history), "steps": steps, "best_val_loss": self.best, "val_loss": self.history}
+
+
 class Classifier(nn.Module):
     """The pretrained image backbone + one linear head on its pooled feature."""
 
@@ -138,7 +161,7 @@ def train_linear(model: Classifier, train: tuple[Tensor, Tensor], val: tuple[Ten
     opt = torch.optim.AdamW(head.parameters(), lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
     xtr, ytr = train[0].to(device), train[1].to(device)
     xva, yva = val[0].to(device), val[1].to(device)
-    best, best_state, waited, steps, history = math.inf, copy.deepcopy(head.state_dict()), 0, 0, []
+    stopper, steps = EarlyStopping(head, s.patience), 0
     for _epoch in range(s.max_epochs):
         head.train()
         for idx in _batches(len(xtr), s.batch_size, True, g):
@@ -150,15 +173,9 @@ def train_linear(model: Classifier, train: tuple[Tensor, Tensor], val: tuple[Ten
         head.eval()
         with torch.no_grad():
             val_loss = float(classification_loss(head(xva), yva, multiclass))
-        history.append(val_loss)
-        if val_loss < best - 1e-6:
-            best, best_state, waited = val_loss, copy.deepcopy(head.state_dict()), 0
-        else:
-            waited += 1
-        if waited >= s.patience or (s.max_steps and steps >= s.max_steps):
+        if stopper.update(val_loss) or (s.max_steps and steps >= s.max_steps):
             break
-    head.load_state_dict(best_state)
-    return {"epochs": len(history), "steps": steps, "best_val_loss": best, "val_loss": history}
+    return stopper.restore(steps)
 
 
 def train_finetune(model: Classifier, dm: Any, multiclass: bool, s: ClassifierSettings, seed: int,
@@ -171,7 +188,7 @@ def train_finetune(model: Classifier, dm: Any, multiclass: bool, s: ClassifierSe
                             weight_decay=s.weight_decay)
     dm.cfg.batch_size = int(s.batch_size)
     train_loader, val_loader = dm.train_dataloader(), dm.val_dataloader()
-    best, best_state, waited, steps, history = math.inf, copy.deepcopy(model.state_dict()), 0, 0, []
+    stopper, steps = EarlyStopping(model, s.patience), 0
     for _epoch in range(s.max_epochs):
         model.train()
         for batch in train_loader:
@@ -184,16 +201,9 @@ def train_finetune(model: Classifier, dm: Any, multiclass: bool, s: ClassifierSe
             steps += 1
             if s.max_steps and steps >= s.max_steps:
                 break
-        val_loss = evaluate_loss(model, val_loader, multiclass, device)
-        history.append(val_loss)
-        if val_loss < best - 1e-6:
-            best, best_state, waited = val_loss, copy.deepcopy(model.state_dict()), 0
-        else:
-            waited += 1
-        if waited >= s.patience or (s.max_steps and steps >= s.max_steps):
+        if stopper.update(evaluate_loss(model, val_loader, multiclass, device)) or (s.max_steps and steps >= s.max_steps):
             break
-    model.load_state_dict(best_state)
-    return {"epochs": len(history), "steps": steps, "best_val_loss": best, "val_loss": history}
+    return stopper.restore(steps)
 
 
 @torch.no_grad()
@@ -255,5 +265,5 @@ def run_classification(method: Any, dm: Any, protocol: str = "linear", seed: int
             "test_logits": logits.tolist(), "test_labels": np.nan_to_num(labels, nan=-1).tolist()}
 
 
-__all__ = ["ClassifierSettings", "PROTOCOLS", "classification_loss", "run_classification", "scores_and_metrics",
+__all__ = ["ClassifierSettings", "EarlyStopping", "PROTOCOLS", "classification_loss", "run_classification", "scores_and_metrics",
            "settings_for"]

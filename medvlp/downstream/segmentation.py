@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medvlp.downstream.classification import EarlyStopping
 from medvlp.encoders.image2d import smp_encoder_name
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ def run_segmentation(method: Any, dm: Any, protocol: str = "frozen", seed: int =
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr, betas=s.betas,
                             weight_decay=s.weight_decay)
     start = time.perf_counter()
-    best, best_state, waited, steps, history = math.inf, copy.deepcopy(model.state_dict()), 0, 0, []
+    stopper, steps = EarlyStopping(model, s.patience), 0
     for _epoch in range(s.max_epochs):
         model.train()
         if protocol == "frozen":
@@ -218,14 +218,9 @@ def run_segmentation(method: Any, dm: Any, protocol: str = "frozen", seed: int =
                 break
         probs, truths, _ = predict_masks(model, val_loader, device)
         val_loss = float(segmentation_loss(torch.logit(probs.clamp(1e-6, 1 - 1e-6)), truths, s.focal_weight))
-        history.append(val_loss)
-        if val_loss < best - 1e-6:
-            best, best_state, waited = val_loss, copy.deepcopy(model.state_dict()), 0
-        else:
-            waited += 1
-        if waited >= s.patience or (s.max_steps and steps >= s.max_steps):
+        if stopper.update(val_loss) or (s.max_steps and steps >= s.max_steps):
             break
-    model.load_state_dict(best_state)
+    history = stopper.restore(steps)
     probs, truths, images = predict_masks(model, dm.test_dataloader(), device)
     dice = dice_per_image(probs, truths)
     positive = truths.flatten(1).sum(1) > 0
@@ -234,8 +229,7 @@ def run_segmentation(method: Any, dm: Any, protocol: str = "frozen", seed: int =
             "balanced": balance, "n_train": len(dm.records("train")), "n_test": len(dice),
             "n_test_positive": int(positive.sum()), "dice": float(dice.mean()),
             "dice_positive": float(dice[positive].mean()) if positive.any() else float("nan"),
-            "decoder": type(model).__name__, "settings": asdict(s), "history": {"epochs": len(history), "steps": steps, "best_val_loss": best,
-                                               "val_loss": history}, "seconds": time.perf_counter() - start,
+            "decoder": type(model).__name__, "settings": asdict(s), "history": history, "seconds": time.perf_counter() - start,
             "examples": {"images": images[order], "truths": truths[order], "predictions": probs[order]}}
 
 

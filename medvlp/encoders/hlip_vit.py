@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from medvlp.batch import ImageFeatures
 from medvlp.config import ImageEncoderConfig
 from medvlp.encoders.image2d import LastAttentionRecorder
-from medvlp.encoders.image3d import PatchEmbed3D, sincos_pos_embed_3d
+from medvlp.encoders.image3d import PatchEmbed3D, ViT3DEncoder, sincos_pos_embed_3d
 from medvlp.registry import register_image_encoder
 
 LEVELS = ("slice", "scan", "study")
@@ -122,7 +122,7 @@ class HierarchicalViT(nn.Module):
         )
         self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self.apply(_init_weights)
+        self.apply(ViT3DEncoder._init_weights)
         self.grad_checkpointing = bool(cfg.grad_checkpointing)
         self.out_dim = self.local_dim = int(cfg.width)
         if cfg.inflate_from:
@@ -331,16 +331,6 @@ def inflate_patch_kernel(w2d: Tensor, patch: tuple[int, int, int], in_chans: int
     elif w2d.shape[1] != in_chans:
         raise ValueError(f"Cannot inflate a {w2d.shape[1]}-channel patch kernel to in_chans={in_chans}")
     return w2d[:, :, None].repeat(1, 1, pd, 1, 1) / pd
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 __all__ = ["HierarchicalViT", "LEVELS", "inflate_patch_kernel", "parse_levels", "sincos_1d"]
