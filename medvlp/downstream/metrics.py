@@ -5,16 +5,21 @@ from __future__ import annotations
 import numpy as np
 
 
+def _known(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Scores and boolean targets of the items whose target is known (not NaN), and the class counts."""
+    scores = np.asarray(scores, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.float64)
+    keep = ~np.isnan(targets)
+    scores, targets = scores[keep], targets[keep] > 0.5
+    return scores, targets, int(targets.sum()), int((~targets).sum())
+
+
 def auroc(scores: np.ndarray, targets: np.ndarray) -> float:
     """Area under the ROC curve (Mann-Whitney U; ties count one half). NaN targets are ignored.
 
     Returns NaN when only one class is present.
     """
-    scores = np.asarray(scores, dtype=np.float64)
-    targets = np.asarray(targets, dtype=np.float64)
-    keep = ~np.isnan(targets)
-    scores, targets = scores[keep], targets[keep] > 0.5
-    n_pos, n_neg = int(targets.sum()), int((~targets).sum())
+    scores, targets, n_pos, n_neg = _known(scores, targets)
     if n_pos == 0 or n_neg == 0:
         return float("nan")
     order = np.argsort(scores, kind="mergesort")
@@ -41,11 +46,7 @@ def accuracy(pred: np.ndarray, target: np.ndarray) -> float:
 def roc_curve(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(false positive rates, true positive rates)`` over every threshold, from (0, 0) to (1, 1)
     (NaN targets ignored; ties move both rates at once)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    targets = np.asarray(targets, dtype=np.float64)
-    keep = ~np.isnan(targets)
-    scores, targets = scores[keep], targets[keep] > 0.5
-    n_pos, n_neg = int(targets.sum()), int((~targets).sum())
+    scores, targets, n_pos, n_neg = _known(scores, targets)
     if n_pos == 0 or n_neg == 0:
         return np.array([0.0, 1.0]), np.array([0.0, 1.0])
     order = np.argsort(-scores, kind="mergesort")

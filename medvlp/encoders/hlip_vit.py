@@ -37,7 +37,6 @@ in every finest window, so the re-grouping stays valid.
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +45,7 @@ from torch import Tensor, nn
 from medvlp.batch import ImageFeatures
 from medvlp.config import ImageEncoderConfig
 from medvlp.encoders.image2d import LastAttentionRecorder
-from medvlp.encoders.image3d import PatchEmbed3D, ViT3DEncoder, sincos_pos_embed_3d
+from medvlp.encoders.image3d import PatchEmbed3D, ViT3DEncoder, sincos_pos_embed_3d, vit_trunk
 from medvlp.registry import register_image_encoder
 
 LEVELS = ("slice", "scan", "study")
@@ -85,7 +84,6 @@ class HierarchicalViT(nn.Module):
 
     def __init__(self, cfg: ImageEncoderConfig) -> None:
         super().__init__()
-        from timm.models.vision_transformer import Block
 
         if len(cfg.patch_size) != 3 or len(cfg.img_size) != 3:
             raise ValueError(f"method.image_encoder.patch_size and img_size need 3 entries (d, h, w), got "
@@ -114,13 +112,7 @@ class HierarchicalViT(nn.Module):
             raise ValueError("method.image_encoder.sequence_pos_embed needs max_scans >= 1")
         seq = sincos_1d(torch.arange(max(self.max_scans, 1)), cfg.width) if cfg.sequence_pos_embed else torch.zeros(0)
         self.sequence_pos = nn.Parameter(seq, requires_grad=learn and bool(cfg.sequence_pos_embed))
-        dpr = [x.item() for x in torch.linspace(0, cfg.drop_path, cfg.depth)]
-        self.blocks = nn.ModuleList(
-            Block(cfg.width, cfg.heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True, drop_path=dpr[i],
-                  norm_layer=partial(nn.LayerNorm, eps=1e-6))
-            for i in range(cfg.depth)
-        )
-        self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
+        self.blocks, self.norm = vit_trunk(cfg)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(ViT3DEncoder._init_weights)
         self.grad_checkpointing = bool(cfg.grad_checkpointing)

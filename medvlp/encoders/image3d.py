@@ -38,6 +38,20 @@ def sincos_pos_embed_3d(grid: tuple[int, int, int], dim: int) -> Tensor:
     return F.pad(table, (0, dim - table.shape[1]))
 
 
+def vit_trunk(cfg: ImageEncoderConfig) -> tuple[nn.ModuleList, nn.LayerNorm]:
+    """``(blocks, final norm)`` of a timm-compatible ViT: ``depth`` pre-norm blocks (qkv bias, LayerNorm
+    eps 1e-6, stochastic depth rising linearly to ``drop_path``), so 2D weights load into them."""
+    from timm.models.vision_transformer import Block
+
+    dpr = [x.item() for x in torch.linspace(0, cfg.drop_path, cfg.depth)]
+    blocks = nn.ModuleList(
+        Block(cfg.width, cfg.heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True, drop_path=dpr[i],
+              norm_layer=partial(nn.LayerNorm, eps=1e-6))
+        for i in range(cfg.depth)
+    )
+    return blocks, nn.LayerNorm(cfg.width, eps=1e-6)
+
+
 class PatchEmbed3D(nn.Module):
     """Non-overlapping 3D patches: ``[B, C, D, H, W]`` -> ``[B, d*h*w, width]`` and the grid."""
 
@@ -100,7 +114,6 @@ class ViT3DEncoder(nn.Module):
 
     def __init__(self, cfg: ImageEncoderConfig) -> None:
         super().__init__()
-        from timm.models.vision_transformer import Block
 
         if len(cfg.patch_size) != 3:
             raise ValueError(f"method.image_encoder.patch_size must have 3 entries (d, h, w), got {list(cfg.patch_size)}")
@@ -127,13 +140,7 @@ class ViT3DEncoder(nn.Module):
             self.register_parameter("pos_embed", None)
         else:
             raise ValueError(f"method.image_encoder.pos_embed must be 'learned' or 'sincos', got '{cfg.pos_embed}'")
-        dpr = [x.item() for x in torch.linspace(0, cfg.drop_path, cfg.depth)]
-        self.blocks = nn.ModuleList(
-            Block(cfg.width, cfg.heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True, drop_path=dpr[i],
-                  norm_layer=partial(nn.LayerNorm, eps=1e-6))
-            for i in range(cfg.depth)
-        )
-        self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
+        self.blocks, self.norm = vit_trunk(cfg)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(self._init_weights)
         self.grad_checkpointing = cfg.grad_checkpointing
