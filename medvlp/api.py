@@ -229,7 +229,7 @@ def evaluate_method(method, cfg: DictConfig, tasks: tuple[str, ...] = ("zeroshot
 
 
 # --------------------------------------------------------------------------- downstream transfer
-TASK_NAMES = ("classification", "segmentation")
+TASK_NAMES = ("classification", "segmentation", "detection")
 
 
 def downstream_datamodule(run_cfg: DictConfig, data: str, overrides: list[str], fraction: float, tokenizer: Any,
@@ -245,6 +245,8 @@ def downstream_datamodule(run_cfg: DictConfig, data: str, overrides: list[str], 
             cfg.data[key] = run_cfg.data[key]
     if "task" in cfg.data and "task" not in given:
         cfg.data.task = task
+    if task == "detection" and "augment" in cfg.data and "augment" not in given:
+        cfg.data.augment = False  # MGCA trains its detectors without augmentation
     cfg.data.label_fraction = float(fraction)
     resolve_data_root(cfg)
     C.resolve(cfg)
@@ -276,6 +278,8 @@ def downstream(task: str, data: str, run_dir: str | Path, fraction: float = 1.0,
     folder.mkdir(parents=True, exist_ok=True)
     if task == "segmentation":
         res = _segmentation(method, dm, cfg, protocol, seed, folder, settings)
+    elif task == "detection":
+        res = _detection(method, dm, protocol, seed, folder, settings)
     else:
         res = _classification(method, dm, protocol, seed, folder, run_cfg, data, fraction, settings)
     res.update({"run": str(run_dir), "method": run_cfg.method.name, "data": data, "data_name": cfg.data.name})
@@ -317,6 +321,21 @@ def _segmentation(method: Any, dm: Any, cfg: DictConfig, protocol: str, seed: in
     ones = dice_per_image(torch.ones_like(truths), truths)
     res["baseline_all_ones_dice_positive"] = float(ones[truths.flatten(1).sum(1) > 0].mean()) if len(ones) else float("nan")
     res["files"] = {"overlays": str(folder / "overlays.png")}
+    return res
+
+
+def _detection(method: Any, dm: Any, protocol: str, seed: int, folder: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    from medvlp.downstream.detection import run_detection
+    from medvlp.downstream.plots import box_overlays_png, precision_recall_png
+
+    res = run_detection(method, dm, protocol="frozen" if protocol == "linear" else protocol, seed=seed, **settings)
+    ex, precision = res.pop("examples"), res.pop("precision", None)
+    box_overlays_png(folder / "overlays.png", ex["images"], ex["truths"], ex["predictions"])
+    res["files"] = {"overlays": str(folder / "overlays.png")}
+    if precision is not None:
+        precision_recall_png(folder / "precision_recall.png", precision, res["iou_thresholds"],
+                             title=f"{res['classes'][0] if len(res['classes']) == 1 else 'mean'}: mAP {res['map']:.3f}")
+        res["files"]["precision_recall"] = str(folder / "precision_recall.png")
     return res
 
 

@@ -80,13 +80,15 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--words", default="", help="MGCA: comma-separated words to draw (default: up to 8 finding words)")
     ex.add_argument("--out", help="output folder (default RUN_DIR/explain)")
 
-    ds = sub.add_parser("downstream", help="transfer a run's image encoder to a labelled task (linear probe / fine-tune)",
-                        description="Train a linear head on the frozen image encoder of a run (protocol linear, MGCA's "
-                                    "settings) or the encoder and the head (protocol finetune) on a labelled dataset, on "
-                                    "a fraction of its training labels (the shared fraction files); early stopping on the "
-                                    "validation loss; AUROC per label (and accuracy for exclusive classes) on the test "
-                                    "split. Writes result.json, roc.png and the test predictions.")
-    ds.add_argument("--task", default="classification", choices=["classification", "segmentation"])
+    ds = sub.add_parser("downstream", help="transfer a run's image encoder to a labelled task (classification, segmentation, detection)",
+                        description="Transfer the image encoder of a run to a labelled dataset, on a fraction of its "
+                                    "training labels (the shared fraction files), with the papers' settings and early "
+                                    "stopping on the validation split. classification: a linear head on the frozen encoder "
+                                    "(protocol linear) or encoder + head (finetune); AUROC per label, accuracy for exclusive "
+                                    "classes; roc.png. segmentation: a U-Net (CNN) or SETR decoder (ViT); Dice; overlays.png. "
+                                    "detection: an FCOS detector on a feature pyramid of the encoder; mAP over IoU 0.40-0.75 "
+                                    "(also MGCA's evaluation); precision_recall.png and overlays.png. Writes result.json.")
+    ds.add_argument("--task", default="classification", choices=["classification", "segmentation", "detection"])
     ds.add_argument("--data", required=True, help="configs/data/<name>.yaml with labels / masks (e.g. demo_chexpert, covidx, demo_siim)")
     ds.add_argument("--run", required=True, metavar="RUN_DIR")
     ds.add_argument("--fraction", type=float, default=1.0, help="fraction of the training labels (e.g. 0.01, 0.1, 1)")
@@ -98,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     ds.add_argument("--max-epochs", type=int, help="default 50")
     ds.add_argument("--patience", type=int, help="early-stopping patience in epochs (default 10)")
     ds.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (quick runs)")
+    ds.add_argument("--detector", choices=["fcos", "retinanet", "faster_rcnn"], help="detection: the torchvision detector (default fcos)")
+    ds.add_argument("--pyramid-channels", type=int, help="detection: width of the feature pyramid (default 256)")
     ds.add_argument("--out", help="output folder (default RUN_DIR/downstream/<task>-<data>-<protocol>-f<F>-s<seed>)")
     ds.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.root=/data/chexpert")
 
@@ -193,12 +197,18 @@ def cmd_downstream(args: argparse.Namespace) -> None:
     from medvlp import api
 
     settings = {"lr": args.lr, "batch_size": args.batch_size, "max_epochs": args.max_epochs, "patience": args.patience,
-                "max_steps": args.max_steps}
+                "max_steps": args.max_steps, "detector": args.detector, "pyramid_channels": args.pyramid_channels}
     res = api.downstream(args.task, args.data, args.run, fraction=args.fraction, protocol=args.protocol, seed=args.seed,
                          overrides=args.overrides, out=args.out, **{k: v for k, v in settings.items() if v is not None})
     print(f"{args.task} ({args.protocol}) of {res['method']} on {args.data}, {res['fraction']:g} of the training labels "
           f"({res['n_train']} images), test split ({res['n_test']} images), {res['history']['epochs']} epochs:")
-    if args.task == "segmentation":
+    if args.task == "detection":
+        rows = [(f"mAP @ IoU {res['iou_thresholds'][0]:.2f}-{res['iou_thresholds'][-1]:.2f}, all test images", f"{res['map']:.3f}"),
+                ("AP @ IoU 0.50", f"{res['map_50']:.3f}"),
+                (f"MGCA's evaluation ({res['map_mgca_images']} images with a detection >= 0.5 and a true box)", f"{res['map_mgca']:.3f}"),
+                ("the mean training box on every image", f"{res['baseline_mean_box_map']:.3f}")]
+        _print_table(rows, ("mAP", ""))
+    elif args.task == "segmentation":
         rows = [("all test images", f"{res['dice']:.3f}"),
                 (f"images with a finding ({res['n_test_positive']})", f"{res['dice_positive']:.3f}"),
                 ("all-ones mask, images with a finding", f"{res['baseline_all_ones_dice_positive']:.3f}")]

@@ -93,18 +93,21 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 class EarlyStopping:
-    """Keeps the weights of ``module`` with the lowest validation loss; ``update`` says when ``patience``
-    epochs passed without a lower one."""
+    """Keeps the weights of ``module`` with the best value of a validation score (lowest for
+    ``mode="min"``, e.g. a loss; highest for ``"max"``, e.g. mAP); ``update`` says when ``patience``
+    epochs passed without a better one."""
 
-    def __init__(self, module: nn.Module, patience: int) -> None:
-        self.module, self.patience = module, int(patience)
+    def __init__(self, module: nn.Module, patience: int, monitor: str = "val_loss", mode: str = "min") -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"EarlyStopping mode '{mode}' is not 'min' or 'max'.")
+        self.module, self.patience, self.monitor, self.sign = module, int(patience), monitor, 1.0 if mode == "min" else -1.0
         self.best, self.state, self.waited, self.history = math.inf, copy.deepcopy(module.state_dict()), 0, []
 
-    def update(self, val_loss: float) -> bool:
-        """Record an epoch's validation loss; True when training should stop."""
-        self.history.append(float(val_loss))
-        if val_loss < self.best - 1e-6:
-            self.best, self.state, self.waited = float(val_loss), copy.deepcopy(self.module.state_dict()), 0
+    def update(self, value: float) -> bool:
+        """Record an epoch's validation score; True when training should stop."""
+        self.history.append(float(value))
+        if self.sign * value < self.best - 1e-6:
+            self.best, self.state, self.waited = self.sign * float(value), copy.deepcopy(self.module.state_dict()), 0
         else:
             self.waited += 1
         return self.waited >= self.patience
@@ -112,7 +115,8 @@ class EarlyStopping:
     def restore(self, steps: int) -> dict[str, Any]:
         """Load the best weights back; the training history."""
         self.module.load_state_dict(self.state)
-        return {"epochs": len(self.history), "steps": steps, "best_val_loss": self.best, "val_loss": self.history}
+        return {"epochs": len(self.history), "steps": steps, f"best_{self.monitor}": self.sign * self.best,
+                self.monitor: self.history}
 
 
 class Classifier(nn.Module):
