@@ -360,8 +360,8 @@ def run_detection(method: Any, dm: Any, protocol: str = "frozen", seed: int = 0,
             if epoch == 0:
                 train_boxes += [b.reshape(-1, 4) for b in batch.boxes or []]
             loss, last_losses = detection_step(model, batch, device)
-            if not math.isfinite(float(loss)):
-                raise FloatingPointError(f"detection loss is {float(loss)} at step {steps} ({last_losses}); lower --lr.")
+            if not math.isfinite(float(loss.detach())):
+                raise FloatingPointError(f"detection loss is {float(loss.detach())} at step {steps} ({last_losses}); lower --lr.")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

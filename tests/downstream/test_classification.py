@@ -51,27 +51,6 @@ def test_loss_ignores_unknown_labels_and_uses_softmax_for_classes():
         settings_for("linear", momentum=0.9)
 
 
-class Runs(dict):
-    """Short pre-training runs (40 steps on the synthetic chest X-rays), made on first use."""
-
-    def __init__(self, factory):
-        super().__init__()
-        self.factory = factory
-
-    def __missing__(self, name):
-        cfg = C.compose(method=name, overrides=[f"run.out_dir={self.factory.mktemp(name)}", "trainer.max_steps=40",
-                                                "trainer.enable_progress_bar=false", "trainer.limit_val_batches=1"])
-        api.resolve_data_root(cfg)
-        C.resolve(cfg)
-        self[name] = api.fit(cfg)
-        return self[name]
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return Runs(tmp_path_factory)
-
-
 # CLIP in the default suite; MGCA and G2D (about 20 s each) with the slow tests
 @pytest.mark.parametrize("method", [m if m == "clip" else pytest.param(m, marks=pytest.mark.slow) for m in METHODS_2D])
 def test_linear_probe_and_finetune_beat_chance_for_every_2d_method(runs, method, tmp_path):
@@ -95,5 +74,5 @@ def test_exclusive_classes_fractions_and_the_cli(runs, tmp_path, capsys):
     assert "accuracy" in capsys.readouterr().out
     few = api.downstream("classification", "demo_chexpert", runs["clip"], fraction=0.1, out=tmp_path / "few", max_epochs=3)
     assert few["n_train"] < 100 and few["fraction"] == 0.1
-    with pytest.raises(C.ConfigError, match="detection"):
-        api.downstream("detection", "demo_rsna", runs["clip"])
+    with pytest.raises(C.ConfigError, match="captioning is not available; choose one of classification, segmentation, detection"):
+        api.downstream("captioning", "demo_rsna", runs["clip"])

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from medvlp import api
-from medvlp import config as C
 from medvlp.cli import main
 from medvlp.downstream.detection import IOU_THRESHOLDS, build_detector, detection_map, settings_for
 
@@ -115,27 +114,6 @@ def test_pyramid_levels_and_a_training_step(enc, detector):
     with torch.no_grad():
         out = det(images)
     assert len(out) == 2 and out[0]["boxes"].shape[1] == 4
-
-
-class Runs(dict):
-    """Short pre-training runs (40 steps on the synthetic chest X-rays), made on first use."""
-
-    def __init__(self, factory):
-        super().__init__()
-        self.factory = factory
-
-    def __missing__(self, name):
-        cfg = C.compose(method=name, overrides=[f"run.out_dir={self.factory.mktemp(name)}", "trainer.max_steps=40",
-                                                "trainer.enable_progress_bar=false", "trainer.limit_val_batches=1"])
-        api.resolve_data_root(cfg)
-        C.resolve(cfg)
-        self[name] = api.fit(cfg)
-        return self[name]
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return Runs(tmp_path_factory)
 
 
 # CLIP (ResNet) in the default suite; MGCA (ViT, simple pyramid) and G2D (ResNet) with the slow tests

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from medvlp import api
-from medvlp import config as C
 from medvlp.downstream.segmentation import (
     balance_positives,
     build_segmenter,
@@ -54,17 +53,9 @@ def test_siim_balancing_keeps_every_positive_and_as_many_negatives():
     assert [r.i for r in balance_positives(recs)] == [r.i for r in kept]  # seeded
 
 
-def _fit(tmp_path, *overrides):
-    cfg = C.compose(method="clip", overrides=[f"run.out_dir={tmp_path}", "trainer.max_steps=40",
-                                              "trainer.enable_progress_bar=false", "trainer.limit_val_batches=1", *overrides])
-    api.resolve_data_root(cfg)
-    C.resolve(cfg)
-    return api.fit(cfg)
-
-
 @pytest.fixture(scope="module")
-def cnn_run(tmp_path_factory):
-    return _fit(tmp_path_factory.mktemp("clip"))
+def cnn_run(runs):
+    return runs["clip"]
 
 
 def test_unet_carries_the_pretrained_encoder_weights(cnn_run):
@@ -91,8 +82,8 @@ def test_frozen_unet_on_siim_beats_a_constant_mask(cnn_run, tmp_path):
     assert frozen
 
 
-def test_vit_decoder_and_finetune_on_rsna_boxes(tmp_path):
-    run = _fit(tmp_path / "vit", "method.image_encoder.img_size=[32]", "data.image_size=32",
+def test_vit_decoder_and_finetune_on_rsna_boxes(tmp_path, demo_fit):
+    run = demo_fit(tmp_path / "vit", "clip", "method.image_encoder.img_size=[32]", "data.image_size=32",
                "method.image_encoder.kwargs={patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}",
                "method.image_encoder.model=vit_base_patch16_224", "method.image_encoder.pretrained=false",
                "method.image_encoder.in_chans=1")
@@ -100,3 +91,14 @@ def test_vit_decoder_and_finetune_on_rsna_boxes(tmp_path):
                          max_steps=15, batch_size=16, decoder_channels=(32, 16))
     assert res["protocol"] == "finetune" and res["history"]["steps"] == 15 and 0.0 <= res["dice"] <= 1.0
     assert res["decoder"] == "SETRNaiveSegmenter"
+
+
+# MGCA (ViT: SETR decoder) and G2D (ResNet: U-Net) with the slow tests; CLIP above
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["mgca", "g2d"])
+def test_frozen_segmentation_beats_a_constant_mask_for_mgca_and_g2d(runs, method, tmp_path):
+    res = api.downstream("segmentation", "demo_siim", runs[method], protocol="frozen", out=tmp_path / "seg",
+                         max_epochs=4, batch_size=16, decoder_channels=(32, 16, 16, 8, 8))
+    ones = res["baseline_all_ones_dice_positive"]
+    assert res["dice_positive"] > max(0.3, 2 * ones), (res["dice_positive"], ones)
+    assert res["decoder"] == ("SETRNaiveSegmenter" if method == "mgca" else "UnetSegmenter")
