@@ -2,7 +2,7 @@ PYTHON ?= python
 PYTEST_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test test-slow test-gpu lint demo clean
+.PHONY: install test test-slow test-gpu lint demo sweep clean
 
 install:  ## install medvlp (editable) with the test tools
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -22,6 +22,27 @@ lint:
 demo:  ## write the synthetic datasets to demo_data/ and train CLIP on the 2D one
 	medvlp demo --out demo_data
 	medvlp fit --method clip
+
+# make sweep METHODS="clip mgca g2d" TASKS="classification segmentation zeroshot" FRACTIONS="0.01 0.1 1" SEEDS="0 1 2"
+# Real data: ROOTS="chexpert=/data/chexpert siim_pneumothorax=/data/siim" PRETRAIN_DATA=mimic_cxr PRETRAIN_ROOT=/data/mimic.
+# More flags (e.g. --max-epochs 10, --pretrain-overrides ...) go in SWEEP_ARGS; python -m medvlp.sweep --help lists them.
+METHODS ?= clip mgca
+TASKS ?= classification segmentation
+FRACTIONS ?= 0.1 1
+SEEDS ?= 0
+OUT ?= results
+RUNS ?= runs/sweep
+PRETRAIN_STEPS ?= 200
+PRETRAIN_DATA ?=
+PRETRAIN_ROOT ?=
+ROOTS ?=
+SWEEP_ARGS ?=
+
+sweep:  ## pre-train METHODS where needed, evaluate TASKS x FRACTIONS x SEEDS, write $(OUT)/summary.{csv,md,png}; resumable
+	$(PYTHON) -m medvlp.sweep --methods $(METHODS) --tasks $(TASKS) --fractions $(FRACTIONS) --seeds $(SEEDS) \
+		--out $(OUT) --runs $(RUNS) --pretrain-steps $(PRETRAIN_STEPS) \
+		$(if $(PRETRAIN_DATA),--pretrain-data $(PRETRAIN_DATA)) $(if $(PRETRAIN_ROOT),--pretrain-root $(PRETRAIN_ROOT)) \
+		$(if $(ROOTS),--roots $(ROOTS)) $(SWEEP_ARGS)
 
 clean:
 	rm -rf runs .cache build *.egg-info

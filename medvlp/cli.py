@@ -13,6 +13,8 @@ import logging
 import sys
 from typing import Any
 
+from medvlp import sweep
+
 EXAMPLES = """examples:
   medvlp fit --method clip                        train on the built-in synthetic chest X-rays
   medvlp fit --method clip trainer.max_steps=50   ... for 50 optimiser steps
@@ -112,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
                                                         "medblip_mri"])
     demo.add_argument("--size", default="default", choices=["tiny", "default"])
     demo.add_argument("--seed", type=int, default=0)
+
+    sweep.add_arguments(sub.add_parser("sweep", help=sweep.HELP, description=sweep.DESCRIPTION, epilog=sweep.EXAMPLES,
+                                       formatter_class=argparse.RawDescriptionHelpFormatter))
 
     ls = sub.add_parser("list", help="list registered components and config files")
     ls.add_argument("what", nargs="?", default="all",
@@ -290,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         "preprocess": cmd_preprocess,
         "explain": cmd_explain,
         "downstream": cmd_downstream,
+        "sweep": sweep.cmd_sweep,
         "demo": cmd_demo,
         "list": lambda a: cmd_list(a.what),
     }
