@@ -110,7 +110,7 @@ TASKS: dict[str, TaskDefaults] = {
     "segmentation": TaskDefaults("demo_siim", "siim_pneumothorax", "frozen", "dice", "Dice",
                                  protocols=("frozen", "linear", "finetune"), demo_settings=(("max_steps", 150),)),
     "detection": TaskDefaults("demo_rsna", "rsna_pneumonia", "frozen", "map", "mAP",
-                              demo_settings=(("max_epochs", 10),)),
+                              demo_settings=(("max_epochs", 3), ("pyramid_channels", 64))),
     "zeroshot": TaskDefaults("", "", "", "zeroshot.mean_auroc", "AUROC", transfer=False),
     "retrieval": TaskDefaults("", "", "", "retrieval.image_to_text.R@5", "i2t R@5", transfer=False),
 }
