@@ -167,3 +167,9 @@ IMAGE_ENCODERS.register_lazy("hlip_vit", "medvlp.encoders.hlip_vit:HierarchicalV
 TEXT_ENCODERS.register_lazy("hf", "medvlp.encoders.text:HFTextEncoder", "any BERT-family transformers model (hub name, local dir or 'tiny')")
 TASKS.register_lazy("zeroshot", "medvlp.downstream.zero_shot:zero_shot_auc", "zero-shot classification with prompt pairs (AUROC)")
 TASKS.register_lazy("retrieval", "medvlp.downstream.retrieval:retrieval_recall", "image<->text retrieval (recall@1/5/10)")
+TASKS.register_lazy("classification", "medvlp.downstream.classification:run_classification",
+                    "linear probe / fine-tuning of the image encoder (AUROC, accuracy)")
+TASKS.register_lazy("segmentation", "medvlp.downstream.segmentation:run_segmentation",
+                    "U-Net (CNN) or SETR (ViT) decoder on the image encoder (Dice)")
+TASKS.register_lazy("detection", "medvlp.downstream.detection:run_detection",
+                    "FCOS / RetinaNet / Faster R-CNN on a feature pyramid of the image encoder (mAP)")

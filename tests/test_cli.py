@@ -26,7 +26,7 @@ def test_help_is_fast():
 def test_list_prints_registries():
     proc, _ = run("list")
     assert proc.returncode == 0
-    for name in ("clip", "mimic_cxr", "ct_rate", "timm", "vit3d", "hf", "zeroshot", "retrieval"):
+    for name in ("clip", "mimic_cxr", "ct_rate", "timm", "vit3d", "hf", "zeroshot", "retrieval", "detection", "segmentation"):
         assert name in proc.stdout
 
 

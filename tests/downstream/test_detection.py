@@ -139,3 +139,16 @@ def test_detection_cli_on_object_cxr_finetune(runs, tmp_path, capsys):
     res = json.loads((tmp_path / "obj" / "result.json").read_text())
     assert res["protocol"] == "finetune" and res["history"]["steps"] == 6 and res["settings"]["lr"] == 5e-4
     assert res["n_train"] < 100 and 0.0 <= res["map"] <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS_2D)
+def test_finetuned_detector_and_segmenter_beat_chance_for_every_2d_method(runs, method, tmp_path):
+    """The ``finetune`` protocol of both dense tasks, encoder trained too (with the slow tests)."""
+    det = api.downstream("detection", "demo_rsna", runs[method], protocol="finetune", out=tmp_path / "det",
+                         max_epochs=2, pyramid_channels=64)
+    assert det["map"] > max(0.15, 3 * det["baseline_mean_box_map"]), (det["map"], det["baseline_mean_box_map"])
+    seg = api.downstream("segmentation", "demo_siim", runs[method], protocol="finetune", out=tmp_path / "seg",
+                         max_epochs=4, batch_size=16, decoder_channels=(32, 16, 16, 8, 8))
+    ones = seg["baseline_all_ones_dice_positive"]
+    assert seg["dice_positive"] > max(0.3, 2 * ones), (seg["dice_positive"], ones)
