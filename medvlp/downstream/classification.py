@@ -25,6 +25,7 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -119,6 +120,30 @@ class EarlyStopping:
                 self.monitor: self.history}
 
 
+def train_with_early_stopping(model: nn.Module, opt: torch.optim.Optimizer, train_loader: Any,
+                              batch_loss: Callable[[Any, int], Tensor], validate: Callable[[], float],
+                              stopper: EarlyStopping, max_epochs: int, max_steps: int = 0,
+                              train_mode: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """The transfer loop shared by every task: per epoch, ``train_mode()`` (default ``model.train()``),
+    one optimiser step per batch on ``batch_loss(batch, epoch)``, then ``validate()`` into ``stopper``;
+    stops at ``max_epochs``, at ``max_steps`` optimiser steps (> 0) or when ``stopper`` says so, and
+    loads the best weights back. Returns the stopper's history."""
+    steps = 0
+    for epoch in range(max_epochs):
+        (train_mode or model.train)()
+        for batch in train_loader:
+            loss = batch_loss(batch, epoch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            if max_steps and steps >= max_steps:
+                break
+        if stopper.update(validate()) or (max_steps and steps >= max_steps):
+            break
+    return stopper.restore(steps)
+
+
 class Classifier(nn.Module):
     """The pretrained image backbone + one linear head on its pooled feature."""
 
@@ -192,22 +217,15 @@ def train_finetune(model: Classifier, dm: Any, multiclass: bool, s: ClassifierSe
                             weight_decay=s.weight_decay)
     dm.cfg.batch_size = int(s.batch_size)
     train_loader, val_loader = dm.train_dataloader(), dm.val_dataloader()
-    stopper, steps = EarlyStopping(model, s.patience), 0
-    for _epoch in range(s.max_epochs):
-        model.train()
-        for batch in train_loader:
-            with _autocast(device):
-                logits = model(batch.images.to(device))
-            loss = classification_loss(logits.float(), batch.labels.to(device), multiclass)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            steps += 1
-            if s.max_steps and steps >= s.max_steps:
-                break
-        if stopper.update(evaluate_loss(model, val_loader, multiclass, device)) or (s.max_steps and steps >= s.max_steps):
-            break
-    return stopper.restore(steps)
+
+    def batch_loss(batch: Any, _epoch: int) -> Tensor:
+        with _autocast(device):
+            logits = model(batch.images.to(device))
+        return classification_loss(logits.float(), batch.labels.to(device), multiclass)
+
+    return train_with_early_stopping(model, opt, train_loader, batch_loss,
+                                     lambda: evaluate_loss(model, val_loader, multiclass, device),
+                                     EarlyStopping(model, s.patience), s.max_epochs, s.max_steps)
 
 
 @torch.no_grad()
@@ -269,5 +287,5 @@ def run_classification(method: Any, dm: Any, protocol: str = "linear", seed: int
             "test_logits": logits.tolist(), "test_labels": np.nan_to_num(labels, nan=-1).tolist()}
 
 
-__all__ = ["ClassifierSettings", "EarlyStopping", "PROTOCOLS", "classification_loss", "run_classification", "scores_and_metrics",
+__all__ = ["ClassifierSettings", "EarlyStopping", "train_with_early_stopping", "PROTOCOLS", "classification_loss", "run_classification", "scores_and_metrics",
            "settings_for"]

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medvlp.downstream.classification import EarlyStopping
+from medvlp.downstream.classification import EarlyStopping, train_with_early_stopping
 
 log = logging.getLogger(__name__)
 
@@ -352,27 +352,26 @@ def run_detection(method: Any, dm: Any, protocol: str = "frozen", seed: int = 0,
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr, betas=s.betas,
                             weight_decay=s.weight_decay)
     start = time.perf_counter()
-    stopper, steps, last_losses = EarlyStopping(model, s.patience, monitor="val_map", mode="max"), 0, {}
     train_boxes: list[Tensor] = []  # in network-input pixels, for the mean-box baseline
-    for epoch in range(s.max_epochs):
-        _train_mode(model, frozen)
-        for batch in train_loader:
-            if epoch == 0:
-                train_boxes += [b.reshape(-1, 4) for b in batch.boxes or []]
-            loss, last_losses = detection_step(model, batch, device)
-            if not math.isfinite(float(loss.detach())):
-                raise FloatingPointError(f"detection loss is {float(loss.detach())} at step {steps} ({last_losses}); lower --lr.")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            steps += 1
-            if s.max_steps and steps >= s.max_steps:
-                break
+    last_losses: dict[str, float] = {}
+
+    def batch_loss(batch: Any, epoch: int) -> Tensor:
+        if epoch == 0:
+            train_boxes.extend(b.reshape(-1, 4) for b in batch.boxes or [])
+        loss, parts = detection_step(model, batch, device)
+        last_losses.update(parts)
+        if not math.isfinite(float(loss.detach())):
+            raise FloatingPointError(f"detection loss is {float(loss.detach())} ({parts}); lower --lr.")
+        return loss
+
+    def validate() -> float:
         preds, truths, _ = predict_boxes(model, val_loader, device)
         val_map = detection_map(preds, truths, "standard", s.score_threshold)["map"]
-        if stopper.update(0.0 if math.isnan(val_map) else val_map) or (s.max_steps and steps >= s.max_steps):
-            break
-    history = stopper.restore(steps)
+        return 0.0 if math.isnan(val_map) else val_map
+
+    history = train_with_early_stopping(model, opt, train_loader, batch_loss, validate,
+                                        EarlyStopping(model, s.patience, monitor="val_map", mode="max"),
+                                        s.max_epochs, s.max_steps, lambda: _train_mode(model, frozen))
     history["last_losses"] = last_losses
     preds, truths, images = predict_boxes(model, dm.test_dataloader(), device, keep_images=len(dm.records("test")))
     standard = detection_map(preds, truths, "standard", s.score_threshold, extended=True)

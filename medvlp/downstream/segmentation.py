@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medvlp.downstream.classification import EarlyStopping
+from medvlp.downstream.classification import EarlyStopping, train_with_early_stopping
 from medvlp.encoders.image2d import smp_encoder_name
 
 log = logging.getLogger(__name__)
@@ -201,26 +201,22 @@ def run_segmentation(method: Any, dm: Any, protocol: str = "frozen", seed: int =
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr, betas=s.betas,
                             weight_decay=s.weight_decay)
     start = time.perf_counter()
-    stopper, steps = EarlyStopping(model, s.patience), 0
-    for _epoch in range(s.max_epochs):
+    def train_mode() -> None:
         model.train()
         if protocol == "frozen":
             model.encoder.eval()  # frozen: batch-norm statistics stay those of pre-training
-        for batch in train_loader:
-            with _autocast(device):
-                logits = model(batch.images.to(device))
-            loss = segmentation_loss(logits.float(), batch.masks.to(device).float(), s.focal_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            steps += 1
-            if s.max_steps and steps >= s.max_steps:
-                break
+
+    def batch_loss(batch: Any, _epoch: int) -> Tensor:
+        with _autocast(device):
+            logits = model(batch.images.to(device))
+        return segmentation_loss(logits.float(), batch.masks.to(device).float(), s.focal_weight)
+
+    def validate() -> float:
         probs, truths, _ = predict_masks(model, val_loader, device)
-        val_loss = float(segmentation_loss(torch.logit(probs.clamp(1e-6, 1 - 1e-6)), truths, s.focal_weight))
-        if stopper.update(val_loss) or (s.max_steps and steps >= s.max_steps):
-            break
-    history = stopper.restore(steps)
+        return float(segmentation_loss(torch.logit(probs.clamp(1e-6, 1 - 1e-6)), truths, s.focal_weight))
+
+    history = train_with_early_stopping(model, opt, train_loader, batch_loss, validate, EarlyStopping(model, s.patience),
+                                        s.max_epochs, s.max_steps, train_mode)
     probs, truths, images = predict_masks(model, dm.test_dataloader(), device)
     dice = dice_per_image(probs, truths)
     positive = truths.flatten(1).sum(1) > 0
