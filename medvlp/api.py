@@ -19,6 +19,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from medvlp import config as C
+from medvlp.cache import write_atomic
 from medvlp.datamodules.base import DEMO_ROOT, DataRootError
 from medvlp.registry import DATAMODULES, METHODS
 
@@ -284,7 +285,7 @@ def downstream(task: str, data: str, run_dir: str | Path, fraction: float = 1.0,
         res = _classification(method, dm, protocol, seed, folder, run_cfg, data, fraction, settings)
     res.update({"run": str(run_dir), "method": run_cfg.method.name, "data": data, "data_name": cfg.data.name})
     res.setdefault("files", {})["result"] = str(folder / "result.json")
-    (folder / "result.json").write_text(json.dumps(res, indent=2))
+    write_atomic(folder / "result.json", json.dumps(res, indent=2))  # a killed run leaves no partial result
     return res
 
 

@@ -35,7 +35,6 @@ import io
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
@@ -44,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from medvlp import config as C
+from medvlp.cache import write_atomic
 from medvlp.registry import METHODS, did_you_mean
 
 log = logging.getLogger("medvlp.sweep")  # also when run as python -m medvlp.sweep (__main__)
@@ -356,18 +356,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _write_atomic(path: Path, data: str | bytes) -> Path:
-    """Write to a temporary file beside ``path`` and rename it over ``path`` (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-    return path
-
-
 def _write_json(path: Path, obj: Any) -> Path:
-    return _write_atomic(path, json.dumps(obj, indent=2, default=str))
+    return write_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
 def is_done(cfg: SweepConfig, combo: Combination) -> bool:
@@ -765,9 +755,9 @@ def write_summary(cfg: SweepConfig, rows: list[Row], elapsed: float | None = Non
     """Write ``summary.csv``, ``summary.md`` and ``summary.png`` into ``cfg.out`` (each atomically)."""
     out = Path(cfg.out)
     files = {
-        "csv": _write_atomic(out / "summary.csv", summary_csv(rows)),
-        "md": _write_atomic(out / "summary.md", summary_markdown(cfg, rows, elapsed, computed, skipped)),
-        "png": _write_atomic(out / "summary.png", summary_png(rows)),
+        "csv": write_atomic(out / "summary.csv", summary_csv(rows)),
+        "md": write_atomic(out / "summary.md", summary_markdown(cfg, rows, elapsed, computed, skipped)),
+        "png": write_atomic(out / "summary.png", summary_png(rows)),
     }
     log.info("wrote %s", ", ".join(str(p) for p in files.values()))
     return files

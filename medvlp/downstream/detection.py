@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 PROTOCOLS = ("frozen", "finetune")
 IOU_THRESHOLDS = tuple(round(0.40 + 0.05 * i, 2) for i in range(8))
 MAP_MODES = ("standard", "mgca")
+EXAMPLE_POOL = 64  # test images kept in memory to pick the overlay examples from
 
 
 @dataclass
@@ -373,12 +374,13 @@ def run_detection(method: Any, dm: Any, protocol: str = "frozen", seed: int = 0,
                                         EarlyStopping(model, s.patience, monitor="val_map", mode="max"),
                                         s.max_epochs, s.max_steps, lambda: _train_mode(model, frozen))
     history["last_losses"] = last_losses
-    preds, truths, images = predict_boxes(model, dm.test_dataloader(), device, keep_images=len(dm.records("test")))
+    preds, truths, images = predict_boxes(model, dm.test_dataloader(), device, keep_images=EXAMPLE_POOL)
     standard = detection_map(preds, truths, "standard", s.score_threshold, extended=True)
     parity = detection_map(preds, truths, "mgca", s.mgca_score_threshold)
     baseline = mean_box_baseline(train_boxes, len(truths), truths)
     positive = [i for i, t in enumerate(truths) if len(t["boxes"])]
-    order = (positive + [i for i in range(len(truths)) if i not in set(positive)])[:4]
+    pool = range(len(images))  # the overlay examples: images with a finding first, among the first EXAMPLE_POOL
+    order = ([i for i in pool if i in set(positive)] + [i for i in pool if i not in set(positive)])[:4]
     return {"task": "detection", "protocol": protocol, "fraction": float(dm.cfg.label_fraction), "seed": seed,
             "detector": s.detector, "pyramid": type(model.backbone).__name__, "classes": names,
             "n_train": len(dm.records("train")), "n_test": len(truths), "n_test_positive": len(positive),
