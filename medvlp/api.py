@@ -15,7 +15,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from medvlp import config as C
@@ -210,34 +209,33 @@ def evaluate(run_dir: str | Path, tasks: tuple[str, ...] = ("zeroshot", "retriev
 
 def evaluate_method(method, cfg: DictConfig, tasks: tuple[str, ...] = ("zeroshot", "retrieval"),
                     split: str = "test") -> dict[str, Any]:
-    """Evaluate an in-memory method on ``split`` of the dataset in ``cfg.data``."""
+    """Evaluate an in-memory method on ``split`` of the dataset in ``cfg.data`` with evaluation tasks
+    (registered tasks with ``transfer: false``); each task's result is under its name."""
     from medvlp.downstream.embed import extract
-    from medvlp.downstream.retrieval import retrieval_recall
-    from medvlp.downstream.zero_shot import load_merges, load_prompts, zero_shot_auc
+    from medvlp.downstream.task import get_task
 
+    chosen = [get_task(t) for t in tasks]
+    for task in chosen:
+        if task.transfer:
+            raise C.ConfigError(f"{task.name} is a transfer task; run it with medvlp downstream --task {task.name}.")
     resolve_data_root(cfg)
     dm = build_datamodule(cfg, tokenizer=method.tokenizer)
-    loader = dm.eval_dataloader(split)
-    emb = extract(method, loader)
+    emb = extract(method, dm.eval_dataloader(split))
     out: dict[str, Any] = {"split": split, "n": len(emb.study_ids)}
-    if "zeroshot" in tasks:
-        prompts = load_prompts(dm.prompt_file())
-        out["zeroshot"] = zero_shot_auc(method, emb, list(dm.label_names), dm.eval_label_names(), prompts, cfg.data.max_length,
-                                        merges=load_merges(dm.prompt_file()))
-    if "retrieval" in tasks:
-        out["retrieval"] = retrieval_recall(method, emb)
+    for task in chosen:
+        out[task.name] = task.evaluate(method, dm, emb, cfg)
     return out
 
 
 # --------------------------------------------------------------------------- downstream transfer
-TASK_NAMES = ("classification", "segmentation", "detection")
-
-
 def downstream_datamodule(run_cfg: DictConfig, data: str, overrides: list[str], fraction: float, tokenizer: Any,
                           task: str = "classification"):
     """The labelled datamodule of a transfer task: ``configs/data/<data>.yaml`` + ``overrides``, with the
-    pretraining run's ``image_size`` / ``channels`` (what its encoder expects) and, for datasets with
-    several target kinds (RSNA, SIIM), ``data.task`` = the transfer task, unless overridden."""
+    pretraining run's ``image_size`` / ``channels`` (what its encoder expects), ``data.task`` = the
+    transfer task for datasets with several target kinds (RSNA, SIIM) and the task's own ``data``
+    defaults (``configs/downstream/<task>.yaml``), each unless overridden."""
+    from medvlp.downstream.task import get_task
+
     dot = C.parse_overrides(overrides)
     cfg = C.compose(data=data, overrides=overrides, sections=("data",))
     given = set(dot.get("data", {}) or {})
@@ -246,97 +244,50 @@ def downstream_datamodule(run_cfg: DictConfig, data: str, overrides: list[str], 
             cfg.data[key] = run_cfg.data[key]
     if "task" in cfg.data and "task" not in given:
         cfg.data.task = task
-    if task == "detection" and "augment" in cfg.data and "augment" not in given:
-        cfg.data.augment = False  # MGCA trains its detectors without augmentation
+    for key, value in get_task(task).data_defaults(given).items():
+        if key in cfg.data:
+            cfg.data[key] = value
     cfg.data.label_fraction = float(fraction)
     resolve_data_root(cfg)
     C.resolve(cfg)
     return build_datamodule(cfg, tokenizer=tokenizer), cfg
 
 
-def downstream(task: str, data: str, run_dir: str | Path, fraction: float = 1.0, protocol: str = "linear",
+def downstream(task: str, data: str, run_dir: str | Path, fraction: float = 1.0, protocol: str = "",
                seed: int = 0, overrides: list[str] | None = None, out: str | Path | None = None,
                **settings: Any) -> dict[str, Any]:
     """Transfer a run's image encoder to a labelled task and write ``result.json`` (+ plots).
 
     Args:
-        task: ``classification`` or ``segmentation``.
+        task: a registered transfer task (``medvlp list tasks``: classification, segmentation, detection).
         data: a ``configs/data`` name with labels (e.g. ``demo_chexpert``, ``chexpert``, ``covidx``).
         run_dir: a pre-training run directory (any method).
         fraction: fraction of the training labels (the shared label-fraction files).
-        protocol: ``linear`` / ``frozen`` (frozen encoder) or ``finetune``.
+        protocol: ``linear`` / ``frozen`` (frozen encoder) or ``finetune``; "" = the task's default.
         seed: seed of the head and batch order.
         overrides: ``data.*`` overrides.
         out: output folder (default ``<run_dir>/downstream/<task>-<data>-<protocol>-f<fraction>-s<seed>``).
-        settings: optimiser overrides (lr, batch_size, max_epochs, patience, max_steps; segmentation also
-            decoder_channels).
+        settings: the task's settings (``Task.settings``: lr, batch_size, max_epochs, patience, max_steps, ...).
     """
-    if task not in TASK_NAMES:
-        raise C.ConfigError(f"--task {task} is not available; choose one of {', '.join(TASK_NAMES)}.")
+    from medvlp.downstream.task import get_task
+
+    t = get_task(task)
+    if not t.transfer:
+        raise C.ConfigError(f"{task} evaluates a run as it is: use medvlp {task} --run RUN (not medvlp downstream).")
+    protocol = t.check_protocol(protocol)
+    unknown = sorted(set(settings) - set(t.settings))
+    if unknown:
+        raise C.ConfigError(f"{task} takes no setting(s) {unknown}; its settings: {', '.join(t.settings)}.")
+    if not 0 < float(fraction) <= 1:
+        raise C.ConfigError(f"fraction={fraction}: label fractions are in (0, 1], e.g. 0.01, 0.1 or 1.")
     method, run_cfg = load_run(run_dir)
     dm, cfg = downstream_datamodule(run_cfg, data, list(overrides or []), fraction, method.tokenizer, task)
     folder = Path(out) if out else Path(run_dir) / "downstream" / f"{task}-{data}-{protocol}-f{fraction:g}-s{seed}"
     folder.mkdir(parents=True, exist_ok=True)
-    if task == "segmentation":
-        res = _segmentation(method, dm, cfg, protocol, seed, folder, settings)
-    elif task == "detection":
-        res = _detection(method, dm, protocol, seed, folder, settings)
-    else:
-        res = _classification(method, dm, protocol, seed, folder, run_cfg, data, fraction, settings)
+    res = t.run(method, dm, protocol, seed, folder, settings)
     res.update({"run": str(run_dir), "method": run_cfg.method.name, "data": data, "data_name": cfg.data.name})
     res.setdefault("files", {})["result"] = str(folder / "result.json")
     write_atomic(folder / "result.json", json.dumps(res, indent=2))  # a killed run leaves no partial result
-    return res
-
-
-def _classification(method: Any, dm: Any, protocol: str, seed: int, folder: Path, run_cfg: DictConfig, data: str,
-                    fraction: float, settings: dict[str, Any]) -> dict[str, Any]:
-    from medvlp.downstream.classification import run_classification
-    from medvlp.downstream.plots import roc_png
-
-    res = run_classification(method, dm, protocol="linear" if protocol == "frozen" else protocol, seed=seed, **settings)
-    logits = np.asarray(res.pop("test_logits"))
-    labels = np.asarray(res.pop("test_labels"))
-    roc_png(folder / "roc.png", logits, labels, res["labels"], res["auroc"],
-            title=f"{run_cfg.method.name} -> {data}, {protocol}, {fraction:g} of the labels")
-    np.savez_compressed(folder / "test_predictions.npz", logits=logits, labels=labels)
-    res["files"] = {"roc": str(folder / "roc.png"), "predictions": str(folder / "test_predictions.npz")}
-    return res
-
-
-def _segmentation(method: Any, dm: Any, cfg: DictConfig, protocol: str, seed: int, folder: Path,
-                  settings: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
-    from medvlp.downstream.plots import mask_overlays_png
-    from medvlp.downstream.segmentation import dice_per_image, run_segmentation
-
-    balance = cfg.data.name == "siim_pneumothorax"  # MGCA balances SIIM's training images
-    settings = dict(settings)
-    settings.setdefault("batch_size", 8 if balance else 16)  # MGCA: 8 (SIIM), 16 (RSNA)
-    res = run_segmentation(method, dm, protocol="frozen" if protocol == "linear" else protocol, seed=seed,
-                           balance=balance, **settings)
-    ex = res.pop("examples")
-    mask_overlays_png(folder / "overlays.png", ex["images"], ex["truths"], ex["predictions"])
-    truths = ex["truths"]
-    ones = dice_per_image(torch.ones_like(truths), truths)
-    res["baseline_all_ones_dice_positive"] = float(ones[truths.flatten(1).sum(1) > 0].mean()) if len(ones) else float("nan")
-    res["files"] = {"overlays": str(folder / "overlays.png")}
-    return res
-
-
-def _detection(method: Any, dm: Any, protocol: str, seed: int, folder: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    from medvlp.downstream.detection import run_detection
-    from medvlp.downstream.plots import box_overlays_png, precision_recall_png
-
-    res = run_detection(method, dm, protocol="frozen" if protocol == "linear" else protocol, seed=seed, **settings)
-    ex, precision = res.pop("examples"), res.pop("precision", None)
-    box_overlays_png(folder / "overlays.png", ex["images"], ex["truths"], ex["predictions"])
-    res["files"] = {"overlays": str(folder / "overlays.png")}
-    if precision is not None:
-        precision_recall_png(folder / "precision_recall.png", precision, res["iou_thresholds"],
-                             title=f"{res['classes'][0] if len(res['classes']) == 1 else 'mean'}: mAP {res['map']:.3f}")
-        res["files"]["precision_recall"] = str(folder / "precision_recall.png")
     return res
 
 

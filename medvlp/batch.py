@@ -96,3 +96,20 @@ def stack_or_none(values: list[Any]) -> Tensor | None:
     if not values or any(v is None for v in values):
         return None
     return torch.stack([torch.as_tensor(v) for v in values])
+
+
+@dataclass
+class TokenAlignment:
+    """A method's word-to-image-token alignment for one batch (``VLPMethod.token_alignment``).
+
+    Shapes:
+        attention: ``[B, W, P]`` rows over the image tokens sum to 1 (word ``w`` attends to token ``p``);
+        word_mask: ``[B, W]`` bool, True = a word slot (False = padding);
+        word_weights: ``[B, W]`` the weight of each word in the method's loss (0 on padding);
+        grid: the image-token grid (``P = prod(grid)``), e.g. ``(h, w)`` for 2D.
+    """
+
+    attention: Tensor
+    word_mask: Tensor
+    word_weights: Tensor
+    grid: tuple[int, ...]

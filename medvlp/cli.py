@@ -90,12 +90,14 @@ def _parser() -> argparse.ArgumentParser:
                                     "classes; roc.png. segmentation: a U-Net (CNN) or SETR decoder (ViT); Dice; overlays.png. "
                                     "detection: an FCOS detector on a feature pyramid of the encoder; mAP over IoU 0.40-0.75 "
                                     "(also MGCA's evaluation); precision_recall.png and overlays.png. Writes result.json.")
-    ds.add_argument("--task", default="classification", choices=["classification", "segmentation", "detection"])
+    ds.add_argument("--task", default="classification", metavar="TASK",
+                    help="a registered transfer task (medvlp list tasks): classification (default), segmentation, detection, ...")
     ds.add_argument("--data", required=True, help="configs/data/<name>.yaml with labels / masks (e.g. demo_chexpert, covidx, demo_siim)")
     ds.add_argument("--run", required=True, metavar="RUN_DIR")
     ds.add_argument("--fraction", type=float, default=1.0, help="fraction of the training labels (e.g. 0.01, 0.1, 1)")
-    ds.add_argument("--protocol", default="linear", choices=["linear", "frozen", "finetune"],
-                    help="linear / frozen: encoder frozen (a linear head, or a trained decoder); finetune: all trained")
+    ds.add_argument("--protocol", default="",
+                    help="linear / frozen: encoder frozen (a linear head, or a trained decoder); finetune: all trained "
+                         "(default: the task's, configs/downstream/<task>.yaml)")
     ds.add_argument("--seed", type=int, default=0)
     ds.add_argument("--lr", type=float, help="default: 5e-4 (linear), 1e-4 (finetune)")
     ds.add_argument("--batch-size", type=int, help="default: 48 (linear), 64 (finetune)")
@@ -168,31 +170,12 @@ def cmd_fit(args: argparse.Namespace) -> None:
     print(f"\nrun directory: {run_dir}\nnext: medvlp zeroshot --run {run_dir}   |   medvlp retrieve --run {run_dir}")
 
 
-def _print_table(rows: list[tuple[str, str]], header: tuple[str, str]) -> None:
-    width = max(len(r[0]) for r in [*rows, header])
-    print(f"{header[0]:<{width}}  {header[1]}")
-    for a, b in rows:
-        print(f"{a:<{width}}  {b}")
-
-
 def cmd_eval(args: argparse.Namespace, task: str) -> None:
     from medvlp import api
+    from medvlp.downstream.task import get_task, print_table
 
     res = api.evaluate(args.run, tasks=(task,), split=args.split, data_overrides=args.overrides)
-    if task == "zeroshot":
-        z = res["zeroshot"]
-        rows = [(lab, f"{auc:.3f}   (pos {z['positives'][lab]}, neg {z['negatives'][lab]})") for lab, auc in z["auroc"].items()]
-        rows.append(("mean", f"{z['mean_auroc']:.3f}"))
-        print(f"zero-shot AUROC on the {args.split} split ({res['n']} images)")
-        _print_table(rows, ("finding", "AUROC"))
-        print(f"at each finding's ROC-corner threshold (chosen on this split, as HLIP / fVLM report): accuracy "
-              f"{z['mean_accuracy']:.3f}, weighted F1 {z['mean_f1_weighted']:.3f}, precision {z['mean_precision']:.3f}, "
-              f"recall {z['mean_recall']:.3f} (means; per finding in --json)")
-    else:
-        r = res["retrieval"]
-        print(f"retrieval on the {args.split} split ({r['n_images']} images, {r['n_reports']} reports; chance R@5 = {r['chance_R@5_i2t']:.3f})")
-        rows = [(d.replace("_", " "), "  ".join(f"{k} {v:.3f}" for k, v in r[d].items())) for d in ("image_to_text", "text_to_image")]
-        _print_table(rows, ("direction", "recall"))
+    print_table(*get_task(task).rows(res))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(res, fh, indent=2)
@@ -200,30 +183,13 @@ def cmd_eval(args: argparse.Namespace, task: str) -> None:
 
 def cmd_downstream(args: argparse.Namespace) -> None:
     from medvlp import api
+    from medvlp.downstream.task import get_task, print_table
 
     settings = {"lr": args.lr, "batch_size": args.batch_size, "max_epochs": args.max_epochs, "patience": args.patience,
                 "max_steps": args.max_steps, "detector": args.detector, "pyramid_channels": args.pyramid_channels}
     res = api.downstream(args.task, args.data, args.run, fraction=args.fraction, protocol=args.protocol, seed=args.seed,
                          overrides=args.overrides, out=args.out, **{k: v for k, v in settings.items() if v is not None})
-    print(f"{args.task} ({args.protocol}) of {res['method']} on {args.data}, {res['fraction']:g} of the training labels "
-          f"({res['n_train']} images), test split ({res['n_test']} images), {res['history']['epochs']} epochs:")
-    if args.task == "detection":
-        rows = [(f"mAP @ IoU {res['iou_thresholds'][0]:.2f}-{res['iou_thresholds'][-1]:.2f}, all test images", f"{res['map']:.3f}"),
-                ("AP @ IoU 0.50", f"{res['map_50']:.3f}"),
-                (f"MGCA's evaluation ({res['map_mgca_images']} images with a detection >= 0.5 and a true box)", f"{res['map_mgca']:.3f}"),
-                ("the mean training box on every image", f"{res['baseline_mean_box_map']:.3f}")]
-        _print_table(rows, ("mAP", ""))
-    elif args.task == "segmentation":
-        rows = [("all test images", f"{res['dice']:.3f}"),
-                (f"images with a finding ({res['n_test_positive']})", f"{res['dice_positive']:.3f}"),
-                ("all-ones mask, images with a finding", f"{res['baseline_all_ones_dice_positive']:.3f}")]
-        _print_table(rows, ("Dice", ""))
-    else:
-        rows = [(lab, f"{auc:.3f}") for lab, auc in res["auroc"].items()]
-        rows.append(("mean", f"{res['mean_auroc']:.3f}"))
-        if "accuracy" in res:
-            rows.append(("accuracy", f"{res['accuracy']:.3f}"))
-        _print_table(rows, ("label", "AUROC"))
+    print_table(*get_task(args.task).rows(res))
     print(f"wrote {', '.join(res['files'].values())}")
 
 

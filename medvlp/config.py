@@ -11,7 +11,12 @@ A run's config has five sections, each validated against a dataclass schema:
 Layers merge in this order: schema defaults -> ``configs/method/<m>.yaml`` -> ``configs/data/<d>.yaml``
 -> ``configs/trainer/<t>.yaml`` -> ``--config FILE`` -> command-line dot-list. Every file is a partial
 config with those top-level keys; a ``compose:`` key in a ``--config`` file names the group files
-to start from (``compose: {method: mgca, data: mimic_cxr, trainer: gpu}``). Struct mode is on:
+to start from (``compose: {method: mgca, data: mimic_cxr, trainer: gpu, image_encoder: vit_b16}``), and
+one in a method file names its default data and its encoders (``configs/encoder/<name>.yaml``, merged
+into ``method.image_encoder`` / ``method.text_encoder`` before the file's own keys; a method file that
+names no encoder gets the CPU demo encoders, ``resnet_demo`` + ``tiny_bert``). Group files are looked
+for in the built-in ``configs/``, then ``$MEDVLP_CONFIG_PATH`` and the folders plug-ins add
+(:func:`add_config_dir`). Struct mode is on:
 an unknown key fails with its full path and the closest valid key; a wrong type fails with the
 expected type. This module does not import torch.
 """
@@ -153,33 +158,61 @@ class RunConfig:
 
 # --------------------------------------------------------------------------- files
 def config_dir() -> Path:
-    """The ``configs/`` folder: ``$MEDVLP_CONFIG_DIR``, the source checkout's, or the packaged copy."""
+    """The ``configs/`` folder: ``$MEDVLP_CONFIG_DIR``, else the copy inside the package (``medvlp/configs``,
+    shipped in the wheel; a source checkout links ``configs/`` at its root to it)."""
     env = os.environ.get("MEDVLP_CONFIG_DIR")
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parent
-    for cand in (here.parent / "configs", here / "configs"):
-        if cand.is_dir():
-            return cand
-    raise ConfigError(f"No configs/ folder found next to {here}; set MEDVLP_CONFIG_DIR.")
+    here = Path(__file__).resolve().parent / "configs"
+    if not here.is_dir():
+        raise ConfigError(f"No configs/ folder found at {here}; reinstall medvlp or set MEDVLP_CONFIG_DIR.")
+    return here
 
 
-def group_file(group: str, name: str) -> Path:
-    """``configs/<group>/<name>.yaml``; a path to an existing file is accepted as is."""
+_extra_dirs: list[Path] = []
+ENCODER_GROUPS = ("image_encoder", "text_encoder")
+DEFAULT_ENCODERS = {"image_encoder": "resnet_demo", "text_encoder": "tiny_bert"}
+
+
+def add_config_dir(path: str | Path) -> None:
+    """Add a folder laid out like ``configs/`` (``method/``, ``data/``, ``encoder/``, ...) to the search
+    path; a plug-in package calls this from its registration hook to ship its own YAML files."""
+    p = Path(path).resolve()
+    if p not in _extra_dirs:
+        _extra_dirs.append(p)
+
+
+def config_dirs() -> list[Path]:
+    """Every folder searched for group files: the built-in one, then ``$MEDVLP_CONFIG_PATH`` (a
+    ``os.pathsep``-separated list) and the folders plug-ins added, in that order."""
+    from medvlp.registry import load_plugins
+
+    load_plugins()
+    env = [Path(p) for p in os.environ.get("MEDVLP_CONFIG_PATH", "").split(os.pathsep) if p]
+    return [config_dir(), *env, *_extra_dirs]
+
+
+def group_file(group: str, name: str, required: bool = True) -> Path | None:
+    """``configs/<group>/<name>.yaml`` (first match on the search path); a path to an existing file is
+    accepted as is. A missing file is an error naming the options, or ``None`` with ``required=False``."""
     p = Path(name)
     if p.suffix in (".yaml", ".yml") and p.is_file():
         return p
-    path = config_dir() / group / f"{name}.yaml"
-    if not path.is_file():
-        options = group_options(group)
-        close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"No {group} config '{name}' ({path}).{hint} Available: {', '.join(options)}.")
-    return path
+    for folder in config_dirs():
+        path = folder / group / f"{name}.yaml"
+        if path.is_file():
+            return path
+    if not required:
+        return None
+    options = group_options(group)
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"No {group} config '{name}' (looked in {', '.join(str(d / group) for d in config_dirs())})."
+                      f"{hint} Available: {', '.join(options)}.")
 
 
 def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+    return sorted({p.stem for d in config_dirs() for p in (d / group).glob("*.yaml")})
 
 
 def load_yaml(path: str | Path) -> DictConfig:
@@ -303,28 +336,30 @@ def compose(
 
     file_cfg = load_yaml(config_file) if config_file else OmegaConf.create({})
     groups = file_cfg.pop("compose", None) or {}
-    if groups:
-        bad = [k for k in groups if k not in ("method", "data", "trainer")]
-        if bad:
-            raise ConfigError(f"compose: in {config_file} has unknown group {bad}; use method, data, trainer.")
+    _check_groups(groups, ("method", "data", "trainer", *ENCODER_GROUPS), str(config_file))
     dot = parse_overrides(overrides or [])
     # A full saved config (no compose key) already holds every section: merge no group files.
     saved = bool(config_file) and not groups and all(s in file_cfg for s in ("method", "data"))
     method = method or groups.get("method") or (None if saved else _name_in([file_cfg, dot], "method")) or (None if saved else "clip")
-    method_layer = load_yaml(group_file("method", method)) if method else None
+    method_layer, method_source = _method_layer(method) if method else (None, "")
     method_groups = (method_layer.pop("compose", None) or {}) if method_layer is not None else {}
-    if any(k != "data" for k in method_groups):
-        raise ConfigError(f"compose: in configs/method/{method}.yaml may only name the default data group.")
+    _check_groups(method_groups, ("data", *ENCODER_GROUPS), method_source)
     data = data or groups.get("data") or (None if saved else method_groups.get("data", "demo_cxr"))
     trainer = trainer or groups.get("trainer") or (None if saved else "default")
 
     layers: list[tuple[str, DictConfig]] = []
     if method_layer is not None:
-        layers.append((f"configs/method/{method}.yaml", method_layer))
+        own = method_layer.get("method") or {}
+        for key in ENCODER_GROUPS:  # a method file naming no encoder gets the CPU demo encoders
+            name = method_groups.get(key) or (None if key in own else DEFAULT_ENCODERS[key])
+            if name:
+                layers.append(_encoder_layer(key, name))
+        layers.append((method_source, method_layer))
     if data:
         layers.append((f"configs/data/{data}.yaml", load_yaml(group_file("data", data))))
     if trainer:
         layers.append((f"configs/trainer/{trainer}.yaml", load_yaml(group_file("trainer", trainer))))
+    layers.extend(_encoder_layer(key, groups[key]) for key in ENCODER_GROUPS if groups.get(key))
     if config_file:
         layers.append((str(config_file), file_cfg))
     layers.append(("the command line", dot))
@@ -349,6 +384,32 @@ def compose(
         layer = OmegaConf.masked_copy(layer, [k for k in layer if k in cfg]) if _sections_only(layer) else layer
         cfg = _merge(cfg, layer, source, schemas)
     return cfg
+
+
+def _check_groups(groups: Any, allowed: tuple[str, ...], source: str) -> None:
+    bad = [k for k in groups if k not in allowed]
+    if bad:
+        raise ConfigError(f"compose: in {source} names unknown group(s) {bad}; allowed: {', '.join(allowed)}.")
+
+
+def _method_layer(method: str) -> tuple[DictConfig, str]:
+    """``configs/method/<method>.yaml``; a registered method without one starts from its schema alone."""
+    path = group_file("method", method, required=False)
+    if path is not None:
+        return load_yaml(path), str(path)
+    from medvlp.registry import METHODS, RegistryError
+
+    try:
+        METHODS.get(method)
+    except RegistryError as err:  # names the registered methods and where they are looked for
+        raise ConfigError(f"No method config '{method}' in configs/method/ and {err}") from None
+    return OmegaConf.create({"method": {"name": method}}), f"the {method} method's defaults"
+
+
+def _encoder_layer(key: str, name: str) -> tuple[str, DictConfig]:
+    """``configs/encoder/<name>.yaml`` as the ``method.<key>`` block."""
+    path = group_file("encoder", str(name))
+    return str(path), OmegaConf.create({"method": {key: load_yaml(path)}})
 
 
 def open_dict_fields(node: DictConfig, schema: Any) -> None:

@@ -1,18 +1,24 @@
 """Registries: lowercase name -> builder, for methods, datamodules, encoders and downstream tasks.
 
-Built-in entries are declared lazily (``"module:attr"`` strings) so that ``medvlp list`` and
-``medvlp --help`` never import torch. Classes register themselves with the decorator when their
-module is imported; third-party packages add entries through the entry-point group
+Nothing is listed by hand. Each registry knows the package that holds its built-ins
+(``medvlp.methods``, ``medvlp.datamodules``, ``medvlp.encoders``, ``medvlp.downstream``) and finds
+them by reading the source files of that package for the registering decorator
+(``@register_method("name")``, ...): a new file there is found without editing any list, and
+``medvlp list`` / ``medvlp --help`` never import torch because a module is imported only when one
+of its entries is looked up. Third-party packages add entries through the entry-point group
 ``medvlp.plugins``: each entry point names a module (or a callable) that is imported (or called)
 once, before the first lookup, and registers what it provides with the same decorators.
 """
 
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib
+import importlib.util
 from collections.abc import Callable
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 ENTRY_POINT_GROUP = "medvlp.plugins"
@@ -50,8 +56,53 @@ def load_plugins() -> None:
             obj()
 
 
+def scan_package(package: str, decorators: tuple[str, ...]) -> dict[str, tuple[str, str]]:
+    """Entries a package declares, found without importing it: ``name -> ("module:attr", help)``.
+
+    Every ``.py`` file under the package is parsed (``ast``) for module-level classes or functions
+    decorated with one of ``decorators`` called with a string literal name, e.g.
+    ``@register_method("clip")`` or ``@METHODS.register("clip", help="...")``. The help text is the
+    ``help=`` argument, else the first line of the object's docstring.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    found: dict[str, tuple[str, str]] = {}
+    for root in spec.submodule_search_locations:
+        for path in sorted(Path(root).rglob("*.py")):
+            text = path.read_text(encoding="utf-8", errors="replace")
+            if not any(d.rsplit(".", 1)[-1] in text for d in decorators):
+                continue
+            rel = path.relative_to(root).with_suffix("").parts
+            module = ".".join([package, *[p for p in rel if p != "__init__"]])
+            for name, attr, help_ in _decorated(ast.parse(text, filename=str(path)), decorators):
+                found.setdefault(name.lower(), (f"{module}:{attr}", help_))
+    return found
+
+
+def _decorated(tree: ast.Module, decorators: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    out = []
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef | ast.FunctionDef):
+            continue
+        for deco in node.decorator_list:
+            if not (isinstance(deco, ast.Call) and deco.args and isinstance(deco.args[0], ast.Constant)):
+                continue
+            if ast.unparse(deco.func) not in decorators or not isinstance(deco.args[0].value, str):
+                continue
+            help_ = next((k.value.value for k in deco.keywords if k.arg == "help" and isinstance(k.value, ast.Constant)), "")
+            doc = (ast.get_docstring(node) or "").strip().split("\n")[0]
+            out.append((deco.args[0].value, node.name, str(help_ or doc)))
+    return out
+
+
 class Registry:
     """Maps a lowercase key to a class or factory.
+
+    Args:
+        kind: what the entries are, for messages ("method").
+        package: the package whose modules register the built-ins (found by :func:`scan_package`).
+        decorators: the decorator spellings that register into this registry.
 
     Example:
         >>> METHODS = Registry("method")
@@ -60,11 +111,14 @@ class Registry:
         >>> METHODS.get("clip")
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, package: str = "", decorators: tuple[str, ...] = ()) -> None:
         self.kind = kind
+        self.package = package
+        self.decorators = decorators
         self._items: dict[str, Any] = {}
         self._lazy: dict[str, str] = {}
         self._help: dict[str, str] = {}
+        self._scanned = not package
 
     def register(self, name: str, help: str = "") -> Callable[[Any], Any]:
         """Decorator registering ``obj`` under ``name``."""
@@ -87,21 +141,38 @@ class Registry:
     def register_lazy(self, name: str, target: str, help: str = "") -> None:
         """Declare ``name`` as provided by ``"package.module:attr"``, imported on first use."""
         self._lazy[name.lower()] = target
-        self._help[name.lower()] = help
+        self._help.setdefault(name.lower(), help)
+
+    def _discover(self) -> None:
+        if self._scanned:
+            return
+        self._scanned = True
+        for name, (target, help_) in scan_package(self.package, self.decorators).items():
+            if name not in self._items:
+                self.register_lazy(name, target, help_)
 
     def names(self) -> list[str]:
         load_plugins()
+        self._discover()
         return sorted(set(self._items) | set(self._lazy))
 
     def describe(self, name: str) -> str:
+        self._discover()
         return self._help.get(name.lower(), "")
 
     def __contains__(self, name: str) -> bool:
         return name.lower() in self.names()
 
+    def where(self) -> str:
+        """Where entries are looked for (for error messages)."""
+        built_in = f"modules of the {self.package} package registered with @{self.decorators[0]}(...)" if self.package else ""
+        plugins = f"packages declaring a '{ENTRY_POINT_GROUP}' entry point"
+        return f"{built_in} and {plugins}" if built_in else plugins
+
     def get(self, name: str) -> Any:
         """Return the object registered under ``name``; unknown names fail with suggestions."""
         load_plugins()
+        self._discover()
         key = str(name).lower()
         if key in self._items:
             return self._items[key]
@@ -113,7 +184,8 @@ class Registry:
         options = self.names()
         raise RegistryError(
             f"Unknown {self.kind} '{name}'.{did_you_mean(key, options)} "
-            f"Available: {', '.join(options) or '(none)'}."
+            f"Available: {', '.join(options) or '(none)'}. {self.kind.capitalize()}s are looked for in the "
+            f"{self.where()}."
         )
 
 
@@ -121,11 +193,11 @@ def _qualname(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
 
 
-METHODS = Registry("method")
-DATAMODULES = Registry("datamodule")
-IMAGE_ENCODERS = Registry("image encoder")
-TEXT_ENCODERS = Registry("text encoder")
-TASKS = Registry("downstream task")
+METHODS = Registry("method", "medvlp.methods", ("register_method", "METHODS.register"))
+DATAMODULES = Registry("datamodule", "medvlp.datamodules", ("register_datamodule", "DATAMODULES.register"))
+IMAGE_ENCODERS = Registry("image encoder", "medvlp.encoders", ("register_image_encoder", "IMAGE_ENCODERS.register"))
+TEXT_ENCODERS = Registry("text encoder", "medvlp.encoders", ("register_text_encoder", "TEXT_ENCODERS.register"))
+TASKS = Registry("downstream task", "medvlp.downstream", ("register_task", "TASKS.register"))
 
 ALL = {
     "methods": METHODS,
@@ -140,36 +212,3 @@ register_datamodule = DATAMODULES.register
 register_image_encoder = IMAGE_ENCODERS.register
 register_text_encoder = TEXT_ENCODERS.register
 register_task = TASKS.register
-
-# Built-ins, imported on first use.
-METHODS.register_lazy("clip", "medvlp.methods.clip:CLIP", "CLIP / ConVIRT baseline: symmetric InfoNCE on global features")
-METHODS.register_lazy("mgca", "medvlp.methods.mgca:MGCA", "MGCA: instance (ITA) + token (CTA) + prototype (CPA) image-report alignment (2D)")
-METHODS.register_lazy("g2d", "medvlp.methods.g2d:G2D", "G2D: global alignment (VLA) + parameter-free pseudo segmentation (PA) with a U-Net (2D)")
-METHODS.register_lazy("hlip", "medvlp.methods.hlip:HLIP", "HLIP: CLIP on whole 3D studies with slice / scan / study attention (3D, multi-scan)")
-DATAMODULES.register_lazy("mimic_cxr", "medvlp.datamodules.mimic_cxr:MimicCXRDataModule", "MIMIC-CXR-JPG images + MIMIC-CXR reports (2D)")
-DATAMODULES.register_lazy("rsna_pneumonia", "medvlp.datamodules.rsna:RSNAPneumoniaDataModule", "RSNA Pneumonia (Kaggle stage 2) DICOMs: pneumonia label, boxes, box masks (2D)")
-DATAMODULES.register_lazy("siim_pneumothorax", "medvlp.datamodules.siim:SIIMPneumothoraxDataModule", "SIIM-ACR Pneumothorax DICOMs + RLE masks, stage 1 or 2 layout (2D)")
-DATAMODULES.register_lazy("object_cxr", "medvlp.datamodules.object_cxr:ObjectCXRDataModule", "Object-CXR foreign objects: JPGs with rectangle/ellipse/polygon boxes and masks (2D)")
-DATAMODULES.register_lazy("chexpert", "medvlp.datamodules.chexpert:CheXpertDataModule", "CheXpert v1.0 / v1.0-small chest X-rays, 14 observations, 5x200 zero-shot split (2D)")
-DATAMODULES.register_lazy("nih14", "medvlp.datamodules.nih14:NIH14DataModule", "NIH ChestX-ray14: 14 multi-hot labels + BBox_List boxes (2D)")
-DATAMODULES.register_lazy("covidx", "medvlp.datamodules.covidx:COVIDxDataModule", "COVIDx CXR-2/3/4 or COVIDx<N> label files: COVID-19 classification (2D)")
-DATAMODULES.register_lazy("ct_rate", "medvlp.datamodules.ct_rate:CTRateDataModule", "CT-RATE chest CT volumes + reports (3D)")
-DATAMODULES.register_lazy("rad_chestct", "medvlp.datamodules.rad_chestct:RadChestCTDataModule", "Rad-ChestCT chest CT volumes (.npz) + abnormality labels, no reports (3D, zero-shot)")
-DATAMODULES.register_lazy("cq500", "medvlp.datamodules.cq500:CQ500DataModule", "CQ500 head CT: DICOM series per scan + majority read of 14 findings (3D, evaluation)")
-DATAMODULES.register_lazy("rsna_ich", "medvlp.datamodules.rsna_ich:RSNAICHDataModule", "RSNA intracranial haemorrhage slices regrouped into head CT series, 6 labels (3D)")
-DATAMODULES.register_lazy("pub_brain5", "medvlp.datamodules.pub_brain5:PubBrain5DataModule", "Pub-Brain-5 brain MRI studies of several series (.pt), 5 classes; multi-scan batches (3D, evaluation)")
-DATAMODULES.register_lazy("medblip_mri", "medvlp.datamodules.medblip_mri:MedBLIPMRIDataModule", "brain MRI + EHR text + CN/MCI/AD in MedBLIP's list format (ADNI, NACC, OASIS, AIBL, MIRIAD) (3D)")
-DATAMODULES.register_lazy("brain_mri", "medvlp.datamodules.brain_mri:BrainMRIDataModule", "brain MRI studies of several series + report sentences in HLIP's study-JSON layout; multi-scan batches (3D)")
-DATAMODULES.register_lazy("head_ct", "medvlp.datamodules.brain_mri:HeadCTDataModule", "head CT studies of several series + report sentences in HLIP's study-JSON layout; multi-scan batches (3D)")
-IMAGE_ENCODERS.register_lazy("timm", "medvlp.encoders.image2d:TimmImageEncoder", "any timm model (ViT patch tokens / CNN feature-map cells)")
-IMAGE_ENCODERS.register_lazy("vit3d", "medvlp.encoders.image3d:ViT3DEncoder", "ViT over volumes, 3D patches, optional 2D->3D inflation")
-IMAGE_ENCODERS.register_lazy("hlip_vit", "medvlp.encoders.hlip_vit:HierarchicalViT", "HLIP's ViT over studies [B, N, C, D, H, W]: slice / scan / study attention per block")
-TEXT_ENCODERS.register_lazy("hf", "medvlp.encoders.text:HFTextEncoder", "any BERT-family transformers model (hub name, local dir or 'tiny')")
-TASKS.register_lazy("zeroshot", "medvlp.downstream.zero_shot:zero_shot_auc", "zero-shot classification with prompt pairs (AUROC)")
-TASKS.register_lazy("retrieval", "medvlp.downstream.retrieval:retrieval_recall", "image<->text retrieval (recall@1/5/10)")
-TASKS.register_lazy("classification", "medvlp.downstream.classification:run_classification",
-                    "linear probe / fine-tuning of the image encoder (AUROC, accuracy)")
-TASKS.register_lazy("segmentation", "medvlp.downstream.segmentation:run_segmentation",
-                    "U-Net (CNN) or SETR (ViT) decoder on the image encoder (Dice)")
-TASKS.register_lazy("detection", "medvlp.downstream.detection:run_detection",
-                    "FCOS / RetinaNet / Faster R-CNN on a feature pyramid of the image encoder (mAP)")

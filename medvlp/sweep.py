@@ -20,7 +20,8 @@ others go on, and the sweep exits non-zero at the end.
 
 A task is ``name[:data[:protocol]]`` (``classification``, ``classification:demo_covidx``,
 ``segmentation:demo_rsna:finetune``, ``detection:demo_object_cxr``, ``zeroshot``, ``retrieval``);
-:data:`TASKS` holds each task's default data, protocol and headline metric. Without ``--roots``
+each task's default data, protocol and headline metric come from its registered task object
+(``configs/downstream/<task>.yaml``). Without ``--roots``
 everything runs on the synthetic demo world (``data.root=demo``); ``--roots chexpert=/data/chexpert``
 passes ``data.root`` to every task on ``chexpert`` and makes it the default data of classification
 (in place of its demo copy), and ``--pretrain-data mimic_cxr --pretrain-root /data/mimic`` pre-trains
@@ -44,7 +45,9 @@ from typing import Any
 
 from medvlp import config as C
 from medvlp.cache import write_atomic
+from medvlp.downstream.task import get_task, task_defaults
 from medvlp.registry import METHODS, did_you_mean
+from medvlp.registry import TASKS as TASK_REGISTRY
 
 log = logging.getLogger("medvlp.sweep")  # also when run as python -m medvlp.sweep (__main__)
 
@@ -78,46 +81,6 @@ class SweepFailed(ValueError):
 
 # --------------------------------------------------------------------------- tasks
 @dataclass(frozen=True)
-class TaskDefaults:
-    """How the sweep runs one task.
-
-    Attributes:
-        demo: default data config (the synthetic copy); ``""`` = the pre-training data.
-        real: the real dataset's config, the default instead of ``demo`` when ``--roots`` names it.
-        protocol: default protocol (``medvlp.api.downstream``).
-        metric: headline key of the result; dots go into nested dicts.
-        label: the metric's name in column headings.
-        transfer: True: a head is trained per label fraction and seed; False: the pre-training run is
-            evaluated as it is, once per method (zero-shot, retrieval).
-        protocols: accepted protocols (empty: left to ``medvlp.api``).
-        demo_settings: settings for the synthetic data unless given (quick runs on a CPU); the real
-            datasets get the protocol's own.
-    """
-
-    demo: str
-    real: str
-    protocol: str
-    metric: str
-    label: str
-    transfer: bool = True
-    protocols: tuple[str, ...] = ()
-    demo_settings: tuple[tuple[str, Any], ...] = ()
-
-
-TASKS: dict[str, TaskDefaults] = {
-    "classification": TaskDefaults("demo_chexpert", "chexpert", "linear", "mean_auroc", "AUROC",
-                                   protocols=("linear", "frozen", "finetune")),
-    "segmentation": TaskDefaults("demo_siim", "siim_pneumothorax", "frozen", "dice", "Dice",
-                                 protocols=("frozen", "linear", "finetune"), demo_settings=(("max_steps", 150),)),
-    "detection": TaskDefaults("demo_rsna", "rsna_pneumonia", "frozen", "map", "mAP",
-                              demo_settings=(("max_epochs", 3), ("pyramid_channels", 64))),
-    "zeroshot": TaskDefaults("", "", "", "zeroshot.mean_auroc", "AUROC", transfer=False),
-    "retrieval": TaskDefaults("", "", "", "retrieval.image_to_text.R@5", "i2t R@5", transfer=False),
-}
-MULTICLASS_METRIC = ("accuracy", "accuracy")  # classification over exclusive classes (COVIDx): key, label
-
-
-@dataclass(frozen=True)
 class TaskSpec:
     """One ``--tasks`` item, defaults filled in (``data`` ``""`` = each method's pre-training data)."""
 
@@ -130,23 +93,26 @@ def parse_task(spec: str, roots: dict[str, str] | None = None) -> TaskSpec:
     """``name[:data[:protocol]]`` -> :class:`TaskSpec` with the defaults of :data:`TASKS`."""
     parts = [p.strip() for p in spec.split(":")]
     name = parts[0].lower()
-    if name not in TASKS or len(parts) > 3:
-        what = f"Unknown task '{parts[0]}'.{did_you_mean(name, list(TASKS))}" if name not in TASKS else "Too many ':' parts."
+    names = TASK_REGISTRY.names()
+    if name not in names or len(parts) > 3:
+        what = f"Unknown task '{parts[0]}'.{did_you_mean(name, names)}" if name not in names else "Too many ':' parts."
         raise C.ConfigError(f"--tasks {spec}: {what} A task is name[:data[:protocol]] with name one of "
-                            f"{', '.join(TASKS)} (e.g. classification:demo_covidx, segmentation:demo_rsna:finetune).")
-    d = TASKS[name]
+                            f"{', '.join(names)} (e.g. classification:demo_covidx, segmentation:demo_rsna:finetune).")
+    task = get_task(name)
+    d = task.defaults
     data = parts[1] if len(parts) > 1 else ""
     protocol = parts[2] if len(parts) > 2 else ""
-    if not d.transfer:
+    if not task.transfer:
         if protocol:
             raise C.ConfigError(f"--tasks {spec}: {name} evaluates the pre-trained run as it is and takes no protocol; "
                                 f"use {name} or {name}:DATA.")
         return TaskSpec(name, data, "")
-    protocol = protocol or d.protocol
-    if d.protocols and protocol not in d.protocols:
-        raise C.ConfigError(f"--tasks {spec}: protocol '{protocol}' is not one of {', '.join(d.protocols)} for {name}.")
+    try:
+        protocol = task.check_protocol(protocol)
+    except C.ConfigError as err:
+        raise C.ConfigError(f"--tasks {spec}: {err}") from None
     if not data:
-        data = d.real if d.real in (roots or {}) else d.demo
+        data = d.real_data if d.real_data in (roots or {}) else d.demo_data
     return TaskSpec(name, data, protocol)
 
 
@@ -225,7 +191,7 @@ def grid(cfg: SweepConfig) -> list[Combination]:
     out: list[Combination] = []
     for method in cfg.methods:
         for spec in specs:
-            if TASKS[spec.task].transfer:
+            if get_task(spec.task).transfer:
                 root = cfg.roots.get(spec.data, "")
                 out += [Combination(method, spec.task, spec.data, spec.protocol, float(f), int(s), root)
                         for f in cfg.fractions for s in cfg.seeds]
@@ -240,7 +206,7 @@ def settings_for(cfg: SweepConfig, combo: Combination) -> dict[str, Any]:
     """Downstream settings of a combination: the flags, then the task's quick settings on demo data."""
     settings = dict(cfg.settings)
     if _is_demo(combo.data) and not combo.root and not {"max_epochs", "max_steps"} & set(settings):
-        settings.update(TASKS[combo.task].demo_settings)  # a length given on the command line replaces them
+        settings.update(get_task(combo.task).defaults.demo_settings)  # a length given on the command line replaces them
     return settings
 
 
@@ -311,14 +277,9 @@ def validate(cfg: SweepConfig, combos: list[Combination]) -> None:
         if name not in options:
             raise C.ConfigError(f"--roots {name}=...: no data config '{name}'.{did_you_mean(name, options)} "
                                 f"Available: {', '.join(options)}.")
-    available = tuple(getattr(api, "TASK_NAMES", ()))
-    for combo in combos:
-        if TASKS[combo.task].transfer and combo.task not in available:
-            raise C.ConfigError(f"Task '{combo.task}' is not available in this version of medvlp "
-                                f"(transfer tasks: {', '.join(available)}).")
     checked: set[tuple[str, str]] = set()
     for combo in combos:
-        own = not TASKS[combo.task].transfer and combo.data == pretrain_data_of(cfg, combo.method)
+        own = not get_task(combo.task).transfer and combo.data == pretrain_data_of(cfg, combo.method)
         if own or (combo.data, combo.root) in checked:  # the pre-training data is checked below
             continue
         checked.add((combo.data, combo.root))
@@ -407,7 +368,7 @@ def run_combination(cfg: SweepConfig, combo: Combination, run_dir: Path) -> dict
     folder = combo.folder(cfg.runs)
     start = time.perf_counter()
     overrides = [f"data.root={combo.root}"] if combo.root else []
-    if TASKS[combo.task].transfer:
+    if get_task(combo.task).transfer:
         res = api.downstream(combo.task, combo.data, run_dir, fraction=combo.fraction, protocol=combo.protocol,
                              seed=combo.seed, overrides=overrides, out=folder, **settings_for(cfg, combo))
     elif combo.data == pretrain_data_of(cfg, combo.method):
@@ -499,7 +460,7 @@ def run_sweep(cfg: SweepConfig, dry_run: bool = False, summary_only: bool = Fals
                 metric, value = headline(combo.task, res)
                 text = f"{metric} {value:.3f}"
             except (KeyError, TypeError, ValueError):
-                text = f"but no {TASKS[combo.task].metric} in its result"
+                text = f"but no {get_task(combo.task).defaults.metric} in its result"
             log.info("[%d/%d] %s: done, %s (%.0f s)", i, len(combos), combo.describe(), text, time.perf_counter() - t0)
     rows = collect(cfg, combos, failures)
     elapsed = time.perf_counter() - start
@@ -526,18 +487,12 @@ class Row:
 
 
 def headline(task: str, res: dict[str, Any]) -> tuple[str, float]:
-    """The task's headline metric of a result: (key, value); accuracy for exclusive classes."""
-    key = TASKS[task].metric
-    if task == "classification" and res.get("multiclass"):
-        key = MULTICLASS_METRIC[0]
-    value: Any = res
-    for part in key.split("."):
-        value = value[part]
-    return key, float(value)
+    """The task's headline metric of a result: (key, value) (``Task.headline``)."""
+    return get_task(task).headline(res)
 
 
 def metric_label(task: str, metric: str) -> str:
-    return MULTICLASS_METRIC[1] if metric == MULTICLASS_METRIC[0] and task == "classification" else TASKS[task].label
+    return get_task(task).metric_label(metric)
 
 
 def collect(cfg: SweepConfig, combos: list[Combination], failures: dict[str, str]) -> list[Row]:
@@ -548,12 +503,12 @@ def collect(cfg: SweepConfig, combos: list[Combination], failures: dict[str, str
         res = _read_json(path)
         if res is None:
             err = failures.get(_key(combo), "")
-            rows.append(Row(combo, "failed" if err else "missing", TASKS[combo.task].metric, error=err))
+            rows.append(Row(combo, "failed" if err else "missing", get_task(combo.task).defaults.metric, error=err))
             continue
         try:
             metric, value = headline(combo.task, res)
         except (KeyError, TypeError, ValueError) as err:
-            rows.append(Row(combo, "failed", TASKS[combo.task].metric, path=str(path), error=f"no metric {err} in {path}"))
+            rows.append(Row(combo, "failed", get_task(combo.task).defaults.metric, path=str(path), error=f"no metric {err} in {path}"))
             continue
         seconds = (res.get("sweep") or {}).get("seconds", res.get("seconds", math.nan))
         rows.append(Row(combo, "ok", metric, value, float(seconds), str(path)))
@@ -604,7 +559,7 @@ class Column:
     def lines(self) -> list[str]:
         """Task / data (and the protocol when it is not the task's default) / metric @ fraction."""
         task, data, protocol, fraction = self.key
-        shown = f" {protocol}" if protocol and protocol != TASKS[task].protocol else ""
+        shown = f" {protocol}" if protocol and protocol != task_defaults(task).protocol else ""
         return [task, data + shown, f"{self.label} @ {fraction_text(fraction)}"]
 
     @property
@@ -626,7 +581,7 @@ def aggregate(rows: list[Row]) -> tuple[list[str], list[Column], dict[tuple[str,
             metrics.setdefault(r.combo.column, r.metric)
         elif r.status == "failed":
             cell.failed += 1
-    columns = [Column(k, metric_label(k[0], metrics.get(k, TASKS[k[0]].metric))) for k in keys]
+    columns = [Column(k, metric_label(k[0], metrics.get(k, task_defaults(k[0]).metric))) for k in keys]
     return methods, columns, cells
 
 
@@ -676,8 +631,8 @@ def summary_markdown(cfg: SweepConfig, rows: list[Row], elapsed: float | None = 
         lines.append(f"This sweep: {elapsed:.0f} s wall, {computed} combinations computed, {skipped} skipped (done before).")
     roots = {**cfg.roots, **({"pre-training": cfg.pretrain_root} if cfg.pretrain_root else {})}
     used = {r.combo.task for r in rows}
-    quick = "; ".join(f"{t} {', '.join(f'{k}={v}' for k, v in d.demo_settings)}" for t, d in TASKS.items()
-                      if d.demo_settings and t in used)
+    demo = {t: task_defaults(t).demo_settings for t in sorted(used)}
+    quick = "; ".join(f"{t} {', '.join(f'{k}={v}' for k, v in d.items())}" for t, d in demo.items() if d)
     given = ", ".join(f"{k}={v}" for k, v in cfg.settings.items())
     lines.append(f"Settings: methods {' '.join(cfg.methods)}; tasks {' '.join(cfg.tasks)}; fractions "
                  f"{' '.join(f'{f:g}' for f in cfg.fractions)}; seeds {' '.join(str(s) for s in cfg.seeds)}; downstream "
@@ -780,9 +735,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     d = SweepConfig()
     parser.add_argument("--methods", nargs="+", default=d.methods, metavar="METHOD", help=f"methods to pre-train (default {' '.join(d.methods)})")
     parser.add_argument("--tasks", nargs="+", default=d.tasks, metavar="TASK",
-                        help="name[:data[:protocol]], name one of " + ", ".join(TASKS) + " (default " + " ".join(d.tasks) + "); defaults: "
-                        + "; ".join(f"{k} -> {v.demo} / {v.protocol} / {v.metric}" for k, v in TASKS.items() if v.transfer)
-                        + "; zeroshot, retrieval -> the pre-training data's test split")
+                        help="name[:data[:protocol]], name a registered task (medvlp list tasks; default "
+                        + " ".join(d.tasks) + "); a transfer task's default data, protocol and metric are in "
+                        "configs/downstream/<task>.yaml; evaluation tasks (zeroshot, retrieval) use the pre-training data's "
+                        "test split")
     parser.add_argument("--fractions", nargs="+", type=float, default=d.fractions, metavar="F", help="label fractions (default 0.1 1)")
     parser.add_argument("--seeds", nargs="+", type=int, default=d.seeds, metavar="S", help="seeds of the transfer heads (default 0)")
     parser.add_argument("--out", default=d.out, help=f"where the summary goes (default {d.out})")
@@ -856,7 +812,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["TASKS", "Column", "Combination", "SweepConfig", "SweepFailed", "SweepOutcome", "add_arguments", "aggregate",
+__all__ = ["Column", "Combination", "SweepConfig", "SweepFailed", "SweepOutcome", "add_arguments", "aggregate",
            "cmd_sweep", "grid", "main", "parse_task", "run_sweep", "write_summary"]
 
 

@@ -64,12 +64,12 @@ def test_mistakes_fail_before_any_work(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(api, "fit", no_work)
     monkeypatch.setattr(api, "downstream", no_work)
-    monkeypatch.setattr(api, "TASK_NAMES", ("classification", "segmentation"))
     cases = [
         ({"methods": ["mgac"]}, "Unknown method 'mgac'. Did you mean 'mgca'"),
         ({"tasks": ["classification:demo_chexpret"]}, "Did you mean 'demo_chexpert'"),
         ({"tasks": ["classification:chexpert"]}, r"--roots chexpert=/path .*demo_chexpert"),
-        ({"tasks": ["detection"]}, "Task 'detection' is not available"),
+        ({"tasks": ["detectoin"]}, "Unknown task 'detectoin'. Did you mean 'detection'"),
+        ({"tasks": ["segmentation:demo_siim:linaer"]}, "protocol 'linaer' is not one of frozen, linear, finetune"),
         ({"fractions": [0.0, 1.0]}, r"label fractions are in \(0, 1\]"),
         ({"roots": {"chexpret": "/x"}}, "Did you mean 'chexpert'"),
         ({"pretrain_data": "mimic_cxr"}, "--pretrain-root"),

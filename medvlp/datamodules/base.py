@@ -165,6 +165,8 @@ class VLPDataModule:
     multi_scan: ClassVar[bool] = False
     # True: the labels are one-hot over exclusive classes (softmax in classification transfer)
     multiclass: ClassVar[bool] = False
+    # Segmentation transfer trains on every positive training image and as many negatives (MGCA's SIIM rule).
+    balance_segmentation: ClassVar[bool] = False
 
     def __init__(self, cfg: DataConfig, tokenizer: Any = None) -> None:
         if cfg.text_augment not in TEXT_AUGMENTS:

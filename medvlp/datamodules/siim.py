@@ -151,6 +151,7 @@ class SIIMPneumothoraxDataModule(RadiographDataModule):
     Config = SIIMConfig
     modality = "2d"
     default_prompts = "cxr.yaml"
+    balance_segmentation = True  # MGCA balances SIIM's training images
     demo_kind = "siim"  # data.root=demo: the synthetic world of demo/downstream.py
     label_names = ["Pneumothorax"]
     EXPECTED_LAYOUT = """\

@@ -27,6 +27,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medvlp.downstream.metrics import accuracy, auroc
+from medvlp.downstream.task import Task, transfer_title
+from medvlp.registry import register_task
 
 log = logging.getLogger(__name__)
 
@@ -287,5 +290,32 @@ def run_classification(method: Any, dm: Any, protocol: str = "linear", seed: int
             "test_logits": logits.tolist(), "test_labels": np.nan_to_num(labels, nan=-1).tolist()}
 
 
-__all__ = ["ClassifierSettings", "EarlyStopping", "train_with_early_stopping", "PROTOCOLS", "classification_loss", "run_classification", "scores_and_metrics",
+
+@register_task("classification")
+class ClassificationTask(Task):
+    """linear probe / fine-tuning of the image encoder (AUROC, accuracy)"""
+
+    settings = ("lr", "batch_size", "max_epochs", "patience", "max_steps")
+
+    def run(self, method: Any, dm: Any, protocol: str, seed: int, folder: Path, settings: dict[str, Any]) -> dict[str, Any]:
+        from medvlp.downstream.plots import roc_png
+
+        res = run_classification(method, dm, protocol="linear" if protocol == "frozen" else protocol, seed=seed, **settings)
+        logits = np.asarray(res.pop("test_logits"))
+        labels = np.asarray(res.pop("test_labels"))
+        roc_png(folder / "roc.png", logits, labels, res["labels"], res["auroc"],
+                title=f"{method.cfg.name} -> {dm.cfg.name}, {protocol}, {res['fraction']:g} of the labels")
+        np.savez_compressed(folder / "test_predictions.npz", logits=logits, labels=labels)
+        res["files"] = {"roc": str(folder / "roc.png"), "predictions": str(folder / "test_predictions.npz")}
+        return res
+
+    def rows(self, res: dict[str, Any]) -> tuple[str, list[tuple[str, str]], tuple[str, str]]:
+        rows = [(lab, f"{auc:.3f}") for lab, auc in res["auroc"].items()]
+        rows.append(("mean", f"{res['mean_auroc']:.3f}"))
+        if "accuracy" in res:
+            rows.append(("accuracy", f"{res['accuracy']:.3f}"))
+        return transfer_title(res), rows, ("label", "AUROC")
+
+
+__all__ = ["ClassificationTask", "ClassifierSettings", "EarlyStopping", "train_with_early_stopping", "PROTOCOLS", "classification_loss", "run_classification", "scores_and_metrics",
            "settings_for"]

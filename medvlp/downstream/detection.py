@@ -45,6 +45,7 @@ import math
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,6 +53,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medvlp.downstream.classification import EarlyStopping, train_with_early_stopping
+from medvlp.downstream.task import Task, transfer_title
+from medvlp.registry import register_task
 
 log = logging.getLogger(__name__)
 
@@ -393,5 +396,35 @@ def run_detection(method: Any, dm: Any, protocol: str = "frozen", seed: int = 0,
                          "predictions": [preds[i] for i in order]}}
 
 
-__all__ = ["DetectorSettings", "IOU_THRESHOLDS", "PROTOCOLS", "build_detector", "detection_map", "mean_box_baseline",
+
+@register_task("detection")
+class DetectionTask(Task):
+    """FCOS / RetinaNet / Faster R-CNN on a feature pyramid of the image encoder (mAP)"""
+
+    settings = ("lr", "batch_size", "max_epochs", "patience", "max_steps", "detector", "pyramid_channels")
+
+    def run(self, method: Any, dm: Any, protocol: str, seed: int, folder: Path, settings: dict[str, Any]) -> dict[str, Any]:
+        from medvlp.downstream.plots import box_overlays_png, precision_recall_png
+
+        res = run_detection(method, dm, protocol="frozen" if protocol == "linear" else protocol, seed=seed, **settings)
+        ex, precision = res.pop("examples"), res.pop("precision", None)
+        box_overlays_png(folder / "overlays.png", ex["images"], ex["truths"], ex["predictions"])
+        res["files"] = {"overlays": str(folder / "overlays.png")}
+        if precision is not None:
+            precision_recall_png(folder / "precision_recall.png", precision, res["iou_thresholds"],
+                                 title=f"{res['classes'][0] if len(res['classes']) == 1 else 'mean'}: mAP {res['map']:.3f}")
+            res["files"]["precision_recall"] = str(folder / "precision_recall.png")
+        return res
+
+    def rows(self, res: dict[str, Any]) -> tuple[str, list[tuple[str, str]], tuple[str, str]]:
+        iou = res["iou_thresholds"]
+        rows = [(f"mAP @ IoU {iou[0]:.2f}-{iou[-1]:.2f}, all test images", f"{res['map']:.3f}"),
+                ("AP @ IoU 0.50", f"{res['map_50']:.3f}"),
+                (f"MGCA's evaluation ({res['map_mgca_images']} images with a detection >= 0.5 and a true box)",
+                 f"{res['map_mgca']:.3f}"),
+                ("the mean training box on every image", f"{res['baseline_mean_box_map']:.3f}")]
+        return transfer_title(res), rows, ("mAP", "")
+
+
+__all__ = ["DetectionTask", "DetectorSettings", "IOU_THRESHOLDS", "PROTOCOLS", "build_detector", "detection_map", "mean_box_baseline",
            "predict_boxes", "run_detection", "settings_for"]

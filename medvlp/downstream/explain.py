@@ -1,11 +1,12 @@
 """What a trained method looks at, as PNGs: ``medvlp explain --run DIR [--study ID]``.
 
-Token-alignment methods (MGCA's CTA) get word-to-patch attention maps; dense methods (G2D) get the
-image, its pseudo-mask target and the decoder's prediction side by side (:func:`explain_dense`).
+The method says what it can show through its optional capabilities (``VLPMethod.supports``):
+``dense_outputs`` (G2D) gives the image, its pseudo-mask target and the decoder's prediction side by
+side (:func:`explain_dense`); ``token_alignment`` (MGCA's CTA) gives word-to-patch attention maps.
 
 Word maps: for one study of a run's dataset, every selected report word attends over the image patches with
-the method's own cross-modal attention, ``softmax(word . patch / cta_temperature)`` on the unit
-local embeddings (the attention that builds CTA's word summaries). Each map is upsampled to the
+the method's own cross-modal attention (MGCA: ``softmax(word . patch / cta_temperature)`` on the unit
+local embeddings, the attention that builds CTA's word summaries). Each map is upsampled to the
 image and drawn over it; the files are ``<out>/<study>/<k>_<word>.png`` plus ``image.png`` and
 ``words.json`` (the words, their token-importance weights and the map maxima).
 """
@@ -126,8 +127,8 @@ def explain(run_dir: str | Path, study: str = "", out: str | Path | None = None,
     or image | pseudo mask | prediction for dense methods (G2D, :func:`explain_dense`).
 
     Args:
-        run_dir: a run directory of a method with token alignment (``local_tokens``: MGCA) or a dense
-            decoder (``dense_outputs``: G2D).
+        run_dir: a run directory of a method with the ``token_alignment`` (MGCA) or ``dense_outputs``
+            (G2D) capability.
         study: the study id; "" takes the first study of ``split`` with a finding word.
         out: output folder (default ``<run_dir>/explain``).
         split: the split the study is read from.
@@ -141,16 +142,16 @@ def explain(run_dir: str | Path, study: str = "", out: str | Path | None = None,
     from medvlp import api
 
     method, cfg = api.load_run(run_dir)
-    if hasattr(method, "dense_outputs"):
+    if method.supports("dense_outputs"):
         return explain_dense(run_dir, method, cfg, study=study, out=out, split=split)
-    if not hasattr(method, "local_tokens"):
-        raise ValueError(f"medvlp explain needs a method with word-patch alignment (e.g. mgca) or a dense decoder "
-                         f"(e.g. g2d); this run is '{cfg.method.name}'.")
+    if not method.supports("token_alignment"):
+        raise ValueError(f"medvlp explain needs a method with the token_alignment (e.g. mgca) or dense_outputs "
+                         f"(e.g. g2d) capability; '{cfg.method.name}' has neither.")
     item, batch = _load_study(method, cfg, study, split)
     with torch.no_grad():
-        tok = method.local_tokens(batch)
-        grid = method.encode_image(batch.images).grid
-        attn = (tok.word_emb[0] @ tok.patch_emb[0].T / float(method.cfg.cta_temperature)).softmax(dim=-1)  # [W, P]
+        tok = method.token_alignment(batch)
+    grid = tok.grid
+    attn = tok.attention[0].float()  # [W, P]
     all_words = report_words(method.tokenizer, batch.input_ids[0])
     n = int(tok.word_mask[0].sum())
     all_words = all_words[:n]

@@ -12,6 +12,8 @@ import torch
 
 from medvlp.downstream.embed import Embeddings
 from medvlp.downstream.metrics import recall_at_k
+from medvlp.downstream.task import Task
+from medvlp.registry import register_task
 
 
 def retrieval_recall(method, emb: Embeddings, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, Any]:
@@ -31,3 +33,20 @@ def retrieval_recall(method, emb: Embeddings, ks: tuple[int, ...] = (1, 5, 10)) 
         "n_reports": len(txt_ids),
         "chance_R@5_i2t": min(1.0, 5 / max(1, len(txt_ids))),
     }
+
+
+@register_task("retrieval")
+class RetrievalTask(Task):
+    """image<->text retrieval (recall@1/5/10)"""
+
+    def evaluate(self, method: Any, dm: Any, emb: Embeddings, cfg: Any) -> dict[str, Any]:
+        return retrieval_recall(method, emb)
+
+    def rows(self, res: dict[str, Any]) -> tuple[str, list[tuple[str, str]], tuple[str, str]]:
+        r = res["retrieval"]
+        title = (f"retrieval on the {res['split']} split ({r['n_images']} images, {r['n_reports']} reports; "
+                 f"chance R@5 = {r['chance_R@5_i2t']:.3f})")
+        rows = [(d.replace("_", " "), "  ".join(f"{k} {v:.3f}" for k, v in r[d].items()))
+                for d in ("image_to_text", "text_to_image")]
+        return title, rows, ("direction", "recall")
+

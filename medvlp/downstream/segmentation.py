@@ -24,6 +24,7 @@ import copy
 import logging
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medvlp.downstream.classification import EarlyStopping, train_with_early_stopping
+from medvlp.downstream.task import Task, transfer_title
 from medvlp.encoders.image2d import smp_encoder_name
+from medvlp.registry import register_task
 
 log = logging.getLogger(__name__)
 
@@ -229,5 +232,36 @@ def run_segmentation(method: Any, dm: Any, protocol: str = "frozen", seed: int =
             "examples": {"images": images[order], "truths": truths[order], "predictions": probs[order]}}
 
 
-__all__ = ["PROTOCOLS", "SegmenterSettings", "balance_positives", "build_segmenter", "dice_per_image", "focal_loss",
+
+@register_task("segmentation")
+class SegmentationTask(Task):
+    """U-Net (CNN) or SETR (ViT) decoder on the image encoder (Dice)"""
+
+    settings = ("lr", "batch_size", "max_epochs", "patience", "max_steps", "decoder_channels")
+
+    def run(self, method: Any, dm: Any, protocol: str, seed: int, folder: Path, settings: dict[str, Any]) -> dict[str, Any]:
+        from medvlp.downstream.plots import mask_overlays_png
+
+        balance = bool(dm.balance_segmentation)
+        settings = dict(settings)
+        settings.setdefault("batch_size", 8 if balance else 16)  # MGCA: 8 (SIIM), 16 (RSNA)
+        res = run_segmentation(method, dm, protocol="frozen" if protocol == "linear" else protocol, seed=seed,
+                               balance=balance, **settings)
+        ex = res.pop("examples")
+        mask_overlays_png(folder / "overlays.png", ex["images"], ex["truths"], ex["predictions"])
+        truths = ex["truths"]
+        ones = dice_per_image(torch.ones_like(truths), truths)
+        positive = truths.flatten(1).sum(1) > 0
+        res["baseline_all_ones_dice_positive"] = float(ones[positive].mean()) if positive.any() else float("nan")
+        res["files"] = {"overlays": str(folder / "overlays.png")}
+        return res
+
+    def rows(self, res: dict[str, Any]) -> tuple[str, list[tuple[str, str]], tuple[str, str]]:
+        rows = [("all test images", f"{res['dice']:.3f}"),
+                (f"images with a finding ({res['n_test_positive']})", f"{res['dice_positive']:.3f}"),
+                ("all-ones mask, images with a finding", f"{res['baseline_all_ones_dice_positive']:.3f}")]
+        return transfer_title(res), rows, ("Dice", "")
+
+
+__all__ = ["PROTOCOLS", "SegmentationTask", "SegmenterSettings", "balance_positives", "build_segmenter", "dice_per_image", "focal_loss",
            "run_segmentation", "segmentation_loss", "soft_dice_batch"]

@@ -26,6 +26,8 @@ import torch
 from medvlp.datamodules.base import DataError
 from medvlp.downstream.embed import Embeddings, embed_prompts
 from medvlp.downstream.metrics import auroc, binary_report, youden_like_threshold
+from medvlp.downstream.task import Task
+from medvlp.registry import register_task
 
 
 def load_prompts(path: str | Path) -> dict[str, dict[str, list[str]]]:
@@ -98,7 +100,7 @@ def zero_shot_auc(method, emb: Embeddings, label_names: list[str], eval_labels: 
         columns[merged] = present[0]
         for s in present:
             columns.pop(s)
-    scale = logit_scale_of(method)
+    scale = 1.0 / float(method.temperature())
     result["logit_scale"] = scale
     result["thresholded"] = {}
     for lab in columns:
@@ -117,10 +119,22 @@ def zero_shot_auc(method, emb: Embeddings, label_names: list[str], eval_labels: 
     return result
 
 
-def logit_scale_of(method: Any) -> float:
-    """The method's learned inverse temperature (``exp(logit_scale)``, clamped as in training), else 1 / 0.07."""
-    theta = getattr(method, "logit_scale", None)
-    if isinstance(theta, torch.Tensor) and theta.numel() == 1:
-        cap = float(getattr(getattr(method, "cfg", None), "max_logit_scale", 100.0) or 100.0)
-        return float(min(float(theta.detach().exp()), cap))
-    return 1.0 / 0.07
+@register_task("zeroshot")
+class ZeroShotTask(Task):
+    """zero-shot classification with prompt pairs (AUROC)"""
+
+    def evaluate(self, method: Any, dm: Any, emb: Embeddings, cfg: Any) -> dict[str, Any]:
+        prompts = load_prompts(dm.prompt_file())
+        return zero_shot_auc(method, emb, list(dm.label_names), dm.eval_label_names(), prompts, cfg.data.max_length,
+                             merges=load_merges(dm.prompt_file()))
+
+    def rows(self, res: dict[str, Any]) -> tuple[str, list[tuple[str, str]], tuple[str, str]]:
+        z = res["zeroshot"]
+        rows = [(lab, f"{auc:.3f}   (pos {z['positives'][lab]}, neg {z['negatives'][lab]})") for lab, auc in z["auroc"].items()]
+        rows.append(("mean", f"{z['mean_auroc']:.3f}"))
+        rows.append(("thresholded", f"at each finding's ROC-corner threshold (chosen on this split, as HLIP / fVLM "
+                                    f"report): accuracy {z['mean_accuracy']:.3f}, weighted F1 {z['mean_f1_weighted']:.3f}, "
+                                    f"precision {z['mean_precision']:.3f}, recall {z['mean_recall']:.3f} (means; per "
+                                    f"finding in --json)"))
+        return f"zero-shot AUROC on the {res['split']} split ({res['n']} images)", rows, ("finding", "AUROC")
+

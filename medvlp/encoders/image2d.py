@@ -84,6 +84,13 @@ class TimmImageEncoder(nn.Module):
                 drop_path_rate=cfg.drop_path,
                 **kwargs,
             )
+        except OSError as err:  # includes the hub's "not found locally / offline" errors
+            raise OSError(
+                f"method.image_encoder.model='{cfg.model}' (pretrained={str(bool(cfg.pretrained)).lower()}): the "
+                f"weights could not be loaded ({type(err).__name__}: {err}). Give a model reachable from this "
+                f"machine, set method.image_encoder.pretrained=false, or use a configs/encoder/ file that runs "
+                f"offline (e.g. resnet_demo)."
+            ) from err
         except (RuntimeError, ValueError, TypeError) as err:
             raise ValueError(f"method.image_encoder: timm could not build '{cfg.model}' with {kwargs}: {err}") from err
         self.is_vit = hasattr(self.model, "blocks") and hasattr(self.model, "patch_embed")

@@ -173,7 +173,15 @@ class HFTextEncoder(nn.Module):
         if hf_cfg.model_type == "bert":
             kwargs["add_pooling_layer"] = False  # unused: a pooler without gradients breaks DDP
         if cfg.pretrained and name != "tiny":
-            self.model = model_cls.from_pretrained(name, config=hf_cfg, **kwargs)
+            try:
+                self.model = model_cls.from_pretrained(name, config=hf_cfg, **kwargs)
+            except (OSError, ValueError) as err:
+                raise OSError(
+                    f"method.text_encoder.model='{name}' (pretrained=true): the weights could not be loaded "
+                    f"({type(err).__name__}: {err}). Give a hub name reachable from this machine, a local "
+                    f"directory in the transformers layout, method.text_encoder.pretrained=false, or "
+                    f"method.text_encoder.model=tiny to run offline."
+                ) from err
         else:
             self.model = BertModel._from_config(hf_cfg, **kwargs) if cfg.architecture == "bert" else AutoModel.from_config(hf_cfg, **kwargs)
         if cfg.grad_checkpointing:

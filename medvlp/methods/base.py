@@ -1,10 +1,18 @@
 """``VLPMethod``: the one interface every pre-training method implements.
 
-A method writes ``build()`` (its heads, prototypes, decoders) and ``losses(batch)`` (a dict of
-named terms), plus ``embed_image`` / ``embed_text`` when its retrieval embedding is not the
-projected global feature. The base class owns the rest: encoders built from config through the
-registries, the weighted sum and logging of every term (``train/loss_<name>``), AdamW with
-warm-up + cosine per optimiser step, parameter groups, skipped-item reporting, and rebuilding a
+A method declares ``Config`` (its ``method.*`` schema) and ``terms`` (the names of the loss terms
+it may return), and writes ``build()`` (its heads, prototypes, decoders), ``losses(batch)`` (a dict
+of named terms), ``embed_image`` / ``embed_text`` (the retrieval / zero-shot embeddings) and
+``temperature()``. Optional hooks: ``validate_config`` (config checks before anything is built),
+``similarity``, ``embed_images`` (studies of several scans), ``param_groups``; optional
+capabilities, ``None`` unless a method implements them and asked for explicitly through
+:meth:`VLPMethod.supports`: ``token_alignment`` (``medvlp explain``), ``dense_outputs``,
+``export_decoder`` (transfer), ``generate`` (generative methods).
+
+The base class owns the rest: encoders built from config through the registries, the check of
+``method.loss_weights`` against ``terms``, the weighted sum and logging of every term
+(``train/loss_<name>``) and of any extra value (:meth:`log_terms`), AdamW with warm-up + cosine per
+optimiser step, parameter groups, skipped-item reporting, ``export_encoder`` and rebuilding a
 trained method from its run directory alone (:func:`medvlp.api.load_run`).
 """
 
@@ -12,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import lightning as L
@@ -19,7 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from medvlp.batch import ImageFeatures, ImageTextBatch, TextFeatures
+from medvlp.batch import ImageFeatures, ImageTextBatch, TextFeatures, TokenAlignment
 from medvlp.config import MethodConfig, OptimConfig
 from medvlp.registry import IMAGE_ENCODERS, TEXT_ENCODERS
 
@@ -34,19 +43,45 @@ def as_config(schema: type, value: Any) -> Any:
     return OmegaConf.merge(base, value if isinstance(value, DictConfig) else OmegaConf.structured(value))
 
 
+CAPABILITIES = ("token_alignment", "dense_outputs", "export_decoder", "generate")
+
+
+@dataclass
+class EncoderExport:
+    """A method's pretrained image encoder and the input it expects (``VLPMethod.export_encoder``).
+
+    Attributes:
+        module: the encoder (``forward(images) -> ImageFeatures``; ``out_dim``, ``local_dim``).
+        modality: ``2d`` (images ``[B, C, H, W]``) or ``3d`` (volumes ``[B, C, D, H, W]``).
+        in_chans: input channels.
+        img_size: input size per spatial axis.
+    """
+
+    module: nn.Module
+    modality: str
+    in_chans: int
+    img_size: tuple[int, ...]
+
+
 class VLPMethod(L.LightningModule):
     """Base class of every vision-language pre-training method.
 
     Args:
         cfg: the method section (``method.*``) - an instance of ``Config`` or a mapping.
         optim: the optimiser section (``optim.*``).
+
+    Class attributes:
+        Config: the dataclass schema of ``method.*`` (a :class:`MethodConfig` subclass).
+        terms: every loss term :meth:`losses` may return; ``method.loss_weights`` may name only these.
     """
 
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    terms: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Any, optim: Any = None) -> None:
         super().__init__()
         self.cfg = as_config(self.Config, cfg)
+        self.check_config(self.cfg)  # before anything is built
         self.optim_cfg = as_config(OptimConfig, optim)
         self.save_hyperparameters(
             {"method": OmegaConf.to_container(self.cfg, resolve=True), "optim": OmegaConf.to_container(self.optim_cfg, resolve=True)}
@@ -55,6 +90,30 @@ class VLPMethod(L.LightningModule):
         self.text_encoder = TEXT_ENCODERS.get(self.cfg.text_encoder.name)(self.cfg.text_encoder)
         self._skipped = 0
         self.build()
+
+    # ------------------------------------------------------------------ config
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """The checks every method gets, then the method's own :meth:`validate_config`.
+
+        Raises:
+            ValueError: naming the key, the value received and what is expected.
+        """
+        if not cls.terms:
+            raise TypeError(f"{cls.__name__} must declare its loss terms: terms = ('name', ...).")
+        for key, weight in dict(cfg.loss_weights).items():
+            if key not in cls.terms:
+                raise ValueError(f"method.loss_weights.{key}: {cls.__name__} has no loss term '{key}'; "
+                                 f"its terms are {list(cls.terms)}.")
+            if not math.isfinite(float(weight)) or float(weight) < 0:
+                raise ValueError(f"method.loss_weights.{key}={weight}: expected a finite weight >= 0.")
+        if int(cfg.embed_dim) <= 0:
+            raise ValueError(f"method.embed_dim={cfg.embed_dim}: expected a positive width.")
+        cls.validate_config(cfg)
+
+    @classmethod
+    def validate_config(cls, cfg: Any) -> None:
+        """Hook: the method's own checks of ``method.*`` (run before the encoders are built)."""
 
     # ------------------------------------------------------------------ to implement
     def build(self) -> None:
@@ -96,6 +155,45 @@ class VLPMethod(L.LightningModule):
         """Scores ``[B_img, B_txt]`` used by every zero-shot and retrieval evaluation (cosine)."""
         return img_emb @ txt_emb.T
 
+    def temperature(self) -> float:
+        """The temperature ``tau`` of the method's image-text logits (``similarity / tau``), as trained.
+
+        Zero-shot turns similarity differences into probabilities with it; every method says its
+        own (a learned one is read from its parameter, clamped as in training).
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement temperature() (the tau of its logits).")
+
+    # ------------------------------------------------------------------ optional capabilities
+    @classmethod
+    def supports(cls, capability: str) -> bool:
+        """Whether the method implements an optional capability (one of :data:`CAPABILITIES`)."""
+        if capability not in CAPABILITIES:
+            raise ValueError(f"Unknown capability '{capability}'; capabilities: {', '.join(CAPABILITIES)}.")
+        return getattr(cls, capability) is not getattr(VLPMethod, capability)
+
+    def token_alignment(self, batch: ImageTextBatch) -> TokenAlignment | None:
+        """Capability: which image tokens each report word attends to (``medvlp explain``)."""
+        return None
+
+    def dense_outputs(self, images: Tensor) -> dict[str, Tensor] | None:
+        """Capability: per-pixel outputs for inspection, e.g. ``{"target", "prediction"}`` ``[B, K, H, W]``."""
+        return None
+
+    def export_decoder(self) -> dict[str, Any] | None:
+        """Capability: a pretrained dense decoder with the settings that rebuild it (transfer)."""
+        return None
+
+    def generate(self, batch: ImageTextBatch, prompts: list[str] | None = None, **kwargs: Any) -> list[str] | None:
+        """Capability: text generated from the images (generative methods: report, answer, diagnosis)."""
+        return None
+
+    def export_encoder(self) -> EncoderExport:
+        """The pretrained image encoder and its input contract (what transfer tasks build on)."""
+        c = self.cfg.image_encoder
+        modality = "2d" if c.name == "timm" else "3d"
+        size = tuple(int(v) for v in c.img_size)
+        return EncoderExport(self.image_encoder, modality, int(c.in_chans), size)
+
     # ------------------------------------------------------------------ shared
     @property
     def tokenizer(self) -> Any:
@@ -110,10 +208,33 @@ class VLPMethod(L.LightningModule):
     def loss_weight(self, name: str) -> float:
         return float(self.cfg.loss_weights.get(name, 1.0))
 
+    @property
+    def attached(self) -> bool:
+        """True while a Lightning ``Trainer`` runs the method (logging is possible)."""
+        try:
+            return self.trainer is not None
+        except RuntimeError:
+            return False
+
+    def log_terms(self, values: dict[str, Tensor | float], batch_size: int | None = None) -> None:
+        """Log extra values of a step as ``<stage>/<name>`` (train: per step and epoch; val: per epoch,
+        synchronised across processes). A no-op outside a ``Trainer``, so ``losses`` can always call it."""
+        if not self.attached:
+            return
+        stage = "train" if self.training else "val"
+        for k, v in values.items():
+            v = v.detach() if isinstance(v, Tensor) else float(v)
+            self.log(f"{stage}/{k}", v, batch_size=batch_size, on_step=self.training, on_epoch=True,
+                     sync_dist=not self.training)
+
     def _step(self, batch: ImageTextBatch, stage: str) -> Tensor:
         terms = self.losses(batch)
         if not terms:
             raise RuntimeError(f"{type(self).__name__}.losses returned no terms")
+        undeclared = sorted(set(terms) - set(self.terms))
+        if undeclared:
+            raise RuntimeError(f"{type(self).__name__}.losses returned {undeclared}, which are not in its terms "
+                               f"{list(self.terms)}; declare them.")
         total = sum(self.loss_weight(k) * v for k, v in terms.items())
         bs = len(batch)
         on_step = stage == "train"

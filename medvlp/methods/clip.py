@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from medvlp.batch import ImageTextBatch
 from medvlp.config import MethodConfig
+from medvlp.encoders.heads import PROJECTIONS, projection_head
 from medvlp.losses import clip_loss
 from medvlp.methods.base import VLPMethod
 from medvlp.registry import register_method
@@ -37,19 +38,20 @@ class CLIPConfig(MethodConfig):
     gather_distributed: bool = True  # negatives from every GPU
 
 
-def projection_head(kind: str, in_dim: int, out_dim: int) -> nn.Module:
-    if kind == "linear":
-        return nn.Linear(in_dim, out_dim, bias=False)
-    if kind == "mlp":
-        return nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
-    raise ValueError(f"method.projection must be 'linear' or 'mlp', got '{kind}'")
-
-
 @register_method("clip")
 class CLIP(VLPMethod):
     """Dual encoder trained with the symmetric image-text InfoNCE loss (term ``itc``)."""
 
     Config = CLIPConfig
+    terms = ("itc",)
+
+    @classmethod
+    def validate_config(cls, cfg: CLIPConfig) -> None:
+        if cfg.projection not in PROJECTIONS:
+            raise ValueError(f"method.projection must be one of {list(PROJECTIONS)}, got '{cfg.projection}'.")
+        if float(cfg.temperature) <= 0 or float(cfg.max_logit_scale) <= 0:
+            raise ValueError(f"method.temperature={cfg.temperature} and method.max_logit_scale={cfg.max_logit_scale} "
+                             f"must be > 0.")
 
     def build(self) -> None:
         c = self.cfg
@@ -63,11 +65,17 @@ class CLIP(VLPMethod):
     def embed_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return F.normalize(self.txt_proj(self.encode_text(input_ids, attention_mask).pooled), dim=-1)
 
+    def logit_scale_value(self) -> Tensor:
+        """``1 / tau = exp(logit_scale)``, clamped at ``max_logit_scale`` (CLIP)."""
+        return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
+
+    def temperature(self) -> float:
+        return 1.0 / float(self.logit_scale_value().detach())
+
     def losses(self, batch: ImageTextBatch) -> dict[str, Tensor]:
         img = self.embed_images(batch.images, batch.scan_mask)
         txt = self.embed_text(batch.input_ids, batch.attention_mask)
-        scale = self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
+        scale = self.logit_scale_value()
         loss, _, _ = clip_loss(img, txt, scale, gather_distributed=self.cfg.gather_distributed)
-        if self._trainer is not None:
-            self.log(f"{'train' if self.training else 'val'}/logit_scale", scale.detach(), batch_size=len(batch))
+        self.log_terms({"logit_scale": scale}, batch_size=len(batch))
         return {"itc": loss}

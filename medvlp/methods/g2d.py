@@ -57,7 +57,7 @@ from medvlp.losses.contrastive import clip_loss
 from medvlp.losses.pseudo_masks import PseudoMaskConfig, pseudo_masks
 from medvlp.losses.pseudo_masks import validate as validate_pseudo_mask
 from medvlp.losses.segmentation import dice_bce_loss
-from medvlp.methods.base import VLPMethod, as_config
+from medvlp.methods.base import VLPMethod
 from medvlp.registry import register_method
 
 log = logging.getLogger(__name__)
@@ -111,9 +111,6 @@ def validate_config(c: Any) -> None:
         raise ValueError(f"method.temperature must be > 0, got {c.temperature}.")
     if int(c.pa_start_step) < 0:
         raise ValueError(f"method.pa_start_step must be >= 0, got {c.pa_start_step}.")
-    unknown = sorted(set(c.loss_weights) - set(TERMS))
-    if unknown:
-        raise ValueError(f"method.loss_weights has unknown terms {unknown}; G2D's terms are {list(TERMS)}.")
     validate_pseudo_mask(PseudoMaskConfig(**c.pseudo_mask))
 
 
@@ -176,10 +173,11 @@ class G2D(VLPMethod):
     """G2D: global alignment (``vla``) plus parameter-free pseudo segmentation (``pa``)."""
 
     Config = G2DConfig
+    terms = TERMS
 
-    def __init__(self, cfg: Any, optim: Any = None) -> None:
-        validate_config(as_config(G2DConfig, cfg))
-        super().__init__(cfg, optim)
+    @classmethod
+    def validate_config(cls, cfg: Any) -> None:
+        validate_config(cfg)
 
     def build(self) -> None:
         from segmentation_models_pytorch.base.heads import SegmentationHead
@@ -271,11 +269,7 @@ class G2D(VLPMethod):
             extra["pseudo_mask_fraction"] = target.mean()
         elif world()[1] > 1:  # DDP without find_unused_parameters: give the decoder a zero gradient
             out["vla"] = vla + 0.0 * sum(p.sum() for m in (self.decoder, self.segmentation_head) for p in m.parameters())
-        if self._trainer is not None and extra:
-            stage = "train" if self.training else "val"
-            for k, v in extra.items():
-                self.log(f"{stage}/{k}", v.detach(), batch_size=len(batch), on_step=self.training, on_epoch=True,
-                         sync_dist=not self.training)
+        self.log_terms(extra, batch_size=len(batch))
         return out
 
     # ------------------------------------------------------------------ export
@@ -321,9 +315,16 @@ class G2D(VLPMethod):
         torch.save(encoder, folder / "encoder.pt")
         return [folder / "unet.pt", folder / "encoder.pt"]
 
+    def export_decoder(self) -> dict[str, Any]:
+        """The pre-trained U-Net (encoder + decoder) and the ``smp.Unet`` settings that rebuild it."""
+        return self.export_unet()
+
+    def temperature(self) -> float:
+        return float(self.cfg.temperature)
+
     def on_train_end(self) -> None:
-        trainer = self._trainer
-        if trainer is not None and trainer.is_global_zero and trainer.default_root_dir:
+        trainer = self.trainer
+        if trainer.is_global_zero and trainer.default_root_dir:
             paths = self.export(Path(trainer.default_root_dir) / "export")
             log.info("G2D: U-Net and encoder weights written to %s", paths[0].parent)
 

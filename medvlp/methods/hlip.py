@@ -55,15 +55,20 @@ class HLIP(VLPMethod):
     """Study-level CLIP with hierarchical attention (term ``itc``, or ``siglip``)."""
 
     Config = HLIPConfig
+    terms = ("itc", "siglip")
 
-    def build(self) -> None:
-        c = self.cfg
+    @classmethod
+    def validate_config(cls, c: HLIPConfig) -> None:
         if c.loss not in LOSSES:
             raise ValueError(f"method.loss='{c.loss}' is not valid; choose one of {list(LOSSES)}.")
         if c.image_encoder.name != "hlip_vit":
             raise ValueError(f"method.image_encoder.name must be hlip_vit for HLIP, got '{c.image_encoder.name}'.")
         if float(c.max_logit_scale) < 1.0 or float(c.temperature) <= 0:
-            raise ValueError("method.max_logit_scale must be >= 1 and method.temperature > 0.")
+            raise ValueError(f"method.max_logit_scale={c.max_logit_scale} must be >= 1 and "
+                             f"method.temperature={c.temperature} > 0.")
+
+    def build(self) -> None:
+        c = self.cfg
         self.img_proj = nn.Linear(self.image_encoder.out_dim, c.embed_dim, bias=False)
         self.txt_proj = nn.Linear(self.text_encoder.out_dim, c.embed_dim, bias=False)
         init = math.log(c.siglip_scale) if c.loss == "siglip" else math.log(1.0 / c.temperature)
@@ -92,12 +97,15 @@ class HLIP(VLPMethod):
         img = self.embed_image(batch.images, batch.scan_mask)
         txt = self.embed_text(batch.input_ids, batch.attention_mask)
         scale = self.logit_scale.exp()
-        if self._trainer is not None:
-            self.log(f"{'train' if self.training else 'val'}/logit_scale", scale.detach(), batch_size=len(batch))
+        self.log_terms({"logit_scale": scale}, batch_size=len(batch))
         if self.cfg.loss == "siglip":
             return {"siglip": siglip_loss(img, txt, scale, self.logit_bias, gather_distributed=self.cfg.gather_distributed)}
         loss, _, _ = clip_loss(img, txt, scale, gather_distributed=self.cfg.gather_distributed)
         return {"itc": loss}
+
+    def temperature(self) -> float:
+        """``1 / exp(theta)`` with theta clamped to ``[0, ln max_logit_scale]`` as after every step."""
+        return 1.0 / min(float(self.logit_scale.detach().exp()), float(self.cfg.max_logit_scale))
 
     def clamp_logit_scale(self) -> None:
         """theta <- clamp(theta, 0, ln max_logit_scale), as open_clip does after each step."""

@@ -48,6 +48,7 @@ Differences from the official code:
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medvlp.batch import ImageTextBatch
+from medvlp.batch import ImageTextBatch, TokenAlignment
 from medvlp.config import ImageEncoderConfig, MethodConfig, TextEncoderConfig
 from medvlp.distributed import world
 from medvlp.encoders.text import LastTextAttentionRecorder
@@ -68,7 +69,7 @@ from medvlp.losses.token_alignment import (
     cta_loss,
     merge_word_pieces,
 )
-from medvlp.methods.base import VLPMethod, as_config
+from medvlp.methods.base import VLPMethod
 from medvlp.registry import register_method
 
 log = logging.getLogger(__name__)
@@ -212,7 +213,8 @@ def last_self_attention(hf_model: nn.Module) -> nn.Module:
 
 
 def validate_config(c: Any) -> None:
-    """Check ``method.*`` of MGCA; raises ``ValueError`` naming the key, the value and the valid options."""
+    """Check ``method.*`` of MGCA (``loss_weights`` keys are checked by the base class); raises
+    ``ValueError`` naming the key, the value and the valid options."""
     if c.image_encoder.name != "timm":
         raise ValueError(f"MGCA is a 2D method: method.image_encoder.name must be 'timm', got '{c.image_encoder.name}'.")
     if c.ita_reduction not in ("sum", "mean"):
@@ -227,9 +229,6 @@ def validate_config(c: Any) -> None:
     for key in ("ita_temperature", "cta_temperature", "cpa_temperature", "sinkhorn_epsilon"):
         if float(c[key]) <= 0:
             raise ValueError(f"method.{key} must be > 0, got {c[key]}.")
-    unknown = sorted(set(c.loss_weights) - set(TERMS))
-    if unknown:
-        raise ValueError(f"method.loss_weights has unknown terms {unknown}; MGCA's terms are {list(TERMS)}.")
 
 
 @register_method("mgca")
@@ -237,11 +236,12 @@ class MGCA(VLPMethod):
     """MGCA: instance (``ita``), token (``cta``) and prototype (``cpa``) image-report alignment."""
 
     Config = MGCAConfig
+    terms = TERMS
 
     # ------------------------------------------------------------------ construction
-    def __init__(self, cfg: Any, optim: Any = None) -> None:
-        validate_config(as_config(MGCAConfig, cfg))  # before the encoders are built
-        super().__init__(cfg, optim)
+    @classmethod
+    def validate_config(cls, cfg: Any) -> None:
+        validate_config(cfg)
 
     def build(self) -> None:
         c = self.cfg
@@ -353,12 +353,9 @@ class MGCA(VLPMethod):
                 float(c.sinkhorn_epsilon), int(c.sinkhorn_iterations), distributed=bool(c.distributed_sinkhorn),
             )
         self._touch_unused(out, active)
-        if self._trainer is not None:
+        if self.attached:
             extra.update(zip(("inbatch_acc1", "inbatch_acc5"), inbatch_accuracy(img_emb, txt_emb, (1, 5)), strict=True))
-            stage = "train" if self.training else "val"
-            for k, v in extra.items():
-                self.log(f"{stage}/{k}", v.detach(), batch_size=len(batch), on_step=self.training, on_epoch=True,
-                         sync_dist=not self.training)
+            self.log_terms(extra, batch_size=len(batch))
         return out
 
     def _features(self, batch: ImageTextBatch, local: bool) -> dict[str, Any]:
@@ -397,6 +394,21 @@ class MGCA(VLPMethod):
     def local_tokens(self, batch: ImageTextBatch) -> LocalTokens:
         """The inputs of CTA for ``batch``: unit word / patch embeddings, word mask and token weights."""
         return self._local(batch, self._features(batch, local=True))
+
+    @torch.no_grad()
+    def token_alignment(self, batch: ImageTextBatch) -> TokenAlignment:
+        """Word-to-patch attention of CTA, ``softmax(word . patch / cta_temperature)`` over the patches."""
+        tok = self.local_tokens(batch)
+        attn = (tok.word_emb @ tok.patch_emb.transpose(1, 2) / float(self.cfg.cta_temperature)).softmax(dim=-1)
+        h, w = self._resize(batch.images).shape[-2:]
+        stride = math.sqrt(h * w / attn.shape[-1])  # patches / feature-map cells of the local features
+        grid = (round(h / stride), round(w / stride))
+        if grid[0] * grid[1] != attn.shape[-1]:
+            raise ValueError(f"MGCA's {attn.shape[-1]} local tokens do not tile a {h} x {w} image.")
+        return TokenAlignment(attention=attn, word_mask=tok.word_mask, word_weights=tok.word_weights, grid=grid)
+
+    def temperature(self) -> float:
+        return float(self.cfg.ita_temperature)
 
     def _touch_unused(self, out: dict[str, Tensor], active: list[str]) -> None:
         """Under DDP, give the heads of switched-off terms a zero gradient (find_unused_parameters=False)."""

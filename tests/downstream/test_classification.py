@@ -12,6 +12,7 @@ import torch
 
 from medvlp import api
 from medvlp import config as C
+from medvlp.registry import RegistryError
 from medvlp.cli import main
 from medvlp.downstream.classification import classification_loss, scores_and_metrics, settings_for
 from medvlp.downstream.metrics import accuracy, roc_curve
@@ -74,5 +75,9 @@ def test_exclusive_classes_fractions_and_the_cli(runs, tmp_path, capsys):
     assert "accuracy" in capsys.readouterr().out
     few = api.downstream("classification", "demo_chexpert", runs["clip"], fraction=0.1, out=tmp_path / "few", max_epochs=3)
     assert few["n_train"] < 100 and few["fraction"] == 0.1
-    with pytest.raises(C.ConfigError, match="captioning is not available; choose one of classification, segmentation, detection"):
+    with pytest.raises(RegistryError, match="Unknown downstream task 'captioning'.*Available: classification, detection"):
         api.downstream("captioning", "demo_rsna", runs["clip"])
+    with pytest.raises(C.ConfigError, match="zeroshot evaluates a run as it is"):
+        api.downstream("zeroshot", "demo_rsna", runs["clip"])
+    with pytest.raises(C.ConfigError, match="classification takes no setting.*pyramid_channels"):
+        api.downstream("classification", "demo_chexpert", runs["clip"], pyramid_channels=8)

@@ -67,7 +67,7 @@ def test_explain_writes_one_png_per_word(tmp_path):
 def test_explain_needs_token_alignment(tmp_path, capsys):
     run = _run(tmp_path / "runs", "clip")
     assert main(["explain", "--run", str(run)]) == 2
-    assert "word-patch alignment" in capsys.readouterr().err
+    assert "token_alignment (e.g. mgca) or dense_outputs" in capsys.readouterr().err
 
 
 def test_explain_g2d_writes_image_target_and_prediction_side_by_side(tmp_path, capsys):

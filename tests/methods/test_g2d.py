@@ -148,7 +148,7 @@ def test_per_head_masks_give_a_head_per_decoder_output():
     ("vla_directions", "t2i", "vla_directions"),
     ("pa_form", "gloria", "pa_form"),
     ("encoder_depth", 6, "encoder_depth"),
-    ("loss_weights", {"vla": 1.0, "itc": 1.0}, "unknown terms"),
+    ("loss_weights", {"vla": 1.0, "itc": 1.0}, "method.loss_weights.itc: G2D has no loss term"),
 ])
 def test_bad_config_names_the_key(key, value, match):
     with pytest.raises(ValueError, match=match):

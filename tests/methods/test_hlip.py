@@ -370,11 +370,15 @@ def test_zero_shot_merges_two_labels_into_one(monkeypatch) -> None:
         def similarity(a, b):
             return a @ b.T
 
+        @staticmethod
+        def temperature():
+            return 0.07
+
     prompts = {k: {"positive": ["p" + k.lower()], "negative": ["n" + k.lower()]} for k in labels}
     res = Z.zero_shot_auc(M(), emb, labels, labels, prompts, 8, merges={"AB": ["A", "B"]})
     assert set(res["auroc"]) == {"AB", "C"} and res["auroc"]["AB"] == 1.0
     assert np.isclose(res["mean_auroc"], np.mean([res["auroc"]["AB"], res["auroc"]["C"]]))
-    assert set(res["thresholded"]) == {"AB", "C"} and res["logit_scale"] == 1 / 0.07  # no learned scale on M
+    assert set(res["thresholded"]) == {"AB", "C"} and res["logit_scale"] == 1 / 0.07  # M.temperature()
     assert res["thresholded"]["AB"]["accuracy"] == 1.0 and 0 <= res["mean_f1_weighted"] <= 1
 
 
