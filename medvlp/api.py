@@ -197,10 +197,15 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None):
 
 
 def evaluate(run_dir: str | Path, tasks: tuple[str, ...] = ("zeroshot", "retrieval"), split: str = "test",
-             data_overrides: list[str] | None = None) -> dict[str, Any]:
-    """Zero-shot AUROC and / or retrieval recall of a run on a split of its dataset."""
+             data_overrides: list[str] | None = None, data: str = "") -> dict[str, Any]:
+    """Evaluation tasks (zero-shot AUROC, retrieval recall, ...) of a run on a split of its dataset, or,
+    with ``data``, of another dataset (``configs/data/<data>.yaml`` + ``data_overrides``) read at the
+    run's image size, channels and text length."""
     method, cfg = load_run(run_dir)
-    if data_overrides:
+    if data:
+        overrides = [*(data_overrides or []), f"data.max_length={cfg.data.max_length}"]
+        _, cfg = downstream_datamodule(cfg, data, overrides, 1.0, method.tokenizer, task=None)
+    elif data_overrides:
         cfg = OmegaConf.merge(cfg, C.parse_overrides(data_overrides))
     out = evaluate_method(method, cfg, tasks, split)
     out["run"] = str(run_dir)
@@ -229,11 +234,11 @@ def evaluate_method(method, cfg: DictConfig, tasks: tuple[str, ...] = ("zeroshot
 
 # --------------------------------------------------------------------------- downstream transfer
 def downstream_datamodule(run_cfg: DictConfig, data: str, overrides: list[str], fraction: float, tokenizer: Any,
-                          task: str = "classification"):
+                          task: str | None = "classification"):
     """The labelled datamodule of a transfer task: ``configs/data/<data>.yaml`` + ``overrides``, with the
     pretraining run's ``image_size`` / ``channels`` (what its encoder expects), ``data.task`` = the
     transfer task for datasets with several target kinds (RSNA, SIIM) and the task's own ``data``
-    defaults (``configs/downstream/<task>.yaml``), each unless overridden."""
+    defaults (``configs/downstream/<task>.yaml``), each unless overridden (``task=None``: neither)."""
     from medvlp.downstream.task import get_task
 
     dot = C.parse_overrides(overrides)
@@ -242,9 +247,9 @@ def downstream_datamodule(run_cfg: DictConfig, data: str, overrides: list[str], 
     for key in ("image_size", "channels"):
         if key in cfg.data and key in run_cfg.data and key not in given:
             cfg.data[key] = run_cfg.data[key]
-    if "task" in cfg.data and "task" not in given:
+    if task is not None and "task" in cfg.data and "task" not in given:
         cfg.data.task = task
-    for key, value in get_task(task).data_defaults(given).items():
+    for key, value in (get_task(task).data_defaults(given) if task is not None else {}).items():
         if key in cfg.data:
             cfg.data[key] = value
     cfg.data.label_fraction = float(fraction)
@@ -265,7 +270,8 @@ def downstream(task: str, data: str, run_dir: str | Path, fraction: float = 1.0,
         fraction: fraction of the training labels (the shared label-fraction files).
         protocol: ``linear`` / ``frozen`` (frozen encoder) or ``finetune``; "" = the task's default.
         seed: seed of the head and batch order.
-        overrides: ``data.*`` overrides.
+        overrides: ``data.*`` and ``trainer.*`` overrides (``trainer.devices=2 trainer.strategy=ddp``,
+            ``trainer.precision=bf16-mixed``); the length of training comes from the task's settings.
         out: output folder (default ``<run_dir>/downstream/<task>-<data>-<protocol>-f<fraction>-s<seed>``).
         settings: the task's settings (``Task.settings``: lr, batch_size, max_epochs, patience, max_steps, ...).
     """
@@ -284,7 +290,9 @@ def downstream(task: str, data: str, run_dir: str | Path, fraction: float = 1.0,
     dm, cfg = downstream_datamodule(run_cfg, data, list(overrides or []), fraction, method.tokenizer, task)
     folder = Path(out) if out else Path(run_dir) / "downstream" / f"{task}-{data}-{protocol}-f{fraction:g}-s{seed}"
     folder.mkdir(parents=True, exist_ok=True)
-    res = t.run(method, dm, protocol, seed, folder, settings)
+    res = t.run(method, dm, protocol, seed, folder, settings, trainer_cfg=cfg.trainer)
+    if res is None:  # another process of a multi-process run: rank 0 writes the result
+        return {}
     res.update({"run": str(run_dir), "method": run_cfg.method.name, "data": data, "data_name": cfg.data.name})
     res.setdefault("files", {})["result"] = str(folder / "result.json")
     write_atomic(folder / "result.json", json.dumps(res, indent=2))  # a killed run leaves no partial result

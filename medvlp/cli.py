@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from medvlp import sweep
+from medvlp.logs import setup_logging
 
 EXAMPLES = """examples:
   medvlp fit --method clip                        train on the built-in synthetic chest X-rays
@@ -49,9 +50,14 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     fit.add_argument("overrides", nargs="*", help="key=value config overrides")
 
-    for name, text in (("zeroshot", "per-finding zero-shot AUROC of a run"), ("retrieve", "image<->report retrieval recall of a run")):
+    for name, text in (("zeroshot", "per-finding zero-shot AUROC of a run"), ("retrieve", "image<->report retrieval recall of a run"),
+                       ("evaluate", "an evaluation task (--task, medvlp list tasks) of a run, on its data or another dataset")):
         ev = sub.add_parser(name, help=text, description=text.capitalize() + ".")
+        if name == "evaluate":
+            ev.add_argument("--task", required=True, help="a registered evaluation task, e.g. zeroshot or retrieval")
         ev.add_argument("--run", required=True, metavar="RUN_DIR")
+        ev.add_argument("--data", default="", help="evaluate on another dataset (configs/data/<name>.yaml) at the run's "
+                                                   "image size, channels and text length (default: the run's own)")
         ev.add_argument("--split", default="test", help="split to evaluate: test (default), val, train, or one the dataset defines (e.g. chexpert 5x200)")
         ev.add_argument("--json", metavar="FILE", help="also write the result as JSON")
         ev.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.root=/other/copy")
@@ -106,8 +112,10 @@ def _parser() -> argparse.ArgumentParser:
     ds.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (quick runs)")
     ds.add_argument("--detector", choices=["fcos", "retinanet", "faster_rcnn"], help="detection: the torchvision detector (default fcos)")
     ds.add_argument("--pyramid-channels", type=int, help="detection: width of the feature pyramid (default 256)")
+    ds.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                    help="a setting of the task (repeatable; YAML values), e.g. --set decoder_channels=[32,16]")
     ds.add_argument("--out", help="output folder (default RUN_DIR/downstream/<task>-<data>-<protocol>-f<F>-s<seed>)")
-    ds.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.root=/data/chexpert")
+    ds.add_argument("overrides", nargs="*", help="data.* and trainer.* overrides, e.g. data.root=/data/chexpert trainer.devices=2 trainer.strategy=ddp")
 
     demo = sub.add_parser("demo", help="write the synthetic demo datasets", description="Write the synthetic radiology world in the real dataset formats.")
     demo.add_argument("--out", required=True)
@@ -172,23 +180,36 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace, task: str) -> None:
     from medvlp import api
+    from medvlp.cache import write_atomic
     from medvlp.downstream.task import get_task, print_table
 
-    res = api.evaluate(args.run, tasks=(task,), split=args.split, data_overrides=args.overrides)
+    res = api.evaluate(args.run, tasks=(task,), split=args.split, data_overrides=args.overrides, data=args.data)
     print_table(*get_task(task).rows(res))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(res, fh, indent=2)
+    if args.json:  # whole or not at all: a killed process leaves no partial file
+        write_atomic(Path(args.json), json.dumps(res, indent=2))
 
 
 def cmd_downstream(args: argparse.Namespace) -> None:
     from medvlp import api
+    from medvlp import config as C
     from medvlp.downstream.task import get_task, print_table
 
     settings = {"lr": args.lr, "batch_size": args.batch_size, "max_epochs": args.max_epochs, "patience": args.patience,
                 "max_steps": args.max_steps, "detector": args.detector, "pyramid_channels": args.pyramid_channels}
+    for item in args.settings:
+        import yaml
+
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise C.ConfigError(f"--set {item}: expected KEY=VALUE, e.g. --set max_epochs=5.")
+        try:
+            settings[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise C.ConfigError(f"--set {item}: the value is not valid YAML ({err}).") from None
     res = api.downstream(args.task, args.data, args.run, fraction=args.fraction, protocol=args.protocol, seed=args.seed,
                          overrides=args.overrides, out=args.out, **{k: v for k, v in settings.items() if v is not None})
+    if not res:  # another process of a multi-process run (rank 0 prints)
+        return
     print_table(*get_task(args.task).rows(res))
     print(f"wrote {', '.join(res['files'].values())}")
 
@@ -232,24 +253,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
     main_demo(args.out, kind=args.kind, size=args.size, seed=args.seed)
 
 
-def _setup_logging(verbose: bool) -> None:
-    """medvlp's own messages on stderr (Lightning configures its own loggers)."""
-    logger = logging.getLogger("medvlp")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    logger.propagate = False
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return 0
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     from medvlp.config import ConfigError
     from medvlp.datamodules.base import DataError
     from medvlp.registry import RegistryError
@@ -258,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         "fit": cmd_fit,
         "zeroshot": lambda a: cmd_eval(a, "zeroshot"),
         "retrieve": lambda a: cmd_eval(a, "retrieval"),
+        "evaluate": lambda a: cmd_eval(a, a.task),
         "preprocess": cmd_preprocess,
         "explain": cmd_explain,
         "downstream": cmd_downstream,

@@ -33,3 +33,11 @@ def _restore_medvlp_logger():
     yield
     logger.handlers[:] = handlers
     logger.propagate, logger.level = propagate, level
+
+
+@pytest.fixture(scope="session")
+def learned(tmp_path_factory):
+    """The session's shared learning runs (``tests/learning.py``): ``learned["clip"]`` trains once."""
+    from learning import LearnedRuns
+
+    return LearnedRuns(tmp_path_factory)

@@ -1,5 +1,7 @@
 """The benchmark sweep (``python -m medvlp.sweep`` / ``make sweep``): task specs and the grid, validation
-before any work, the summary by hand on written results, and resuming after a kill for real (tiny runs)."""
+before any work, the summary by hand on written results, the command each combination runs in its own
+process, and resuming after a kill for real (tiny runs; the ``medvlp`` commands run in this process
+so that the tests can count and interrupt the library calls behind them)."""
 
 from __future__ import annotations
 
@@ -13,9 +15,27 @@ from pathlib import Path
 
 import pytest
 
-from medvlp import api
+from medvlp import api, cli
 from medvlp import config as C
 from medvlp import sweep as S
+from medvlp.sweep import run as sweep_run
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """Run the sweep's ``medvlp`` commands through ``medvlp.cli.main`` in this process (monkeypatched
+    library calls then apply); a non-zero status fails the step as a dead process would."""
+    commands: list[list[str]] = []
+
+    def execute(argv, log_path):
+        assert argv[:3] == [sys.executable, "-m", "medvlp.cli"], argv
+        commands.append(argv[3:])
+        code = cli.main(argv[3:])
+        if code:
+            raise sweep_run.StepFailed(f"`medvlp {' '.join(argv[3:])}` exited with status {code}")
+
+    monkeypatch.setattr(sweep_run, "execute", execute)
+    return commands
 
 
 def _cfg(tmp_path: Path, **kw) -> S.SweepConfig:
@@ -147,14 +167,17 @@ def test_summary_means_and_stds_over_seeds_by_hand(tmp_path):
 
 
 # --------------------------------------------------------------------------- failures and resuming
-def test_a_failing_combination_is_recorded_the_others_go_on_and_the_next_sweep_retries_it(tmp_path, monkeypatch, capsys):
+def test_a_failing_combination_is_recorded_the_others_go_on_and_the_next_sweep_retries_it(tmp_path, monkeypatch, capsys,
+                                                                                           in_process):
     calls: list[float] = []
 
-    def fake_downstream(task, data, run_dir, fraction=1.0, **kw):
+    def fake_downstream(task, data, run_dir, fraction=1.0, out=None, **kw):
         calls.append(fraction)
         if fraction == 0.1 and len(calls) < 3:
             raise RuntimeError("the head diverged")
-        return {"mean_auroc": fraction / 2}
+        (Path(out) / "result.json").parent.mkdir(parents=True, exist_ok=True)
+        (Path(out) / "result.json").write_text(json.dumps({"mean_auroc": fraction / 2}))
+        return {}  # as another process of a DDP run: nothing printed
 
     monkeypatch.setattr(S, "ensure_pretrained", lambda cfg, method: tmp_path / "runs" / method)
     monkeypatch.setattr(api, "downstream", fake_downstream)
@@ -169,7 +192,7 @@ def test_a_failing_combination_is_recorded_the_others_go_on_and_the_next_sweep_r
     assert "| clip | 0.050 (1) | 0.500 (1) |" in (tmp_path / "results" / "summary.md").read_text()
 
 
-def test_a_killed_sweep_completes_only_what_is_missing(tmp_path, monkeypatch):
+def test_a_killed_sweep_completes_only_what_is_missing(tmp_path, monkeypatch, in_process):
     """Tiny real runs: pre-training (8 steps), a linear probe at two fractions and zero-shot."""
     cfg = _cfg(tmp_path, tasks=["classification", "zeroshot"], fractions=[0.1, 1.0], pretrain_steps=8,
                pretrain_overrides=["trainer.limit_val_batches=1"], settings={"max_epochs": 2})
@@ -177,7 +200,7 @@ def test_a_killed_sweep_completes_only_what_is_missing(tmp_path, monkeypatch):
     calls = {"fit": [], "downstream": [], "evaluate": 0}
 
     def fit(run_cfg, resume=None):
-        calls["fit"].append(resume)
+        calls["fit"].append(Path(resume) if resume else None)
         return real_fit(run_cfg, resume=resume)
 
     def killed_on_second(*a, **k):
@@ -256,3 +279,26 @@ def test_make_sweep_killed_halfway_and_restarted(tmp_path):
     assert res.stderr.count("skipped (done before)") == len(done)
     md = (out / "summary.md").read_text()
     assert "| mgca |" in md and "segmentation demo_siim Dice @ 100%" in md and (out / "summary.png").stat().st_size > 1000
+
+
+def test_each_combination_is_one_medvlp_command(tmp_path):
+    """What the sweep runs, process by process: downstream with the task settings, evaluate on another dataset."""
+    cfg = _cfg(tmp_path, tasks=["segmentation", "zeroshot:demo_chexpert"], roots={"demo_chexpert": "/data/x"},
+               settings={"max_steps": 5})
+    seg, zs = S.grid(cfg)
+    run_dir = tmp_path / "runs" / "clip"
+    argv = sweep_run.combination_command(cfg, seg, run_dir)
+    assert argv[:3] == [sys.executable, "-m", "medvlp.cli"]
+    assert argv[3:] == ["downstream", "--task", "segmentation", "--data", "demo_siim", "--run", str(run_dir),
+                        "--fraction", "1", "--protocol", "frozen", "--seed", "0", "--out", str(seg.folder(cfg.runs)),
+                        "--set=max_steps=5"]
+    assert sweep_run.combination_command(cfg, zs, run_dir)[3:] == [
+        "evaluate", "--task", "zeroshot", "--run", str(run_dir), "--split", "test", "--data", "demo_chexpert",
+        "--json", str(zs.folder(cfg.runs) / S.RESULT), "data.root=/data/x"]
+
+
+def test_a_dead_process_fails_its_step_with_the_log_tail(tmp_path):
+    with pytest.raises(sweep_run.StepFailed, match=r"exited with status 3: boom .*log: "):
+        sweep_run.execute([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)", "x"], tmp_path / "log.txt")
+    assert "boom" in (tmp_path / "log.txt").read_text()
+

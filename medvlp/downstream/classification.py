@@ -34,9 +34,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from medvlp.downstream.metrics import accuracy, auroc
 from medvlp.downstream.task import Task, transfer_title
+from medvlp.downstream.transfer import TransferModule, fit_transfer
 from medvlp.registry import register_task
 
 log = logging.getLogger(__name__)
@@ -96,57 +98,6 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-class EarlyStopping:
-    """Keeps the weights of ``module`` with the best value of a validation score (lowest for
-    ``mode="min"``, e.g. a loss; highest for ``"max"``, e.g. mAP); ``update`` says when ``patience``
-    epochs passed without a better one."""
-
-    def __init__(self, module: nn.Module, patience: int, monitor: str = "val_loss", mode: str = "min") -> None:
-        if mode not in ("min", "max"):
-            raise ValueError(f"EarlyStopping mode '{mode}' is not 'min' or 'max'.")
-        self.module, self.patience, self.monitor, self.sign = module, int(patience), monitor, 1.0 if mode == "min" else -1.0
-        self.best, self.state, self.waited, self.history = math.inf, copy.deepcopy(module.state_dict()), 0, []
-
-    def update(self, value: float) -> bool:
-        """Record an epoch's validation score; True when training should stop."""
-        self.history.append(float(value))
-        if self.sign * value < self.best - 1e-6:
-            self.best, self.state, self.waited = self.sign * float(value), copy.deepcopy(self.module.state_dict()), 0
-        else:
-            self.waited += 1
-        return self.waited >= self.patience
-
-    def restore(self, steps: int) -> dict[str, Any]:
-        """Load the best weights back; the training history."""
-        self.module.load_state_dict(self.state)
-        return {"epochs": len(self.history), "steps": steps, f"best_{self.monitor}": self.sign * self.best,
-                self.monitor: self.history}
-
-
-def train_with_early_stopping(model: nn.Module, opt: torch.optim.Optimizer, train_loader: Any,
-                              batch_loss: Callable[[Any, int], Tensor], validate: Callable[[], float],
-                              stopper: EarlyStopping, max_epochs: int, max_steps: int = 0,
-                              train_mode: Callable[[], Any] | None = None) -> dict[str, Any]:
-    """The transfer loop shared by every task: per epoch, ``train_mode()`` (default ``model.train()``),
-    one optimiser step per batch on ``batch_loss(batch, epoch)``, then ``validate()`` into ``stopper``;
-    stops at ``max_epochs``, at ``max_steps`` optimiser steps (> 0) or when ``stopper`` says so, and
-    loads the best weights back. Returns the stopper's history."""
-    steps = 0
-    for epoch in range(max_epochs):
-        (train_mode or model.train)()
-        for batch in train_loader:
-            loss = batch_loss(batch, epoch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            steps += 1
-            if max_steps and steps >= max_steps:
-                break
-        if stopper.update(validate()) or (max_steps and steps >= max_steps):
-            break
-    return stopper.restore(steps)
-
-
 class Classifier(nn.Module):
     """The pretrained image backbone + one linear head on its pooled feature."""
 
@@ -180,55 +131,48 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
-def _batches(n: int, size: int, shuffle: bool, g: torch.Generator) -> list[Tensor]:
-    order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
-    return list(order.split(size))
+def _val_items(model: nn.Module, batch: Any) -> list[tuple[Tensor, Tensor]]:
+    x, y = batch if isinstance(batch, list | tuple) else (batch.images, batch.labels)
+    logits = model(x).float().cpu()
+    return list(zip(logits, y.float().cpu(), strict=True))
+
+
+def _val_loss(multiclass: bool) -> Callable[[list[tuple[Tensor, Tensor]]], float]:
+    def score(items: list[tuple[Tensor, Tensor]]) -> float:
+        logits, labels = torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
+        return float(classification_loss(logits, labels, multiclass))
+
+    return score
 
 
 def train_linear(model: Classifier, train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], multiclass: bool,
-                 s: ClassifierSettings, seed: int, device: torch.device) -> dict[str, Any]:
-    """Fit the head on cached features with early stopping on the validation loss; keeps the best head."""
+                 s: ClassifierSettings, seed: int, folder: Path | None = None, trainer_cfg: Any = None) -> tuple[dict[str, Any], Any]:
+    """Fit the head on cached features with early stopping on the validation loss (a ``Trainer``); keeps the
+    best head. Returns ``(history, trainer)``."""
     g = torch.Generator().manual_seed(seed)
-    head = model.head.to(device)
-    opt = torch.optim.AdamW(head.parameters(), lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
-    xtr, ytr = train[0].to(device), train[1].to(device)
-    xva, yva = val[0].to(device), val[1].to(device)
-    stopper, steps = EarlyStopping(head, s.patience), 0
-    for _epoch in range(s.max_epochs):
-        head.train()
-        for idx in _batches(len(xtr), s.batch_size, True, g):
-            loss = classification_loss(head(xtr[idx]), ytr[idx], multiclass)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            steps += 1
-        head.eval()
-        with torch.no_grad():
-            val_loss = float(classification_loss(head(xva), yva, multiclass))
-        if stopper.update(val_loss) or (s.max_steps and steps >= s.max_steps):
-            break
-    return stopper.restore(steps)
+    train_loader = DataLoader(TensorDataset(*train), batch_size=s.batch_size, shuffle=True, generator=g)
+    val_loader = DataLoader(TensorDataset(*val), batch_size=max(len(val[0]), 1))
+
+    def loss(head: nn.Module, batch: Any) -> Tensor:
+        return classification_loss(head(batch[0]).float(), batch[1], multiclass)
+
+    module = TransferModule(model.head, loss, _val_items, _val_loss(multiclass), s.lr, s.betas, s.weight_decay)
+    return fit_transfer(module, train_loader, val_loader, folder, mode="min", patience=s.patience,
+                        max_epochs=s.max_epochs, max_steps=s.max_steps, trainer_cfg=trainer_cfg, seed=seed)
 
 
 def train_finetune(model: Classifier, dm: Any, multiclass: bool, s: ClassifierSettings, seed: int,
-                   device: torch.device) -> dict[str, Any]:
+                   folder: Path | None = None, trainer_cfg: Any = None) -> tuple[dict[str, Any], Any]:
     """Train backbone + head on the datamodule's (augmented) training loader, early stopping on the
-    validation loss; keeps the best weights."""
-    torch.manual_seed(seed)
-    model.to(device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr, betas=s.betas,
-                            weight_decay=s.weight_decay)
+    validation loss (a ``Trainer``); keeps the best weights. Returns ``(history, trainer)``."""
     dm.cfg.batch_size = int(s.batch_size)
-    train_loader, val_loader = dm.train_dataloader(), dm.val_dataloader()
 
-    def batch_loss(batch: Any, _epoch: int) -> Tensor:
-        with _autocast(device):
-            logits = model(batch.images.to(device))
-        return classification_loss(logits.float(), batch.labels.to(device), multiclass)
+    def loss(m: nn.Module, batch: Any) -> Tensor:
+        return classification_loss(m(batch.images).float(), batch.labels, multiclass)
 
-    return train_with_early_stopping(model, opt, train_loader, batch_loss,
-                                     lambda: evaluate_loss(model, val_loader, multiclass, device),
-                                     EarlyStopping(model, s.patience), s.max_epochs, s.max_steps)
+    module = TransferModule(model, loss, _val_items, _val_loss(multiclass), s.lr, s.betas, s.weight_decay)
+    return fit_transfer(module, dm.train_dataloader(), dm.val_dataloader(), folder, mode="min", patience=s.patience,
+                        max_epochs=s.max_epochs, max_steps=s.max_steps, trainer_cfg=trainer_cfg, seed=seed)
 
 
 @torch.no_grad()
@@ -248,7 +192,8 @@ def evaluate_loss(model: Classifier, loader: Any, multiclass: bool, device: torc
 
 
 def run_classification(method: Any, dm: Any, protocol: str = "linear", seed: int = 0,
-                       device: torch.device | None = None, **settings: Any) -> dict[str, Any]:
+                       device: torch.device | None = None, folder: Path | None = None, trainer_cfg: Any = None,
+                       **settings: Any) -> dict[str, Any] | None:
     """Train a head (and, for ``finetune``, the backbone) on ``dm`` and test it.
 
     Args:
@@ -256,11 +201,13 @@ def run_classification(method: Any, dm: Any, protocol: str = "linear", seed: int
         dm: a labelled datamodule (its ``cfg.label_fraction`` picks the training subset).
         protocol: ``linear`` or ``finetune``.
         seed: seed of the head's initialisation and of the batch order.
+        folder: where the training writes ``checkpoints/best.ckpt`` and ``metrics.csv`` (None: nowhere kept).
+        trainer_cfg: the ``trainer.*`` section (devices, strategy, precision); None = one device.
         settings: overrides of :class:`ClassifierSettings` (lr, batch_size, max_epochs, patience, ...).
 
     Returns:
         A JSON-ready dict: metrics on the test split, the settings, the training history and the
-        test logits / labels (for plots).
+        test logits / labels (for plots); None on the processes other than rank 0 of a DDP run.
     """
     s = settings_for(protocol, **settings)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -269,7 +216,7 @@ def run_classification(method: Any, dm: Any, protocol: str = "linear", seed: int
         raise ValueError(f"{type(dm).__name__} has no labels to classify.")
     multiclass = bool(getattr(dm, "multiclass", False))
     torch.manual_seed(seed)
-    encoder = copy.deepcopy(method.image_encoder)
+    encoder = copy.deepcopy(method.export_encoder().module)
     model = Classifier(encoder, len(names)).to(device)
     start = time.perf_counter()
     if protocol == "linear":
@@ -277,11 +224,13 @@ def run_classification(method: Any, dm: Any, protocol: str = "linear", seed: int
             p.requires_grad_(False)
         train = extract_features(model, dm.eval_dataloader("train"), device)
         val = extract_features(model, dm.val_dataloader(), device)
-        history = train_linear(model, train, val, multiclass, s, seed, device)
+        history, trainer = train_linear(model, train, val, multiclass, s, seed, folder, trainer_cfg)
         n_train = len(train[0])
     else:
-        history = train_finetune(model, dm, multiclass, s, seed, device)
+        history, trainer = train_finetune(model, dm, multiclass, s, seed, folder, trainer_cfg)
         n_train = len(dm.records("train"))
+    if not trainer.is_global_zero:
+        return None
     logits, labels = predict(model, dm.test_dataloader(), device)
     metrics = scores_and_metrics(logits, labels, names, multiclass)
     return {"task": "classification", "protocol": protocol, "multiclass": multiclass, "labels": names,
@@ -297,10 +246,14 @@ class ClassificationTask(Task):
 
     settings = ("lr", "batch_size", "max_epochs", "patience", "max_steps")
 
-    def run(self, method: Any, dm: Any, protocol: str, seed: int, folder: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    def run(self, method: Any, dm: Any, protocol: str, seed: int, folder: Path, settings: dict[str, Any],
+            trainer_cfg: Any = None) -> dict[str, Any] | None:
         from medvlp.downstream.plots import roc_png
 
-        res = run_classification(method, dm, protocol="linear" if protocol == "frozen" else protocol, seed=seed, **settings)
+        res = run_classification(method, dm, protocol="linear" if protocol == "frozen" else protocol, seed=seed,
+                                 folder=folder, trainer_cfg=trainer_cfg, **settings)
+        if res is None:
+            return None
         logits = np.asarray(res.pop("test_logits"))
         labels = np.asarray(res.pop("test_labels"))
         roc_png(folder / "roc.png", logits, labels, res["labels"], res["auroc"],
@@ -317,5 +270,5 @@ class ClassificationTask(Task):
         return transfer_title(res), rows, ("label", "AUROC")
 
 
-__all__ = ["ClassificationTask", "ClassifierSettings", "EarlyStopping", "train_with_early_stopping", "PROTOCOLS", "classification_loss", "run_classification", "scores_and_metrics",
+__all__ = ["ClassificationTask", "ClassifierSettings", "PROTOCOLS", "classification_loss", "run_classification", "scores_and_metrics",
            "settings_for"]

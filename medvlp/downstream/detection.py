@@ -52,8 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medvlp.downstream.classification import EarlyStopping, train_with_early_stopping
 from medvlp.downstream.task import Task, transfer_title
+from medvlp.downstream.transfer import TransferModule, fit_transfer
 from medvlp.registry import register_task
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,7 @@ def build_detector(method: Any, in_channels: int, image_size: int, n_classes: in
     s = settings or DetectorSettings()
     if s.detector not in DETECTORS:
         raise ValueError(f"detector '{s.detector}' is not one of {DETECTORS}.")
-    encoder = copy.deepcopy(method.image_encoder)
+    encoder = copy.deepcopy(method.export_encoder().module)
     if getattr(encoder, "is_vit", False) and hasattr(encoder, "model"):
         backbone: nn.Module = ViTSimplePyramid(encoder, s.pyramid_channels)
     elif hasattr(encoder, "pyramid"):
@@ -289,12 +289,6 @@ def _targets(batch: Any, device: torch.device) -> list[dict[str, Tensor]]:
             for b, lab in zip(batch.boxes, batch.box_labels, strict=True)]
 
 
-def _train_mode(model: nn.Module, frozen: bool) -> None:
-    model.train()
-    if frozen:
-        model.backbone.encoder.eval()  # frozen: batch-norm statistics stay those of pre-training
-
-
 def detection_step(model: nn.Module, batch: Any, device: torch.device) -> tuple[Tensor, dict[str, float]]:
     """The summed Faster R-CNN losses of one batch (model in train mode)."""
     losses = model(list(batch.images.to(device)), _targets(batch, device))
@@ -330,13 +324,15 @@ def mean_box_baseline(train_targets: list[Tensor], n_test: int, test_truths: lis
 
 
 def run_detection(method: Any, dm: Any, protocol: str = "frozen", seed: int = 0, device: torch.device | None = None,
-                  **settings: Any) -> dict[str, Any]:
+                  folder: Path | None = None, trainer_cfg: Any = None, **settings: Any) -> dict[str, Any] | None:
     """Train a Faster R-CNN over the run's encoder on ``dm``'s boxes; test mAP.
 
     Returns:
         A JSON-ready dict (``map``, ``map_50``, ``map_mgca``, AP per IoU threshold, the mean-box
         baseline, the settings and the training history) plus ``examples`` (images, true and
-        predicted boxes of a few test images) and ``precision`` (curves per IoU threshold).
+        predicted boxes of a few test images) and ``precision`` (curves per IoU threshold); None on the
+        processes other than rank 0 of a DDP run. Training runs on a ``Trainer`` (``trainer_cfg``) and
+        writes ``checkpoints/best.ckpt`` and ``metrics.csv`` into ``folder``.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol '{protocol}' is not one of {PROTOCOLS}.")
@@ -352,30 +348,39 @@ def run_detection(method: Any, dm: Any, protocol: str = "frozen", seed: int = 0,
         for p in model.backbone.encoder.parameters():
             p.requires_grad_(False)
     dm.cfg.batch_size = int(s.batch_size)
-    train_loader, val_loader = dm.train_dataloader(), dm.val_dataloader()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr, betas=s.betas,
-                            weight_decay=s.weight_decay)
     start = time.perf_counter()
-    train_boxes: list[Tensor] = []  # in network-input pixels, for the mean-box baseline
+    train_boxes: list[Tensor] = []  # in network-input pixels, for the mean-box baseline (this process's share)
     last_losses: dict[str, float] = {}
 
-    def batch_loss(batch: Any, epoch: int) -> Tensor:
-        if epoch == 0:
-            train_boxes.extend(b.reshape(-1, 4) for b in batch.boxes or [])
-        loss, parts = detection_step(model, batch, device)
+    def loss(m: nn.Module, batch: Any) -> Tensor:
+        total, parts = detection_step(m, batch, batch.images.device)
         last_losses.update(parts)
-        if not math.isfinite(float(loss.detach())):
-            raise FloatingPointError(f"detection loss is {float(loss.detach())} ({parts}); lower --lr.")
-        return loss
+        if not math.isfinite(float(total.detach())):
+            raise FloatingPointError(f"detection loss is {float(total.detach())} ({parts}); lower --lr.")
+        return total
 
-    def validate() -> float:
-        preds, truths, _ = predict_boxes(model, val_loader, device)
-        val_map = detection_map(preds, truths, "standard", s.score_threshold)["map"]
-        return 0.0 if math.isnan(val_map) else val_map
+    def bookkeeping(module: Any, batch: Any, _loss: Tensor) -> None:
+        if module.current_epoch == 0:
+            train_boxes.extend(b.reshape(-1, 4).cpu() for b in batch.boxes or [])
 
-    history = train_with_early_stopping(model, opt, train_loader, batch_loss, validate,
-                                        EarlyStopping(model, s.patience, monitor="val_map", mode="max"),
-                                        s.max_epochs, s.max_steps, lambda: _train_mode(model, frozen))
+    def val_items(m: nn.Module, batch: Any) -> list[tuple[dict[str, Tensor], dict[str, Tensor]]]:
+        preds = [{"boxes": o["boxes"].float().cpu(), "scores": o["scores"].float().cpu(), "labels": o["labels"].cpu() - 1}
+                 for o in m(list(batch.images))]
+        truths = [{"boxes": b.float().reshape(-1, 4).cpu(), "labels": lab.long().cpu()}
+                  for b, lab in zip(batch.boxes, batch.box_labels, strict=True)]
+        return list(zip(preds, truths, strict=True))
+
+    def val_map(items: list[Any]) -> float:
+        value = detection_map([p for p, _ in items], [t for _, t in items], "standard", s.score_threshold)["map"]
+        return 0.0 if math.isnan(value) else value
+
+    module = TransferModule(model, loss, val_items, val_map, s.lr, s.betas, s.weight_decay,
+                            frozen=model.backbone.encoder if frozen else None, monitor="val_map", on_train_batch=bookkeeping)
+    history, trainer = fit_transfer(module, dm.train_dataloader(), dm.val_dataloader(), folder, mode="max",
+                                    patience=s.patience, max_epochs=s.max_epochs, max_steps=s.max_steps,
+                                    trainer_cfg=trainer_cfg, seed=seed)
+    if not trainer.is_global_zero:
+        return None
     history["last_losses"] = last_losses
     preds, truths, images = predict_boxes(model, dm.test_dataloader(), device, keep_images=EXAMPLE_POOL)
     standard = detection_map(preds, truths, "standard", s.score_threshold, extended=True)
@@ -403,10 +408,14 @@ class DetectionTask(Task):
 
     settings = ("lr", "batch_size", "max_epochs", "patience", "max_steps", "detector", "pyramid_channels")
 
-    def run(self, method: Any, dm: Any, protocol: str, seed: int, folder: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    def run(self, method: Any, dm: Any, protocol: str, seed: int, folder: Path, settings: dict[str, Any],
+            trainer_cfg: Any = None) -> dict[str, Any] | None:
         from medvlp.downstream.plots import box_overlays_png, precision_recall_png
 
-        res = run_detection(method, dm, protocol="frozen" if protocol == "linear" else protocol, seed=seed, **settings)
+        res = run_detection(method, dm, protocol="frozen" if protocol == "linear" else protocol, seed=seed,
+                            folder=folder, trainer_cfg=trainer_cfg, **settings)
+        if res is None:
+            return None
         ex, precision = res.pop("examples"), res.pop("precision", None)
         box_overlays_png(folder / "overlays.png", ex["images"], ex["truths"], ex["predictions"])
         res["files"] = {"overlays": str(folder / "overlays.png")}

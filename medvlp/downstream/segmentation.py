@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medvlp.downstream.classification import EarlyStopping, train_with_early_stopping
 from medvlp.downstream.task import Task, transfer_title
+from medvlp.downstream.transfer import TransferModule, fit_transfer
 from medvlp.encoders.image2d import smp_encoder_name
 from medvlp.registry import register_task
 
@@ -143,7 +143,7 @@ class SETRNaiveSegmenter(nn.Module):
 
 def build_segmenter(method: Any, in_channels: int, decoder_channels: tuple[int, ...] | None = None) -> nn.Module:
     """The segmenter for the run's image encoder (a copy; the method is unchanged)."""
-    encoder = copy.deepcopy(method.image_encoder)
+    encoder = copy.deepcopy(method.export_encoder().module)
     if getattr(encoder, "is_vit", False):
         return SETRNaiveSegmenter(encoder, tuple(decoder_channels or (512, 256, 128, 64)))
     if not hasattr(encoder, "model") or not hasattr(encoder, "cfg"):
@@ -181,12 +181,14 @@ def predict_masks(model: nn.Module, loader: Any, device: torch.device) -> tuple[
 
 def run_segmentation(method: Any, dm: Any, protocol: str = "frozen", seed: int = 0, balance: bool = False,
                      device: torch.device | None = None, decoder_channels: tuple[int, ...] | None = None,
-                     **settings: Any) -> dict[str, Any]:
+                     folder: Path | None = None, trainer_cfg: Any = None, **settings: Any) -> dict[str, Any] | None:
     """Train a decoder (and with ``finetune`` the encoder) on ``dm``'s masks; test Dice.
 
     Returns:
         A JSON-ready dict (Dice on all test images and on those with a finding, the settings, the
-        training history) plus ``examples`` (images, truths, predictions of a few test images).
+        training history) plus ``examples`` (images, truths, predictions of a few test images); None on
+        the processes other than rank 0 of a DDP run. Training runs on a ``Trainer`` (``trainer_cfg``)
+        and writes ``checkpoints/best.ckpt`` and ``metrics.csv`` into ``folder``.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol '{protocol}' is not one of {PROTOCOLS}.")
@@ -200,26 +202,26 @@ def run_segmentation(method: Any, dm: Any, protocol: str = "frozen", seed: int =
     if balance:
         dm._records["train"] = balance_positives(dm.records("train"))
     dm.cfg.batch_size = int(s.batch_size)
-    train_loader, val_loader = dm.train_dataloader(), dm.val_dataloader()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr, betas=s.betas,
-                            weight_decay=s.weight_decay)
     start = time.perf_counter()
-    def train_mode() -> None:
-        model.train()
-        if protocol == "frozen":
-            model.encoder.eval()  # frozen: batch-norm statistics stay those of pre-training
 
-    def batch_loss(batch: Any, _epoch: int) -> Tensor:
-        with _autocast(device):
-            logits = model(batch.images.to(device))
-        return segmentation_loss(logits.float(), batch.masks.to(device).float(), s.focal_weight)
+    def loss(m: nn.Module, batch: Any) -> Tensor:
+        return segmentation_loss(m(batch.images).float(), batch.masks.float(), s.focal_weight)
 
-    def validate() -> float:
-        probs, truths, _ = predict_masks(model, val_loader, device)
+    def val_items(m: nn.Module, batch: Any) -> list[tuple[Tensor, Tensor]]:
+        probs = m(batch.images).float().sigmoid().cpu()
+        return list(zip(probs, batch.masks.float().cpu(), strict=True))
+
+    def val_loss(items: list[tuple[Tensor, Tensor]]) -> float:
+        probs, truths = torch.stack([p for p, _ in items]), torch.stack([t for _, t in items])
         return float(segmentation_loss(torch.logit(probs.clamp(1e-6, 1 - 1e-6)), truths, s.focal_weight))
 
-    history = train_with_early_stopping(model, opt, train_loader, batch_loss, validate, EarlyStopping(model, s.patience),
-                                        s.max_epochs, s.max_steps, train_mode)
+    module = TransferModule(model, loss, val_items, val_loss, s.lr, s.betas, s.weight_decay,
+                            frozen=model.encoder if protocol == "frozen" else None)
+    history, trainer = fit_transfer(module, dm.train_dataloader(), dm.val_dataloader(), folder, mode="min",
+                                    patience=s.patience, max_epochs=s.max_epochs, max_steps=s.max_steps,
+                                    trainer_cfg=trainer_cfg, seed=seed)
+    if not trainer.is_global_zero:
+        return None
     probs, truths, images = predict_masks(model, dm.test_dataloader(), device)
     dice = dice_per_image(probs, truths)
     positive = truths.flatten(1).sum(1) > 0
@@ -239,14 +241,17 @@ class SegmentationTask(Task):
 
     settings = ("lr", "batch_size", "max_epochs", "patience", "max_steps", "decoder_channels")
 
-    def run(self, method: Any, dm: Any, protocol: str, seed: int, folder: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    def run(self, method: Any, dm: Any, protocol: str, seed: int, folder: Path, settings: dict[str, Any],
+            trainer_cfg: Any = None) -> dict[str, Any] | None:
         from medvlp.downstream.plots import mask_overlays_png
 
         balance = bool(dm.balance_segmentation)
         settings = dict(settings)
         settings.setdefault("batch_size", 8 if balance else 16)  # MGCA: 8 (SIIM), 16 (RSNA)
         res = run_segmentation(method, dm, protocol="frozen" if protocol == "linear" else protocol, seed=seed,
-                               balance=balance, **settings)
+                               balance=balance, folder=folder, trainer_cfg=trainer_cfg, **settings)
+        if res is None:
+            return None
         ex = res.pop("examples")
         mask_overlays_png(folder / "overlays.png", ex["images"], ex["truths"], ex["predictions"])
         truths = ex["truths"]

@@ -107,9 +107,12 @@ class Task:
         return {k: v for k, v in self.defaults.data.items() if k not in given}
 
     # ------------------------------------------------------------------ to implement
-    def run(self, method: Any, dm: Any, protocol: str, seed: int, folder: Path, settings: dict[str, Any]) -> dict[str, Any]:
-        """Transfer: train on ``dm`` (its ``cfg.label_fraction``), test, write plots into ``folder``;
-        a JSON-ready result with ``n_train``, ``n_test``, ``history`` and ``files`` (name -> path)."""
+    def run(self, method: Any, dm: Any, protocol: str, seed: int, folder: Path, settings: dict[str, Any],
+            trainer_cfg: Any = None) -> dict[str, Any] | None:
+        """Transfer: train on ``dm`` (its ``cfg.label_fraction``) with a Lightning ``Trainer`` built from
+        ``trainer_cfg`` (``trainer.*``: devices, strategy, precision), test, write plots into ``folder``;
+        a JSON-ready result with ``n_train``, ``n_test``, ``history`` and ``files`` (name -> path), or
+        None on the processes other than rank 0 of a multi-process run."""
         raise NotImplementedError(f"{self.name} is not a transfer task.")
 
     def evaluate(self, method: Any, dm: Any, emb: Any, cfg: Any) -> dict[str, Any]:

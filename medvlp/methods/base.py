@@ -73,10 +73,14 @@ class VLPMethod(L.LightningModule):
     Class attributes:
         Config: the dataclass schema of ``method.*`` (a :class:`MethodConfig` subclass).
         terms: every loss term :meth:`losses` may return; ``method.loss_weights`` may name only these.
+        global_batch_keys: the boolean ``method.*`` keys that, all true, make every term under DDP the
+            loss of the global batch (negatives / codes gathered from every process); the contract
+            suite checks that 2 processes then equal 1 process on the whole batch.
     """
 
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     terms: ClassVar[tuple[str, ...]] = ()
+    global_batch_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Any, optim: Any = None) -> None:
         super().__init__()
@@ -101,6 +105,9 @@ class VLPMethod(L.LightningModule):
         """
         if not cls.terms:
             raise TypeError(f"{cls.__name__} must declare its loss terms: terms = ('name', ...).")
+        missing = [k for k in cls.global_batch_keys if k not in cfg]
+        if missing:
+            raise TypeError(f"{cls.__name__}.global_batch_keys names {missing}, which are not keys of {cls.Config.__name__}.")
         for key, weight in dict(cfg.loss_weights).items():
             if key not in cls.terms:
                 raise ValueError(f"method.loss_weights.{key}: {cls.__name__} has no loss term '{key}'; "
@@ -210,11 +217,17 @@ class VLPMethod(L.LightningModule):
 
     @property
     def attached(self) -> bool:
-        """True while a Lightning ``Trainer`` runs the method (logging is possible)."""
+        """True while a Lightning ``Trainer`` runs a training or validation loop of the method (logging is
+        possible); False outside one, e.g. when a trained method is evaluated after ``fit`` returned."""
+        from lightning.pytorch.trainer.states import TrainerStatus
+
         try:
-            return self.trainer is not None
-        except RuntimeError:
+            t = self.trainer
+        except RuntimeError:  # not attached to a Trainer
             return False
+        if t is None or t.state.status != TrainerStatus.RUNNING:
+            return False
+        return bool(t.training or t.validating or t.sanity_checking)
 
     def log_terms(self, values: dict[str, Tensor | float], batch_size: int | None = None) -> None:
         """Log extra values of a step as ``<stage>/<name>`` (train: per step and epoch; val: per epoch,

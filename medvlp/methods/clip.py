@@ -44,6 +44,7 @@ class CLIP(VLPMethod):
 
     Config = CLIPConfig
     terms = ("itc",)
+    global_batch_keys = ("gather_distributed",)
 
     @classmethod
     def validate_config(cls, cfg: CLIPConfig) -> None:

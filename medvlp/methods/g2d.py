@@ -174,6 +174,7 @@ class G2D(VLPMethod):
 
     Config = G2DConfig
     terms = TERMS
+    global_batch_keys = ("gather_negatives",)
 
     @classmethod
     def validate_config(cls, cfg: Any) -> None:
@@ -189,6 +190,10 @@ class G2D(VLPMethod):
         depth = int(c.encoder_depth)
         if depth > len(stages):
             raise ValueError(f"method.encoder_depth={depth}, but {c.image_encoder.model} has {len(stages)} stages.")
+        # Stages past encoder_depth feed neither the U-Net nor the embedding: frozen, so that every trainable
+        # parameter receives a gradient (DDP runs without find_unused_parameters).
+        for stage in stages[depth:]:
+            enc.model.get_submodule(str(stage["module"])).requires_grad_(False)
         self.reduction = int(stages[depth - 1]["reduction"])
         size = int(c.image_encoder.img_size[0])
         if size % self.reduction:

@@ -56,6 +56,7 @@ class HLIP(VLPMethod):
 
     Config = HLIPConfig
     terms = ("itc", "siglip")
+    global_batch_keys = ("gather_distributed",)
 
     @classmethod
     def validate_config(cls, c: HLIPConfig) -> None:

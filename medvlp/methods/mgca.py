@@ -237,6 +237,7 @@ class MGCA(VLPMethod):
 
     Config = MGCAConfig
     terms = TERMS
+    global_batch_keys = ("gather_negatives", "distributed_sinkhorn")
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -1,4 +1,4 @@
-"""Short pre-training runs shared by the transfer tests of this folder (one per method and session)."""
+"""Pre-training runs shared by the transfer tests: each method's learning run of the session (``tests/learning.py``)."""
 
 from __future__ import annotations
 
@@ -18,20 +18,20 @@ def fit_demo(out_dir, method: str = "clip", *overrides: str):
 
 
 class Runs(dict):
-    """``runs[method]``: the 40-step run of a method, made on first use."""
+    """``runs[method]``: the run directory of the method's shared learning run, made on first use."""
 
-    def __init__(self, factory):
+    def __init__(self, learned):
         super().__init__()
-        self.factory = factory
+        self.learned = learned
 
     def __missing__(self, name):
-        self[name] = fit_demo(self.factory.mktemp(name), name)
+        self[name] = self.learned[name].run_dir
         return self[name]
 
 
 @pytest.fixture(scope="session")
-def runs(tmp_path_factory):
-    return Runs(tmp_path_factory)
+def runs(learned):
+    return Runs(learned)
 
 
 @pytest.fixture

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,10 +16,10 @@ import torch
 
 from medvlp import api
 from medvlp import config as C
-from medvlp.registry import RegistryError
 from medvlp.cli import main
 from medvlp.downstream.classification import classification_loss, scores_and_metrics, settings_for
 from medvlp.downstream.metrics import accuracy, roc_curve
+from medvlp.registry import RegistryError
 
 METHODS_2D = ("clip", "mgca", "g2d")
 
@@ -81,3 +85,22 @@ def test_exclusive_classes_fractions_and_the_cli(runs, tmp_path, capsys):
         api.downstream("zeroshot", "demo_rsna", runs["clip"])
     with pytest.raises(C.ConfigError, match="classification takes no setting.*pyramid_channels"):
         api.downstream("classification", "demo_chexpert", runs["clip"], pyramid_channels=8)
+
+
+@pytest.mark.distributed
+def test_ddp_transfer_on_two_processes_writes_one_result(runs, tmp_path):
+    """``medvlp downstream ... trainer.devices=2 trainer.accelerator=cpu trainer.strategy=ddp``: Lightning
+    starts a second process (gloo); both train, rank 0 alone tests, prints and writes the result."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "medvlp.cli", "downstream", "--task", "classification", "--data",
+                           "demo_chexpert", "--run", str(runs["clip"]), "--max-epochs", "3", "--out", str(out),
+                           "trainer.devices=2", "trainer.accelerator=cpu", "trainer.strategy=ddp",
+                           "trainer.enable_progress_bar=false"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("result.json")) == [Path("ddp/result.json")]
+    res = json.loads((out / "result.json").read_text())
+    assert res["history"]["epochs"] == 3 and len(res["history"]["val_loss"]) == 3 and res["n_train"] == 540
+    assert 0.0 <= res["mean_auroc"] <= 1.0 and proc.stdout.count("wrote ") == 1
+    assert "distributed_backend=gloo" in proc.stderr or "world_size: 2" in proc.stderr.lower() or "2 processes" in proc.stderr
+    assert (out / "checkpoints" / "best.ckpt").is_file() and (out / "metrics.csv").is_file()

@@ -1,24 +1,23 @@
 """CLIP measurably learns the synthetic world (2D and 3D) - and the same checks fail untrained.
 
-Each trains for a few hundred steps on CPU: about 1.5 minutes per test on 2 idle cores (2D: 300
-steps, 3D: 600 steps), so they run in the default suite.
+The runs are the session's shared learning runs (``tests/learning.py``): 2D 300 steps (about a minute
+on 2 idle cores, in the default suite, also used by the contract and transfer tests), 3D 600 steps
+(with the slow tests).
 """
 
 import pytest
-from conftest import demo_overrides, train_and_check
 
 from medvlp import api
 from medvlp import config as C
 
 
-def test_clip_learns_2d_demo(tmp_path):
-    train_and_check(0.75, method="clip", data="demo_cxr",
-                    overrides=demo_overrides(tmp_path, 300))
+def test_clip_learns_2d_demo(learned):
+    learned["clip"].assert_learned()
 
 
-def test_clip_learns_3d_demo(tmp_path):
-    train_and_check(0.70, config_file=str(C.config_dir() / "experiment" / "clip_demo_ct.yaml"),
-                     overrides=demo_overrides(tmp_path, 600))
+@pytest.mark.slow
+def test_clip_learns_3d_demo(learned):
+    learned["clip_3d"].assert_learned()
 
 
 @pytest.mark.gpu

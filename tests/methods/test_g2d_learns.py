@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import pandas as pd
 import torch
-from conftest import demo_overrides, train_and_check
 
 from medvlp import api
 from medvlp.downstream import dense_probe as dp
 
 
-def test_g2d_learns_2d_demo(tmp_path):
-    _, run_dir, untrained, _ = train_and_check(
-        0.75, method="g2d", data="demo_cxr", overrides=demo_overrides(tmp_path, 300))
+def test_g2d_learns_2d_demo(learned):
+    r = learned["g2d"]
+    r.assert_learned()
+    run_dir, untrained = r.run_dir, r.untrained
 
     metrics = pd.read_csv(run_dir / "metrics.csv")
     for term in ("vla", "pa"):

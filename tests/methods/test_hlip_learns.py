@@ -1,22 +1,23 @@
 """HLIP measurably learns the synthetic 3D worlds - one scan per study (chest CT) and padded multi-scan
 studies (brain MRI, 1-4 series each) - and the same checks fail untrained. About 1.5-2 minutes each on
-2 idle cores."""
+2 idle cores: the chest CT run is in the default suite (shared with the contract suite), the brain-MRI
+one with the slow tests."""
 
+import pytest
 import torch
-from conftest import demo_overrides, train_and_check
-
-from medvlp import config as C
 
 
-def test_hlip_learns_the_ct_demo(tmp_path):
-    cfg, _, _, trained = train_and_check(0.70, config_file=str(C.config_dir() / "experiment" / "hlip_demo_ct.yaml"),
-                                         overrides=demo_overrides(tmp_path, 1050))
-    assert cfg.method.image_encoder.levels == ["slice", "scan", "study", "slice", "scan", "study"]
+def test_hlip_learns_the_ct_demo(learned):
+    r = learned["hlip"]
+    r.assert_learned()
+    assert r.cfg.method.image_encoder.levels == ["slice", "scan", "study", "slice", "scan", "study"]
 
 
-def test_hlip_learns_multi_scan_brain_studies_in_padded_mode(tmp_path):
-    cfg, run_dir, _, trained = train_and_check(0.70, config_file=str(C.config_dir() / "experiment" / "hlip_demo_brain.yaml"),
-                                               overrides=demo_overrides(tmp_path, 500))
+@pytest.mark.slow
+def test_hlip_learns_multi_scan_brain_studies_in_padded_mode(learned):
+    r = learned["hlip_brain"]
+    r.assert_learned()
+    cfg, run_dir = r.cfg, r.run_dir
     assert cfg.data.scan_sampling == "pad" and cfg.data.num_scans == 4
     from medvlp import api
 

@@ -6,12 +6,12 @@
 from __future__ import annotations
 
 import pandas as pd
-from conftest import demo_overrides, train_and_check
 
 
-def test_mgca_learns_2d_demo(tmp_path):
-    _, run_dir, _, _ = train_and_check(
-        0.75, method="mgca", data="demo_cxr", overrides=demo_overrides(tmp_path, 300))
+def test_mgca_learns_2d_demo(learned):
+    r = learned["mgca"]
+    r.assert_learned()
+    run_dir = r.run_dir
 
     metrics = pd.read_csv(run_dir / "metrics.csv")
     for term in ("ita", "cta", "cpa"):

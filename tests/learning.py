@@ -1,0 +1,107 @@
+"""Learning runs shared by the whole test session: each method trains on the synthetic world once.
+
+``learned[key]`` composes the run of :data:`RUNS`, evaluates the untrained method (the control),
+trains it with ``api.fit`` (the in-memory method is kept), and evaluates the run directory. The
+learning tests (``tests/methods/test_*_learns.py``) assert on these, the method contract suite
+reuses them (the loss falls, save / reload, zero-shot and retrieval) and the transfer tests start
+from them, so that no method is trained twice for the same purpose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medvlp import api
+from medvlp import config as C
+
+EXPERIMENTS = C.config_dir() / "experiment"
+
+# key -> (AUROC floor or None, compose arguments, optimiser steps)
+RUNS: dict[str, tuple[float | None, dict[str, Any], int]] = {
+    "clip": (0.75, {"method": "clip", "data": "demo_cxr"}, 300),
+    "clip_3d": (0.70, {"config_file": str(EXPERIMENTS / "clip_demo_ct.yaml")}, 600),
+    "mgca": (0.75, {"method": "mgca", "data": "demo_cxr"}, 300),
+    "g2d": (0.75, {"method": "g2d", "data": "demo_cxr"}, 300),
+    "hlip": (0.70, {"config_file": str(EXPERIMENTS / "hlip_demo_ct.yaml")}, 1050),
+    "hlip_brain": (0.70, {"config_file": str(EXPERIMENTS / "hlip_demo_brain.yaml")}, 500),
+}
+
+
+def demo_overrides(out_dir: Any, steps: int) -> list[str]:
+    """Command-line overrides of a learning run: ``steps`` optimiser steps into ``out_dir``, quiet."""
+    return [f"run.out_dir={out_dir}", f"trainer.max_steps={steps}", "trainer.max_epochs=100",
+            "trainer.enable_progress_bar=false", "trainer.limit_val_batches=2"]
+
+
+def learning_checks(res: dict[str, Any], auc_min: float) -> tuple[bool, bool, str]:
+    """``(mean AUROC >= auc_min, image-to-text R@5 >= 2 x chance, message)``."""
+    auc = res["zeroshot"]["mean_auroc"]
+    r5 = res["retrieval"]["image_to_text"]["R@5"]
+    chance = res["retrieval"]["chance_R@5_i2t"]
+    return auc >= auc_min, r5 >= 2 * chance, f"mean AUROC {auc:.3f}, R@5 {r5:.3f} (chance {chance:.3f})"
+
+
+@dataclass
+class Learned:
+    """One learning run: config, run directory, the untrained and trained methods (in memory) and
+    the zero-shot / retrieval evaluation of each."""
+
+    cfg: Any
+    run_dir: Path
+    untrained: Any
+    trained: Any
+    before: dict[str, Any]
+    after: dict[str, Any]
+    auc_min: float | None
+
+    def assert_learned(self) -> None:
+        """The untrained method fails both checks, the trained run passes both."""
+        auc_ok, r5_ok, msg = learning_checks(self.before, self.auc_min)
+        assert not auc_ok and not r5_ok, f"untrained model already passes: {msg}"
+        auc_ok, r5_ok, msg = learning_checks(self.after, self.auc_min)
+        print(f"{self.cfg.method.name} after training: {msg}", self.after["zeroshot"]["auroc"])
+        assert auc_ok and r5_ok, msg
+
+
+def train(out_dir: Path, auc_min: float | None, steps: int, overrides: tuple[str, ...] = (), **compose: Any) -> Learned:
+    """Compose, evaluate the untrained method, fit (keeping the trained method), evaluate the run."""
+    import torch
+
+    cfg = C.compose(**compose, overrides=[*demo_overrides(out_dir, steps), *overrides])
+    api.resolve_data_root(cfg)
+    C.resolve(cfg)
+    torch.manual_seed(cfg.run.seed)
+    untrained = api.build_method(cfg)
+    before = api.evaluate_method(untrained, cfg) if auc_min is not None else {}
+    made: list[Any] = []
+    build = api.build_method
+
+    def keep(c: Any) -> Any:
+        made.append(build(c))
+        return made[-1]
+
+    api.build_method = keep
+    try:
+        run_dir = api.fit(cfg.copy())
+    finally:
+        api.build_method = build
+    return Learned(cfg, run_dir, untrained, made[0], before, api.evaluate(run_dir), auc_min)
+
+
+class LearnedRuns(dict):
+    """``learned[key]``: the run of ``RUNS[key]`` (or of an entry added with :meth:`add`), made on first use."""
+
+    def __init__(self, factory: Any) -> None:
+        super().__init__()
+        self.factory = factory
+        self.specs = dict(RUNS)
+
+    def add(self, key: str, auc_min: float | None, compose: dict[str, Any], steps: int) -> None:
+        self.specs.setdefault(key, (auc_min, compose, steps))
+
+    def __missing__(self, key: str) -> Learned:
+        auc_min, compose, steps = self.specs[key]
+        self[key] = train(self.factory.mktemp(f"learned-{key}"), auc_min, steps, **compose)
+        return self[key]
