@@ -73,8 +73,8 @@ def write_jpeg_dataset(root: Path, n: int) -> int:
 def write_rsna_dataset(root: Path, n: int, kind: str) -> int:
     """RSNA stage-2 layout with ``n`` full-size DICOMs: ``dicom16`` (uncompressed, 12 bits stored, a
     VOI window) or ``dicom-jpeg8`` (JPEG Baseline); one opacity box each."""
+    from medvlp.datamodules.demo.dicom import write_dicom
     from medvlp.datamodules.demo.rsna import RsnaItem, write_rsna
-    from medvlp.datamodules.formats.dicom import write_dicom
 
     boxes = [(600.0, 900.0, 1100.0, 1700.0)]
     items = []

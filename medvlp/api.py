@@ -187,7 +187,8 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None):
     offline.method.text_encoder.tokenizer = ""
     offline.method.text_encoder.pretrained = False
     offline.method.image_encoder.pretrained = False
-    offline.method.image_encoder.inflate_from = ""  # weights come from the checkpoint
+    if "inflate_from" in offline.method.image_encoder:
+        offline.method.image_encoder.inflate_from = ""  # weights come from the checkpoint
     method = build_method(offline)
     ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
     state = torch.load(ckpt, map_location="cpu", weights_only=False)

@@ -27,7 +27,7 @@ import difflib
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -39,42 +39,108 @@ class ConfigError(ValueError):
     """A config value or key is invalid; the message names the key, the value and the fix."""
 
 
+# --------------------------------------------------------------------------- value checks
+def bounded(default: Any = MISSING, *, gt: float | None = None, ge: float | None = None, lt: float | None = None,
+            le: float | None = None, each: bool = False, default_factory: Any = MISSING) -> Any:
+    """A dataclass field whose value (every item of a list with ``each``) must lie in the given bounds;
+    :func:`check_values` enforces them, naming the key, after the config is composed and resolved."""
+    meta = {"bounds": {k: v for k, v in {"gt": gt, "ge": ge, "lt": lt, "le": le}.items() if v is not None}, "each": each}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_BOUND_TEXT = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+_BOUND_OK = {"gt": lambda v, b: v > b, "ge": lambda v, b: v >= b, "lt": lambda v, b: v < b, "le": lambda v, b: v <= b}
+
+
+def check_values(cfg: DictConfig, prefix: str = "") -> None:
+    """Check every value against the bounds declared on its schema field (:func:`bounded`).
+
+    Raises:
+        ConfigError: naming the key, the value and the allowed range.
+    """
+    schema = OmegaConf.get_type(cfg)
+    declared: dict[str, Any] = {}
+    for cls in reversed(getattr(schema, "__mro__", ())):  # a subclass that redefines a field keeps its bounds
+        if is_dataclass(cls):
+            declared.update({f.name: f.metadata for f in fields(cls) if f.metadata or f.name not in declared})
+    for key in cfg:
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if OmegaConf.is_missing(cfg, key) or OmegaConf.is_interpolation(cfg, key):
+            continue
+        value = cfg[key]
+        if isinstance(value, DictConfig):
+            check_values(value, path)
+            continue
+        meta = declared.get(str(key)) or {}
+        bounds = meta.get("bounds") or {}
+        if not bounds or value is None:
+            continue
+        items = list(value) if meta.get("each") else [value]
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, int | float):
+                continue
+            bad = [f"{_BOUND_TEXT[k]} {b:g}" for k, b in bounds.items() if not _BOUND_OK[k](item, b)]
+            if bad:
+                allowed = " and ".join(f"{_BOUND_TEXT[k]} {b:g}" for k, b in bounds.items())
+                shown = list(value) if meta.get("each") else value
+                raise ConfigError(f"Config key '{path}' = {shown} is out of range: expected {allowed}"
+                                  f"{' for every item' if meta.get('each') else ''}.")
+
+
 # --------------------------------------------------------------------------- schemas
 @dataclass
 class ImageEncoderConfig:
-    """``method.image_encoder``: a registered image encoder and its arguments.
+    """``method.image_encoder``: the fields every image encoder shares. ``name`` picks a registered encoder,
+    and its ``Config`` (a subclass of this one) is the schema of the block: :class:`TimmEncoderConfig`
+    (``timm``), :class:`ViT3DEncoderConfig` (``vit3d``), :class:`HierarchicalViTConfig` (``hlip_vit``).
+    ``configs/encoder/*.yaml`` hold ready-made blocks."""
 
-    ``timm`` (2D) reads ``model``, ``pretrained``, ``in_chans``, ``img_size``, ``drop_path`` and
-    ``kwargs`` (passed to ``timm.create_model``). ``vit3d`` reads ``img_size`` (D, H, W),
-    ``patch_size`` (per axis), ``width``, ``depth``, ``heads``, ``mlp_ratio``, ``pos_embed``,
-    ``global_pool``, ``inflate_from`` (a timm ViT whose weights are inflated to 3D) and ``pretrained``.
-    ``hlip_vit`` reads the ``vit3d`` keys plus ``levels``, ``max_scans``, ``sequence_pos_embed`` and
-    ``patch_dropout``.
-    """
+    name: str = "timm"
+    pretrained: bool = True
+    in_chans: int = bounded(3, gt=0)
+    img_size: list[int] = bounded(default_factory=lambda: [224], gt=0, each=True)
+    drop_path: float = bounded(0.0, ge=0, lt=1)
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class TimmEncoderConfig(ImageEncoderConfig):
+    """``timm``: any timm model (``model``; ``kwargs`` go to ``timm.create_model``), 2D."""
 
     name: str = "timm"
     model: str = "vit_base_patch16_224"
-    pretrained: bool = True
-    in_chans: int = 3
-    img_size: list[int] = field(default_factory=lambda: [224])
-    drop_path: float = 0.0
-    grad_checkpointing: bool = False
     kwargs: dict[str, Any] = field(default_factory=dict)
-    # 3D ViT
-    patch_size: list[int] = field(default_factory=lambda: [16, 16, 16])
-    width: int = 768
-    depth: int = 12
-    heads: int = 12
-    mlp_ratio: float = 4.0
-    pos_embed: str = "learned"  # learned (interpolated to the grid) | sincos (fixed)
-    global_pool: str = "cls"  # vit3d pooled feature: cls ([CLS] token) | mean (of the patch tokens)
-    stem: str = "patch"  # vit3d patch embedding: patch (one strided conv) | conv (stride-2 conv stem)
+
+
+@dataclass
+class ViT3DEncoderConfig(ImageEncoderConfig):
+    """``vit3d``: a ViT over volumes (``img_size`` D, H, W; ``patch_size`` per axis), optionally inflated
+    from a 2D timm ViT (``inflate_from``)."""
+
+    name: str = "vit3d"
+    img_size: list[int] = bounded(default_factory=lambda: [32, 64, 64], gt=0, each=True)
+    patch_size: list[int] = bounded(default_factory=lambda: [16, 16, 16], gt=0, each=True)
+    width: int = bounded(768, gt=0)
+    depth: int = bounded(12, gt=0)
+    heads: int = bounded(12, gt=0)
+    mlp_ratio: float = bounded(4.0, gt=0)
+    pos_embed: Literal["learned", "sincos"] = "learned"  # learned (interpolated to the grid) | sincos (fixed)
+    global_pool: Literal["cls", "mean"] = "cls"  # pooled feature: [CLS] token | mean of the patch tokens
+    stem: Literal["patch", "conv"] = "patch"  # patch embedding: one strided conv | stride-2 conv stem
     inflate_from: str = ""  # timm ViT name, e.g. vit_base_patch16_224.mae; "" = random init
-    # HLIP's hierarchical ViT (hlip_vit): one attention level per block, scans per study, patch dropout
+
+
+@dataclass
+class HierarchicalViTConfig(ViT3DEncoderConfig):
+    """``hlip_vit``: HLIP's ViT over studies, one attention level per block, scans per study, patch dropout."""
+
+    name: str = "hlip_vit"
     levels: list[str] = field(default_factory=lambda: ["slice", "scan", "study"] * 4)  # slice | scan | study
-    max_scans: int = 40  # rows of the fixed sequence (scan index) table
+    max_scans: int = bounded(40, ge=1)  # rows of the fixed sequence (scan index) table
     sequence_pos_embed: bool = False  # add the scan-index table (HLIP's multi-scan models)
-    patch_dropout: float = 0.0  # training: drop this fraction of the tokens of every window
+    patch_dropout: float = bounded(0.0, ge=0, lt=1)  # training: drop this fraction of the tokens of every window
 
 
 @dataclass
@@ -85,12 +151,14 @@ class TextEncoderConfig:
     model: str = "emilyalsentzer/Bio_ClinicalBERT"
     pretrained: bool = True
     tokenizer: str = ""  # "" = the model's own tokenizer (a run directory stores a copy)
-    num_layers: int = 0  # >0 keeps only the first N transformer layers (MGCA keeps 6)
-    freeze_layers: int = 0  # >0 freezes the first N layers (and the embeddings, see freeze_embeddings)
+    num_layers: int = bounded(0, ge=0)  # >0 keeps only the first N transformer layers (MGCA keeps 6)
+    freeze_layers: int = bounded(0, ge=0)  # >0 freezes the first N layers (and the embeddings, see freeze_embeddings)
     freeze_embeddings: bool = True  # with freeze_layers > 0, freeze the embedding layer too (G2D's code does not)
     attn_implementation: str = "sdpa"
-    architecture: str = "auto"  # auto (the checkpoint's own model class) | bert (load the BERT trunk, e.g. of CXR-BERT)
-    pool: str = "cls"  # pooled feature: cls ([CLS] token) | mean | max (over unmasked tokens; ConVIRT max-pools)
+    # auto (the checkpoint's own model class) | bert (load the BERT trunk, e.g. of CXR-BERT)
+    architecture: Literal["auto", "bert"] = "auto"
+    # pooled feature: cls ([CLS] token) | mean | max (over unmasked tokens; ConVIRT max-pools)
+    pool: Literal["cls", "mean", "max"] = "cls"
     grad_checkpointing: bool = False
     config_overrides: dict[str, Any] = field(default_factory=dict)  # fields of the HF config
 
@@ -100,48 +168,81 @@ class MethodConfig:
     """Fields every method shares (``method.*``). Methods extend this dataclass."""
 
     name: str = MISSING
-    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    image_encoder: ImageEncoderConfig = field(default_factory=TimmEncoderConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    embed_dim: int = 512
+    embed_dim: int = bounded(512, gt=0)
     loss_weights: dict[str, float] = field(default_factory=dict)  # loss term -> weight (missing = 1)
+
+
+def encoder_schema(kind: str, name: str, default: Any) -> Any:
+    """The schema instance of ``method.<kind>`` for the encoder ``name``: the method's own default when it
+    is of that encoder, else the registered encoder's ``Config()``."""
+    from medvlp.registry import IMAGE_ENCODERS, TEXT_ENCODERS
+
+    if name == getattr(default, "name", None):
+        return default
+    registry = IMAGE_ENCODERS if kind == "image_encoder" else TEXT_ENCODERS
+    cls = getattr(registry.get(name), "Config", None)
+    return cls() if cls is not None else default
+
+
+def method_schema(method_cls: type, image_encoder: str | None = None, text_encoder: str | None = None) -> Any:
+    """An instance of ``method_cls.Config`` whose encoder blocks are the schemas of the named encoders."""
+    schema = method_cls.Config()
+    for kind, name in (("image_encoder", image_encoder), ("text_encoder", text_encoder)):
+        if name:
+            setattr(schema, kind, encoder_schema(kind, str(name), getattr(schema, kind)))
+    return schema
+
+
+def encoder_names(value: Any) -> tuple[str | None, str | None]:
+    """``(method.image_encoder.name, method.text_encoder.name)`` of a method section (mapping or dataclass);
+    None where it is not given."""
+    out = []
+    for kind in ("image_encoder", "text_encoder"):
+        node = value.get(kind) if hasattr(value, "get") else getattr(value, kind, None)
+        name = node.get("name") if hasattr(node, "get") else getattr(node, "name", None)
+        out.append(None if name in (None, MISSING, "???") else str(name))
+    return out[0], out[1]
 
 
 @dataclass
 class OptimConfig:
     """``optim.*``: AdamW with linear warm-up and cosine decay, stepped every optimiser step."""
 
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0  # used when warmup_steps == 0: fraction of the total steps
-    schedule: str = "cosine"  # cosine | constant | cosine_restarts (SGDR: cosine over every restart_steps)
-    restart_steps: int = 0  # cosine_restarts: period in optimiser steps (G2D's code: 200)
-    min_lr_ratio: float = 0.0  # final lr = lr * min_lr_ratio
+    lr: float = bounded(1e-4, gt=0)
+    weight_decay: float = bounded(0.05, ge=0)
+    betas: list[float] = bounded(default_factory=lambda: [0.9, 0.999], ge=0, lt=1, each=True)
+    eps: float = bounded(1e-8, gt=0)
+    warmup_steps: int = bounded(0, ge=0)
+    warmup_ratio: float = bounded(0.0, ge=0, lt=1)  # used when warmup_steps == 0: fraction of the total steps
+    # cosine | constant | cosine_restarts (SGDR: cosine over every restart_steps)
+    schedule: Literal["cosine", "constant", "cosine_restarts"] = "cosine"
+    restart_steps: int = bounded(0, ge=0)  # cosine_restarts: period in optimiser steps (G2D's code: 200)
+    min_lr_ratio: float = bounded(0.0, ge=0, le=1)  # final lr = lr * min_lr_ratio
     no_decay_norm_bias: bool = True  # no weight decay on norms, biases and 1-d parameters
-    text_lr_mult: float = 1.0  # lr multiplier of the text encoder
+    text_lr_mult: float = bounded(1.0, ge=0)  # lr multiplier of the text encoder
 
 
 @dataclass
 class TrainerConfig:
     """``trainer.*``: the Lightning Trainer arguments medvlp exposes."""
 
-    max_epochs: int = 10
-    max_steps: int = -1
+    max_epochs: int = bounded(10, ge=-1)
+    max_steps: int = bounded(-1, ge=-1)
     accelerator: str = "auto"
     devices: str = "auto"
-    num_nodes: int = 1
+    num_nodes: int = bounded(1, ge=1)
     strategy: str = "auto"
     precision: str = "32-true"
-    accumulate_grad_batches: int = 1
-    gradient_clip_val: float = 0.0
-    log_every_n_steps: int = 10
-    val_check_interval: float = 1.0
-    check_val_every_n_epoch: int = 1
-    limit_val_batches: float = 1.0
-    num_sanity_val_steps: int = 0
-    checkpoint_every_n_steps: int = 0  # 0 = at the end of every epoch only
+    accumulate_grad_batches: int = bounded(1, ge=1)
+    gradient_clip_val: float = bounded(0.0, ge=0)
+    log_every_n_steps: int = bounded(10, ge=1)
+    val_check_interval: float = bounded(1.0, gt=0)
+    check_val_every_n_epoch: int = bounded(1, ge=1)
+    limit_val_batches: float = bounded(1.0, ge=0)
+    num_sanity_val_steps: int = bounded(0, ge=-1)
+    checkpoint_every_n_steps: int = bounded(0, ge=0)  # 0 = at the end of every epoch only
     enable_progress_bar: bool = True
     deterministic: bool = False
     compile: bool = False
@@ -302,12 +403,47 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
 
 
 def _name_in(layers: list[DictConfig], section: str) -> str | None:
+    """The last ``name`` the layers give the (dotted) section, e.g. ``method`` or ``method.image_encoder``."""
     name = None
     for layer in layers:
-        sec = layer.get(section) if isinstance(layer, DictConfig) else None
+        sec: Any = layer
+        for part in section.split("."):
+            sec = sec.get(part) if isinstance(sec, DictConfig) else None
         if isinstance(sec, DictConfig) and sec.get("name") not in (None, MISSING, "???"):
             name = str(sec.get("name"))
     return name
+
+
+def _restart_encoder_blocks(layers: list[tuple[str, DictConfig]]) -> list[tuple[str, DictConfig]]:
+    """A layer that switches ``method.<image|text>_encoder`` to another encoder starts that block afresh:
+    the block is dropped from every layer before the first one naming the final encoder after the last
+    one naming another (e.g. an experiment's ``vit3d`` block replaces the method file's ``timm`` one
+    instead of inheriting its ``model``)."""
+    out = [(source, layer) for source, layer in layers]
+    for kind in ("image_encoder", "text_encoder"):
+        names = [_name_in([layer], f"method.{kind}") for _, layer in out]
+        final = next((n for n in reversed(names) if n), None)
+        other = [i for i, n in enumerate(names) if n and n != final]
+        if not other:
+            continue
+        start = next(i for i in range(other[-1] + 1, len(names)) if names[i] == final)
+        for i in range(start):
+            method = out[i][1].get("method") if isinstance(out[i][1], DictConfig) else None
+            if isinstance(method, DictConfig) and kind in method:
+                layer = out[i][1].copy()
+                layer.method.pop(kind)
+                out[i] = (out[i][0], layer)
+    return out
+
+
+def _prune_to_schema(node: Any, schema: Any) -> None:
+    """Drop the keys of a saved config's encoder block that its encoder's schema does not have (run
+    directories written when every encoder family shared one flat schema)."""
+    if not isinstance(node, DictConfig) or not is_dataclass(schema):
+        return
+    allowed = {f.name for f in fields(schema)}
+    for key in [k for k in node if k not in allowed]:
+        node.pop(key)
 
 
 def compose(
@@ -373,8 +509,14 @@ def compose(
         method_name = _name_in(all_layers, "method")
         if not method_name:
             raise ConfigError("No method given: use --method NAME (see `medvlp list methods`).")
-        schemas["method"] = METHODS.get(method_name).Config()
+        schemas["method"] = method_schema(METHODS.get(method_name), _name_in(all_layers, "method.image_encoder"),
+                                          _name_in(all_layers, "method.text_encoder"))
+        if saved:
+            for kind in ("image_encoder", "text_encoder"):
+                _prune_to_schema((file_cfg.get("method") or {}).get(kind), getattr(schemas["method"], kind))
 
+    if "method" in sections:
+        layers = _restart_encoder_blocks(layers)
     cfg = OmegaConf.structured({k: v for k, v in schemas.items() if k in sections or k in ("trainer", "optim", "run")})
     OmegaConf.set_struct(cfg, True)
     for sec, schema in schemas.items():
@@ -428,7 +570,8 @@ def _sections_only(layer: DictConfig) -> bool:
 
 
 def resolve(cfg: DictConfig) -> DictConfig:
-    """Resolve interpolations and check that no required value (``???``) is left."""
+    """Resolve interpolations, check that no required value (``???``) is left and that every value lies
+    in its field's bounds (:func:`check_values`)."""
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
@@ -436,6 +579,7 @@ def resolve(cfg: DictConfig) -> DictConfig:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"Required config values are not set: {', '.join(missing)} (set them as key=value).")
+    check_values(cfg)
     return cfg
 
 

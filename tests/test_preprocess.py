@@ -10,14 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from format_fixtures import write_object_cxr_fixture, write_rsna_fixture, write_siim_fixture
 
 from medvlp import preprocess as P
 from medvlp.cli import main
 from medvlp.datamodules.base import DataError
 from medvlp.datamodules.demo import ensure_demo
-from medvlp.datamodules.demo.object_cxr import write_object_cxr_fixture
-from medvlp.datamodules.demo.rsna import write_rsna_fixture
-from medvlp.datamodules.demo.siim import write_siim_fixture
 from medvlp.datamodules.mimic_cxr import MimicCXRConfig, MimicCXRDataModule
 from medvlp.datamodules.object_cxr import ObjectCXRConfig, ObjectCXRDataModule
 from medvlp.datamodules.rsna import RSNAConfig, RSNAPneumoniaDataModule

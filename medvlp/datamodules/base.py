@@ -30,9 +30,13 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
+
+from medvlp.config import bounded
+from medvlp.datamodules.cache import open_for_training
+from medvlp.datamodules.errors import DataError, DataRootError
 
 if TYPE_CHECKING:
     import torch
@@ -45,35 +49,28 @@ log = logging.getLogger(__name__)
 DEMO_ROOT = "demo"  # data.root value meaning "the built-in synthetic dataset, generated on demand"
 
 
-class DataError(RuntimeError):
-    """A dataset file or row is missing, unreadable or malformed. The message names it."""
-
-
-class DataRootError(DataError):
-    """``data.root`` does not exist or does not look like the dataset."""
-
-
 @dataclass
 class DataConfig:
     """Fields common to every datamodule (``data.*``)."""
 
     name: str = "mimic_cxr"
     root: str = "???"  # dataset root as downloaded, or "demo" for the synthetic world
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    num_workers: int = 0
+    batch_size: int = bounded(32, gt=0)
+    eval_batch_size: int = bounded(64, gt=0)
+    num_workers: int = bounded(0, ge=0)
     pin_memory: bool = False
     persistent_workers: bool = False
-    max_length: int = 112  # text tokens, padded to this length
-    on_error: str = "raise"  # raise | skip  (skip counts and reports every dropped item)
-    text_augment: str = "none"  # train-time report augmentation: none | shuffle (sentence order) | sample
-    text_keep: float = 0.5  # sample: fraction of the sentences kept (at least one), in random order
+    max_length: int = bounded(112, gt=0)  # text tokens, padded to this length
+    on_error: Literal["raise", "skip"] = "raise"  # skip counts and reports every dropped item
+    # train-time report augmentation: none | shuffle (sentence order) | sample
+    text_augment: Literal["none", "shuffle", "sample"] = "none"
+    text_keep: float = bounded(0.5, gt=0, le=1)  # sample: fraction of the sentences kept (at least one), in random order
     seed: int = 0
-    worker_mmap_threshold_kb: int = 128  # DataLoader workers (glibc): buffers above this go to mmap; 0 = glibc default
-    limit_train: int = 0  # 0 = all records; >0 keeps the first N (debugging)
-    label_fraction: float = 1.0  # fraction of the train studies used (1 %, 10 %: fine-tuning benchmarks)
+    worker_mmap_threshold_kb: int = bounded(128, ge=0)  # DataLoader workers (glibc): buffers above this go to mmap; 0 = glibc default
+    limit_train: int = bounded(0, ge=0)  # 0 = all records; >0 keeps the first N (debugging)
+    label_fraction: float = bounded(1.0, gt=0, le=1)  # fraction of the train studies used (1 %, 10 %: fine-tuning benchmarks)
     fraction_seed: int = 42  # MGCA's random_state for data_pct
-    fraction_sampling: str = "mgca"  # mgca (pandas df.sample replica) | stratified (per label pattern)
+    fraction_sampling: Literal["mgca", "stratified"] = "mgca"  # mgca (pandas df.sample replica) | stratified (per label pattern)
     fraction_file: str = ""  # "" = <cache>/label_fractions/...; the file every method reads (fractions.py)
     eval_labels: list[str] = field(default_factory=list)  # labels scored by zeroshot; [] = all
     prompts: str = ""  # prompt file (yaml) for zero-shot; "" = the dataset's default
@@ -403,7 +400,7 @@ _UNRESOLVED = object()
 
 
 class PreprocessedCacheMixin:
-    """Reading the cache ``medvlp preprocess`` writes (:mod:`medvlp.preprocess`), for a
+    """Reading the cache ``medvlp preprocess`` writes (:mod:`medvlp.datamodules.cache`), for a
     :class:`VLPDataModule` that implements the writing side (``cache_settings`` / ``cache_item``, or
     the 2D radiograph reader).
 
@@ -422,8 +419,6 @@ class PreprocessedCacheMixin:
         """The preprocessed cache this datamodule reads (``data.use_preprocessed``), or None to decode
         on the fly. Resolved once; raises DataError for ``true`` without a matching cache."""
         if self._preprocessed is _UNRESOLVED:
-            from medvlp.preprocess import open_for_training
-
             self._preprocessed = open_for_training(self)
         return self._preprocessed
 

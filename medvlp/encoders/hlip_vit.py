@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medvlp.batch import ImageFeatures
-from medvlp.config import ImageEncoderConfig
+from medvlp.config import HierarchicalViTConfig
 from medvlp.encoders.image2d import LastAttentionRecorder
 from medvlp.encoders.image3d import PatchEmbed3D, ViT3DEncoder, sincos_pos_embed_3d, vit_trunk
 from medvlp.registry import register_image_encoder
@@ -82,7 +82,9 @@ class HierarchicalViT(nn.Module):
     ViT, HLIP's recipe), ``grad_checkpointing``.
     """
 
-    def __init__(self, cfg: ImageEncoderConfig) -> None:
+    Config = HierarchicalViTConfig  # the schema of method.<image|text>_encoder for this encoder
+
+    def __init__(self, cfg: HierarchicalViTConfig) -> None:
         super().__init__()
 
         if len(cfg.patch_size) != 3 or len(cfg.img_size) != 3:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from medvlp.batch import ImageFeatures
-from medvlp.config import ImageEncoderConfig
+from medvlp.config import TimmEncoderConfig
 from medvlp.registry import register_image_encoder
 
 
@@ -67,7 +67,9 @@ class TimmImageEncoder(nn.Module):
         out_dim: width of ``pooled``; ``local_dim``: width of ``tokens``; ``is_vit``.
     """
 
-    def __init__(self, cfg: ImageEncoderConfig) -> None:
+    Config = TimmEncoderConfig  # the schema of method.<image|text>_encoder for this encoder
+
+    def __init__(self, cfg: TimmEncoderConfig) -> None:
         super().__init__()
         import timm
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medvlp.batch import ImageFeatures
-from medvlp.config import ImageEncoderConfig
+from medvlp.config import ViT3DEncoderConfig
 from medvlp.encoders.image2d import LastAttentionRecorder
 from medvlp.registry import register_image_encoder
 
@@ -38,7 +38,7 @@ def sincos_pos_embed_3d(grid: tuple[int, int, int], dim: int) -> Tensor:
     return F.pad(table, (0, dim - table.shape[1]))
 
 
-def vit_trunk(cfg: ImageEncoderConfig) -> tuple[nn.ModuleList, nn.LayerNorm]:
+def vit_trunk(cfg: ViT3DEncoderConfig) -> tuple[nn.ModuleList, nn.LayerNorm]:
     """``(blocks, final norm)`` of a timm-compatible ViT: ``depth`` pre-norm blocks (qkv bias, LayerNorm
     eps 1e-6, stochastic depth rising linearly to ``drop_path``), so 2D weights load into them."""
     from timm.models.vision_transformer import Block
@@ -112,7 +112,9 @@ class ViT3DEncoder(nn.Module):
     ``grad_checkpointing``.
     """
 
-    def __init__(self, cfg: ImageEncoderConfig) -> None:
+    Config = ViT3DEncoderConfig  # the schema of method.<image|text>_encoder for this encoder
+
+    def __init__(self, cfg: ViT3DEncoderConfig) -> None:
         super().__init__()
 
         if len(cfg.patch_size) != 3:

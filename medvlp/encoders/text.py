@@ -137,6 +137,8 @@ class HFTextEncoder(nn.Module):
     ``config_overrides``.
     """
 
+    Config = TextEncoderConfig  # the schema of method.<image|text>_encoder for this encoder
+
     POOLS = ("cls", "mean", "max")
 
     def __init__(self, cfg: TextEncoderConfig) -> None:

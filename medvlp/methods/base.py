@@ -26,10 +26,11 @@ from typing import Any, ClassVar
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 
 from medvlp.batch import ImageFeatures, ImageTextBatch, TextFeatures, TokenAlignment
-from medvlp.config import MethodConfig, OptimConfig
+from medvlp.config import ConfigError, MethodConfig, OptimConfig, encoder_names, method_schema
 from medvlp.registry import IMAGE_ENCODERS, TEXT_ENCODERS
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,19 @@ def as_config(schema: type, value: Any) -> Any:
     if value is None:
         return base
     return OmegaConf.merge(base, value if isinstance(value, DictConfig) else OmegaConf.structured(value))
+
+
+def method_config(method_cls: type, value: Any) -> Any:
+    """``method.*`` validated against the method's schema with the schemas of the encoders it names."""
+    if value is not None and not isinstance(value, DictConfig):
+        value = OmegaConf.structured(value)
+    names = encoder_names(value) if value is not None else (None, None)
+    try:
+        return OmegaConf.merge(OmegaConf.structured(method_schema(method_cls, *names)), value or {})
+    except OmegaConfBaseException as err:  # a key the chosen encoder's schema lacks, a wrong type
+        key = getattr(err, "full_key", "") or "?"
+        raise ConfigError(f"method.{key}: {str(err).splitlines()[0]} (image encoder '{names[0]}', text encoder "
+                          f"'{names[1]}'; each encoder's keys are those of its Config).") from None
 
 
 CAPABILITIES = ("token_alignment", "dense_outputs", "export_decoder", "generate")
@@ -84,7 +98,7 @@ class VLPMethod(L.LightningModule):
 
     def __init__(self, cfg: Any, optim: Any = None) -> None:
         super().__init__()
-        self.cfg = as_config(self.Config, cfg)
+        self.cfg = method_config(type(self), cfg)
         self.check_config(self.cfg)  # before anything is built
         self.optim_cfg = as_config(OptimConfig, optim)
         self.save_hyperparameters(

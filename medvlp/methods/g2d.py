@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medvlp.batch import ImageTextBatch
-from medvlp.config import ImageEncoderConfig, MethodConfig, TextEncoderConfig
+from medvlp.config import ImageEncoderConfig, MethodConfig, TextEncoderConfig, TimmEncoderConfig
 from medvlp.distributed import world
 from medvlp.encoders.image2d import smp_encoder_name
 from medvlp.losses.contrastive import clip_loss
@@ -71,7 +71,7 @@ class G2DConfig(MethodConfig):
 
     name: str = "g2d"
     image_encoder: ImageEncoderConfig = field(
-        default_factory=lambda: ImageEncoderConfig(name="timm", model="resnet50.tv_in1k", pretrained=True, in_chans=3,
+        default_factory=lambda: TimmEncoderConfig(model="resnet50.tv_in1k", pretrained=True, in_chans=3,
                                                    img_size=[224])
     )
     text_encoder: TextEncoderConfig = field(

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medvlp.batch import ImageTextBatch, TokenAlignment
-from medvlp.config import ImageEncoderConfig, MethodConfig, TextEncoderConfig
+from medvlp.config import ImageEncoderConfig, MethodConfig, TextEncoderConfig, TimmEncoderConfig
 from medvlp.distributed import world
 from medvlp.encoders.text import LastTextAttentionRecorder
 from medvlp.encoders.text import last_self_attention as text_last_self_attention
@@ -83,7 +83,7 @@ class MGCAConfig(MethodConfig):
 
     name: str = "mgca"
     image_encoder: ImageEncoderConfig = field(
-        default_factory=lambda: ImageEncoderConfig(name="timm", model="deit_base_patch16_224.fb_in1k", pretrained=True,
+        default_factory=lambda: TimmEncoderConfig(model="deit_base_patch16_224.fb_in1k", pretrained=True,
                                                    in_chans=3, img_size=[224])
     )
     text_encoder: TextEncoderConfig = field(

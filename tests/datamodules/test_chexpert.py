@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from format_fixtures import chexpert_fixture_items, write_chexpert_fixture
 
 from medvlp.datamodules.base import DataError, DataRootError
 from medvlp.datamodules.chexpert import (
@@ -23,12 +24,7 @@ from medvlp.datamodules.chexpert import (
     apply_uncertain,
     relative_path,
 )
-from medvlp.datamodules.demo.chexpert import (
-    CheXpertItem,
-    fixture_items,
-    write_chexpert,
-    write_chexpert_fixture,
-)
+from medvlp.datamodules.demo.chexpert import CheXpertItem, write_chexpert
 from medvlp.registry import DATAMODULES
 
 SIZE = 32
@@ -93,7 +89,7 @@ def test_relative_path_any_prefix():
 
 
 def test_full_release_prefix(tmp_path):
-    items = [it for it in fixture_items() if it.patient in ("patient00001", "patient00019", "patient64543")]
+    items = [it for it in chexpert_fixture_items() if it.patient in ("patient00001", "patient00019", "patient64543")]
     folder = write_chexpert(tmp_path / "chexpert_full_renamed", items, prefix="CheXpert-v1.0")
     assert (folder / "train.csv").read_text().splitlines()[1].startswith("CheXpert-v1.0/train/patient00001/")
     recs = make(folder, split_protocol="official", views=[]).records("train")
@@ -240,7 +236,7 @@ def test_mgca_protocol_split(root, tmp_path):
 def test_load_image_geometry(root):
     dm = make(root, split_protocol="official", augment=False)
     rec = dm.records("train")[0]
-    h, w = np.asarray(fixture_items()[0].image).shape
+    h, w = np.asarray(chexpert_fixture_items()[0].image).shape
     assert h > w  # portrait: padded left and right
     img = dm.load_image(rec, train=False)
     assert img.shape == (3, SIZE, SIZE) and img.dtype == torch.float32

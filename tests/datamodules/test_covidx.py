@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from format_fixtures import covidx_fixture_items, write_covidx_fixture
 
 from medvlp.datamodules.base import DataError, DataRootError
 from medvlp.datamodules.covidx import COVIDxConfig, COVIDxDataModule, parse_line
-from medvlp.datamodules.demo.covidx import COVIDxItem, fixture_items, write_covidx, write_covidx_fixture
+from medvlp.datamodules.demo.covidx import COVIDxItem, write_covidx
 from medvlp.registry import DATAMODULES
 
 SIZE = 32
@@ -110,7 +111,7 @@ def test_mixed_vocabularies_fail(root, tmp_path):
 
 def test_images_16bit_rgb_and_extensions(root):
     dm = make(root)
-    items = {it.filename: it for it in fixture_items()}
+    items = {it.filename: it for it in covidx_fixture_items()}
     recs = by_file(dm.records("train") + dm.records("test"))
     deep = "sub-S03044_ses-E06790_run-1_bp-chest_vp-pa_dx-corrected.png"
     source = items[deep].image

@@ -13,7 +13,7 @@ from medvlp import preprocess as P
 from medvlp.datamodules.base import DataError, DataRootError
 from medvlp.datamodules.cq500 import FINDINGS, CQ500Config, CQ500DataModule
 from medvlp.datamodules.demo.cq500 import write_cq500_fixture
-from medvlp.datamodules.formats.dicom import write_dicom
+from medvlp.datamodules.demo.dicom import write_dicom
 from medvlp.datamodules.formats.dicom_series import dicom_files, read_series
 from medvlp.registry import DATAMODULES
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from format_fixtures import nih14_fixture_items, write_nih14_fixture
 
 from medvlp.datamodules.base import DataError, DataRootError
-from medvlp.datamodules.demo.nih14 import NIHItem, fixture_items, write_nih14, write_nih14_fixture
+from medvlp.datamodules.demo.nih14 import NIHItem, write_nih14
 from medvlp.datamodules.nih14 import BOX_LABELS, LABELS, NIH14Config, NIH14DataModule, multi_hot
 from medvlp.registry import DATAMODULES
 
@@ -177,7 +178,7 @@ def test_lists_protocol(root, tmp_path):
 def test_images_rgba_duplicates_missing_corrupt(root, tmp_path, tiny_tokenizer, caplog):
     dm = make(root)
     rgba = next(r for r in dm.records("val") + dm.records("train") if r.study_id == "00000003_000")
-    source = next(it for it in fixture_items() if it.image_index == "00000003_000.png").image
+    source = next(it for it in nih14_fixture_items() if it.image_index == "00000003_000.png").image
     np.testing.assert_array_equal(dm.read_pixels(rgba, train=False), source)  # RGBA -> the stored gray
     copy = copy_of(root, tmp_path)
     shutil.copy(copy / "images" / "00000001_000.png", copy / "images_002" / "images" / "00000001_000.png")

@@ -10,9 +10,9 @@ import time
 import numpy as np
 import pytest
 import torch
+from format_fixtures import write_object_cxr_fixture
 
 from medvlp.datamodules.base import DataError, DataRootError, RecordDataset
-from medvlp.datamodules.demo.object_cxr import write_object_cxr_fixture
 from medvlp.datamodules.object_cxr import (
     ObjectCXRConfig,
     ObjectCXRDataModule,

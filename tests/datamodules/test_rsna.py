@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from format_fixtures import write_rsna_fixture
 
 from medvlp.batch import ImageTextBatch
 from medvlp.datamodules.base import DataError, DataRootError, RecordDataset
-from medvlp.datamodules.demo.rsna import write_rsna_fixture
 from medvlp.datamodules.rsna import (
     BoxMask,
     RSNAConfig,

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from format_fixtures import write_siim_fixture
 
 from medvlp.datamodules.base import DataError, DataRootError, RecordDataset
-from medvlp.datamodules.demo.siim import SiimItem, write_siim, write_siim_fixture
+from medvlp.datamodules.demo.siim import SiimItem, write_siim
 from medvlp.datamodules.siim import RleMask, SIIMConfig, SIIMPneumothoraxDataModule, read_rle_table
 from medvlp.registry import DATAMODULES
 

@@ -78,10 +78,10 @@ def test_settings_follow_mgca_per_fraction():
 class _Method(torch.nn.Module):
     def __init__(self, **enc):
         super().__init__()
-        from medvlp.config import ImageEncoderConfig
+        from medvlp.config import TimmEncoderConfig
         from medvlp.registry import IMAGE_ENCODERS
 
-        self.image_encoder = IMAGE_ENCODERS.get("timm")(ImageEncoderConfig(name="timm", pretrained=False, in_chans=1, **enc))
+        self.image_encoder = IMAGE_ENCODERS.get("timm")(TimmEncoderConfig(pretrained=False, in_chans=1, **enc))
 
 
 LOSSES = {"fcos": {"classification", "bbox_regression", "bbox_ctrness"},

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from medvlp.config import ImageEncoderConfig
+from medvlp.config import TimmEncoderConfig
 from medvlp.downstream.detection import build_detector, detection_step, predict_boxes, settings_for
 from medvlp.downstream.segmentation import build_segmenter, segmentation_loss
 from medvlp.registry import IMAGE_ENCODERS
@@ -21,7 +21,7 @@ ENCODERS = {"resnet50": dict(model="resnet50"), "vit_b16": dict(model="vit_base_
 class _Method(torch.nn.Module):
     def __init__(self, **enc):
         super().__init__()
-        self.image_encoder = IMAGE_ENCODERS.get("timm")(ImageEncoderConfig(name="timm", pretrained=False, in_chans=3, **enc))
+        self.image_encoder = IMAGE_ENCODERS.get("timm")(TimmEncoderConfig(pretrained=False, in_chans=3, **enc))
 
 
 class _Batch:

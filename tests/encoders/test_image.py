@@ -2,13 +2,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from medvlp.config import ImageEncoderConfig
+from medvlp.config import TimmEncoderConfig, ViT3DEncoderConfig
 from medvlp.encoders.image2d import TimmImageEncoder
 from medvlp.encoders.image3d import ViT3DEncoder
 
 
 def cfg(**kw):
-    return OmegaConf.structured(ImageEncoderConfig(**kw))
+    """The schema of the encoder ``kw`` names (timm by default), as the composed config gives it."""
+    schema = ViT3DEncoderConfig if kw.get("name") == "vit3d" else TimmEncoderConfig
+    return OmegaConf.structured(schema(**kw))
 
 
 TINY_VIT = dict(model="vit_tiny_patch16_224", pretrained=False, in_chans=1, img_size=[32], kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2})
@@ -93,7 +95,7 @@ def test_vit3d_conv_stem_and_mean_pool():
     assert torch.allclose(f.pooled, f.tokens.mean(1), atol=1e-6)
     with pytest.raises(ValueError, match="power-of-two"):
         ViT3DEncoder(cfg(**{**V3, "stem": "conv", "patch_size": [3, 8, 8]}))
-    with pytest.raises(ValueError, match="stem must be"):
+    with pytest.raises(ValueError, match=r"expected one of \['patch', 'conv'\]"):  # the schema: at config time
         ViT3DEncoder(cfg(**{**V3, "stem": "hybrid"}))
-    with pytest.raises(ValueError, match="global_pool"):
+    with pytest.raises(ValueError, match=r"global_pool|expected one of \['cls', 'mean'\]"):
         ViT3DEncoder(cfg(**{**V3, "global_pool": "max"}))

@@ -26,7 +26,7 @@ def test_tiny_encoder_pools_and_ignores_padding():
 
 
 def test_unknown_pool_is_a_clear_error():
-    with pytest.raises(ValueError, match="pool='avg'"):
+    with pytest.raises(ValueError, match=r"expected one of \['cls', 'mean', 'max'\]"):  # the schema
         HFTextEncoder(OmegaConf.structured(TextEncoderConfig(model="tiny", pool="avg")))
 
 

@@ -16,7 +16,7 @@ EXPERIMENTS = C.config_dir() / "experiment"
 
 def tiny_g2d(**overrides) -> G2D:
     cfg = G2DConfig(
-        image_encoder=C.ImageEncoderConfig(name="timm", model="test_resnet", pretrained=False, in_chans=1, img_size=[64]),
+        image_encoder=C.TimmEncoderConfig(model="test_resnet", pretrained=False, in_chans=1, img_size=[64]),
         text_encoder=C.TextEncoderConfig(name="hf", model="tiny", pretrained=False, freeze_layers=0, pool="cls"),
         encoder_depth=4, decoder_channels=[32, 16, 16, 8],
     )
@@ -156,7 +156,7 @@ def test_bad_config_names_the_key(key, value, match):
 
 
 def test_vit_encoder_is_refused_with_a_clear_message():
-    cfg = G2DConfig(image_encoder=C.ImageEncoderConfig(name="timm", model="test_vit", pretrained=False, in_chans=1,
+    cfg = G2DConfig(image_encoder=C.TimmEncoderConfig(model="test_vit", pretrained=False, in_chans=1,
                                                        img_size=[64]),
                     text_encoder=C.TextEncoderConfig(name="hf", model="tiny", pretrained=False, freeze_layers=0))
     with pytest.raises(ValueError, match="no multi-scale feature stages"):
@@ -183,7 +183,7 @@ def test_export_loads_into_smp_unet_and_predicts_the_same():
 def test_resnet50_export_uses_smp_native_key_names():
     import segmentation_models_pytorch as smp
 
-    cfg = G2DConfig(image_encoder=C.ImageEncoderConfig(name="timm", model="resnet50", pretrained=False, in_chans=3,
+    cfg = G2DConfig(image_encoder=C.TimmEncoderConfig(model="resnet50", pretrained=False, in_chans=3,
                                                        img_size=[224]),
                     text_encoder=C.TextEncoderConfig(name="hf", model="tiny", pretrained=False, freeze_layers=0))
     m = G2D(cfg)

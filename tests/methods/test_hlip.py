@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medvlp.config import ImageEncoderConfig
+from medvlp.config import HierarchicalViTConfig
 from medvlp.encoders.hlip_vit import HierarchicalViT, inflate_patch_kernel, sincos_1d
 from medvlp.losses import clip_loss, siglip_loss
 
@@ -21,7 +21,7 @@ TINY = {"name": "hlip_vit", "in_chans": 1, "img_size": [16, 32, 32], "patch_size
 
 def encoder(**kw) -> HierarchicalViT:
     torch.manual_seed(0)
-    cfg = ImageEncoderConfig(**{**TINY, **kw})
+    cfg = HierarchicalViTConfig(**{**TINY, **kw})
     if "levels" not in kw and "depth" in kw:
         cfg.levels = (["slice", "scan", "study"] * kw["depth"])[: kw["depth"]]
     return HierarchicalViT(cfg).eval()
@@ -183,7 +183,7 @@ def test_average_inflation_reproduces_the_2d_patch_response() -> None:
 
     torch.manual_seed(0)
     vit2d = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
-    enc = HierarchicalViT(ImageEncoderConfig(**{**TINY, "width": 192, "depth": 2, "heads": 3, "levels": ["scan", "study"],
+    enc = HierarchicalViT(HierarchicalViTConfig(**{**TINY, "width": 192, "depth": 2, "heads": 3, "levels": ["scan", "study"],
                                                 "patch_size": [4, 16, 16], "img_size": [8, 32, 32]}))
     enc.inflate_from_2d.__func__  # noqa: B018 - the method exists
     w3d = inflate_patch_kernel(vit2d.patch_embed.proj.weight.detach(), (4, 16, 16), 1)
@@ -204,7 +204,7 @@ def test_inflating_a_timm_vit_copies_blocks_cls_and_2d_positions(monkeypatch) ->
     torch.manual_seed(0)
     src = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
     monkeypatch.setattr(timm, "create_model", lambda *a, **k: src)
-    enc = HierarchicalViT(ImageEncoderConfig(**{**TINY, "width": 192, "depth": 12, "heads": 3, "levels": ["scan", "study"] * 6,
+    enc = HierarchicalViT(HierarchicalViTConfig(**{**TINY, "width": 192, "depth": 12, "heads": 3, "levels": ["scan", "study"] * 6,
                                                 "patch_size": [4, 16, 16], "img_size": [8, 224, 224],
                                                 "inflate_from": "vit_tiny_patch16_224"}))
     assert torch.equal(enc.blocks[5].mlp.fc1.weight, src.blocks[5].mlp.fc1.weight)
@@ -213,7 +213,7 @@ def test_inflating_a_timm_vit_copies_blocks_cls_and_2d_positions(monkeypatch) ->
     depth = sincos_1d(torch.arange(2), 192)
     assert torch.allclose(enc.spatial_pos[0, :, 1], table + depth[1][:, None, None], atol=1e-6)
     with pytest.raises(ValueError, match="Cannot inflate"):
-        HierarchicalViT(ImageEncoderConfig(**{**TINY, "inflate_from": "vit_tiny_patch16_224"}))
+        HierarchicalViT(HierarchicalViTConfig(**{**TINY, "inflate_from": "vit_tiny_patch16_224"}))
 
 
 # ---------------------------------------------------------------------------------------------- method + loss
@@ -284,8 +284,10 @@ def test_step_embeddings_groups_and_text_lock() -> None:
     trainable = [n for n, p in locked.text_encoder.named_parameters() if p.requires_grad]
     assert trainable and all("LayerNorm" in n for n in trainable)
     assert locked.txt_proj.weight.requires_grad
-    with pytest.raises(ValueError, match="hlip_vit"):
-        make_method(image_encoder={**TINY, "name": "vit3d"})
+    with pytest.raises(ValueError, match="method.image_encoder.levels: .*image encoder 'vit3d'"):
+        make_method(image_encoder={**TINY, "name": "vit3d"})  # HLIP's keys are not those of the plain 3D ViT
+    with pytest.raises(ValueError, match="must be hlip_vit for HLIP"):
+        make_method(image_encoder={"name": "vit3d", "in_chans": 1, "img_size": [16, 32, 32], "patch_size": [4, 8, 8]})
 
 
 # ---------------------------------------------------------------------------------------------- configs + CLI

@@ -1,12 +1,11 @@
 """Write CheXpert (v1.0 / v1.0-small) in its exact on-disk layout (``specs/datasets.md`` §2).
 
-* :func:`write_chexpert` lays out any list of :class:`CheXpertItem` (pixels, labels, ids) as
-  ``train.csv`` / ``valid.csv`` + ``{train,valid}/patientNNNNN/studyK/viewJ_{frontal,lateral}.jpg``;
-* :func:`write_chexpert_fixture` writes the tiny test fixture of §2.7, one row or more per trap of
-  §2.8 (ids, pixels and labels are made up). :data:`FIXTURE_PATIENTS` names what each row tests.
+:func:`write_chexpert` lays out any list of :class:`CheXpertItem` (pixels, labels, ids) as
+``train.csv`` / ``valid.csv`` + ``{train,valid}/patientNNNNN/studyK/viewJ_{frontal,lateral}.jpg``.
+The tiny test fixture of §2.7 (``write_chexpert_fixture``) lives in ``tests/format_fixtures.py``.
 
-Also here: :func:`toy_radiograph`, a procedurally drawn chest-like uint8 image shared by the other
-fixture writers of this package.
+Also here: :func:`toy_radiograph`, a procedurally drawn chest-like uint8 image (the pixels of the
+CheXpert, ChestX-ray14 and COVIDx test fixtures).
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from medvlp.datamodules.demo._util import gaussian_blur, rng_for, soft, write_csv
+from medvlp.datamodules.demo._util import gaussian_blur, soft, write_csv
 
 CHEXPERT_COLUMNS = [
     "Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly",
@@ -112,88 +111,3 @@ def toy_radiograph(rng: np.random.Generator, h: int, w: int, lateral: bool = Fal
         img = img * (1 - lung) + 55.0 * lung
     img += float(rng.uniform(-10, 10)) + 12.0 * gaussian_blur(rng.standard_normal((h, w)).astype(np.float32), 1.0)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
-
-
-def _qualifying(c: str, rng: np.random.Generator) -> dict[str, float | None]:
-    """A 5x200-qualifying label row: ``c`` = 1, every other finding 0.0 or blank (No Finding blank)."""
-    labels: dict[str, float | None] = {c: 1.0}
-    for n in CHEXPERT_LABELS:
-        if n not in (c, "No Finding"):
-            labels[n] = 0.0 if rng.random() < 0.5 else None
-    return labels
-
-
-# What each fixture patient exercises (train.csv unless said otherwise).
-FIXTURE_PATIENTS = {
-    "patient00001-00016": "5x200-qualifying frontal rows: 3 per class, 4 for Edema (so a 5x3 draw really samples)",
-    "patient00017": "Atelectasis = 1 but Pneumonia = -1: -1 anywhere disqualifies it from 5x200",
-    "patient00018": "two competition positives (Cardiomegaly, Edema): not in 5x200",
-    "patient00019": "frontal AP + lateral (blank AP/PA) of one study, Consolidation = 1 with Lung Opacity",
-    "patient00020": "a lateral-only image that would qualify for Consolidation: excluded (frontal only)",
-    "patient00021": "-1 in every competition label and Pneumonia, blank Fracture / No Finding: the policies",
-    "patient00022": "every label blank; Sex = Unknown, Age = 0",
-    "patient00023": "frontal with AP/PA = LL, No Finding = 1",
-    "patient00024": "frontal PA + lateral: Pleural Effusion = -1, Edema = 1, Support Devices = 1",
-    "patient00025": "study2 only: Cardiomegaly = 0, Edema = -1",
-    "patient00026": "frontal with AP/PA = RL, No Finding = 1",
-    "patient00027": "Support Devices = 1 only",
-    "patient64541-64544": "valid.csv: only 0 / 1, a lateral in patient64541",
-}
-
-
-def fixture_items(seed: int = 0) -> list[CheXpertItem]:
-    """The rows of :func:`write_chexpert_fixture` (see :data:`FIXTURE_PATIENTS`)."""
-    rng = rng_for(seed, 21)
-    items: list[CheXpertItem] = []
-    counter = [0]
-
-    def add(labels: dict[str, float | None], frontal: bool = True, split: str = "train", patient: int | None = None,
-            **kw) -> None:  # fmt: skip
-        if patient is None:
-            counter[0] += 1
-        pid = patient if patient is not None else counter[0]
-        h, w = int(rng.integers(44, 56)), int(rng.integers(34, 42))  # portrait, non-square
-        img = toy_radiograph(rng_for(seed, 22, len(items)), h, w, lateral=not frontal)
-        same = [it for it in items if it.patient == f"patient{pid:05d}"]  # one patient, one sex and age
-        kw.setdefault("sex", same[0].sex if same else str(rng.choice(["Male", "Female"])))
-        kw.setdefault("age", same[0].age if same else int(rng.integers(20, 90)))
-        items.append(CheXpertItem(f"patient{pid:05d}", img, labels, frontal=frontal, split=split, **kw))
-
-    for c in COMPETITION:
-        for _ in range(4 if c == "Edema" else 3):
-            add(_qualifying(c, rng))
-    add({**_qualifying("Atelectasis", rng), "Pneumonia": -1.0})  # 17
-    add({"Cardiomegaly": 1.0, "Edema": 1.0, "No Finding": None})  # 18
-    add({"Consolidation": 1.0, "Lung Opacity": 1.0}, ap_pa="AP")  # 19 frontal
-    add({"Consolidation": 1.0, "Lung Opacity": 1.0}, frontal=False, view=2, patient=19)  # 19 lateral
-    add(_qualifying("Consolidation", rng), frontal=False)  # 20
-    add({c: -1.0 for c in COMPETITION} | {"Pneumonia": -1.0, "Lung Opacity": 0.0})  # 21
-    add({}, sex="Unknown", age=0, ap_pa="AP")  # 22
-    add({"No Finding": 1.0}, ap_pa="LL")  # 23
-    labels24 = {"Pleural Effusion": -1.0, "Edema": 1.0, "Support Devices": 1.0, "Lung Opacity": 0.0}
-    add(labels24)  # 24 frontal
-    add(labels24, frontal=False, view=2, patient=24)  # 24 lateral
-    add({"Cardiomegaly": 0.0, "Edema": -1.0}, study=2)  # 25
-    add({"No Finding": 1.0}, ap_pa="RL")  # 26
-    add({"Support Devices": 1.0})  # 27
-    zero = {n: 0.0 for n in CHEXPERT_LABELS}
-    add({**zero, "Cardiomegaly": 1.0}, split="valid", patient=64541)
-    add({**zero, "Cardiomegaly": 1.0}, frontal=False, view=2, split="valid", patient=64541)
-    add({**zero, "Edema": 1.0, "Pleural Effusion": 1.0}, split="valid", patient=64542)
-    add({**zero, "No Finding": 1.0}, split="valid", patient=64543)
-    add({**zero, "Atelectasis": 1.0}, split="valid", patient=64544)
-    return items
-
-
-def write_chexpert_fixture(root: str | Path, seed: int = 0, prefix: str = "CheXpert-v1.0-small") -> Path:
-    """Write the CheXpert test fixture (29 train rows, 5 valid rows, ~40 kB) into ``root``.
-
-    Args:
-        root: the dataset folder (any name: users rename it, the CSVs keep ``prefix``).
-        seed: pixel / label-blank seed.
-        prefix: ``Path`` prefix of the CSVs.
-
-    Returns:
-        ``root``.
-    """
-    return write_chexpert(root, fixture_items(seed), prefix=prefix)

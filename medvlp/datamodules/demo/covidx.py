@@ -1,11 +1,9 @@
 """Write COVIDx (COVID-Net) in its exact on-disk layout (``specs/datasets.md`` §6).
 
-* :func:`write_covidx` lays out any list of :class:`COVIDxItem` as the images under
-  ``train/`` / ``val/`` / ``test/`` plus the header-less, space-separated label files: the Kaggle
-  ``train.txt`` / ``val.txt`` / ``test.txt`` or the GitHub ``labels/<split>_<version>.txt``;
-* :func:`write_covidx_fixture` writes the tiny test fixture of §6.6: a Kaggle-style binary release
-  plus, in the same folder, a 3-class ``labels/*_COVIDx9A.txt`` pair (with a 5-token line) and a
-  3-field ``labels/*_COVIDx.txt`` pair. Ids are made up but follow the real patterns.
+:func:`write_covidx` lays out any list of :class:`COVIDxItem` as the images under
+``train/`` / ``val/`` / ``test/`` plus the header-less, space-separated label files: the Kaggle
+``train.txt`` / ``val.txt`` / ``test.txt`` or the GitHub ``labels/<split>_<version>.txt``. The tiny
+test fixture of §6.6 (``write_covidx_fixture``) lives in ``tests/format_fixtures.py``.
 """
 
 from __future__ import annotations
@@ -15,9 +13,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
-from medvlp.datamodules.demo._util import rng_for
-from medvlp.datamodules.demo.chexpert import toy_radiograph
 
 ENCODINGS = ("gray", "rgb", "gray16")
 
@@ -92,52 +87,3 @@ def write_covidx(root: str | Path, items: list[COVIDxItem], version: str = "kagg
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
     return root
-
-
-# (patient id, file name, Kaggle class, 9A class, source, encoding, split); every trap of §6.6
-_FIXTURE = [
-    ("1534", "ricord-1534-a1b2c3.jpg", "positive", "COVID-19", "ricord", "gray", "train"),
-    ("7c1d2e3f-4a5b-4c6d-8e7f-9a0b1c2d3e4f", "7c1d2e3f-4a5b-4c6d-8e7f-9a0b1c2d3e4f.png", "negative", "normal", "rsna", "gray", "train"),
-    ("0a9b8c7d-6e5f-4a3b-9c2d-1e0f9a8b7c6d", "0a9b8c7d-6e5f-4a3b-9c2d-1e0f9a8b7c6d.png", "negative", "pneumonia", "rnsa", "gray", "train"),
-    ("COVID 12", "COVID(12).png", "positive", "COVID-19", "sirm", "gray", "train"),
-    ("302", "fig1-302-chest.JPG", "positive", "COVID-19", "fig1", "gray", "train"),
-    ("44", "actmed-44-f1e2.jpeg", "positive", "COVID-19", "actmed", "gray", "train"),
-    ("S03044", "sub-S03044_ses-E06790_run-1_bp-chest_vp-pa_dx-corrected.png", "positive", "COVID-19", "bimcv", "gray16", "train"),
-    ("A881923", "A881923-0001.jpg", "positive", "COVID-19", "stonybrook", "rgb", "train"),
-    ("19", "cohen-19-pa.jpg", "positive", "pneumonia", "cohen", "gray", "train"),
-    ("1f2e3d4c-5b6a-4978-8695-a4b3c2d1e0f9", "1f2e3d4c-5b6a-4978-8695-a4b3c2d1e0f9.png", "negative", "normal", "rsna", "gray", "train"),
-    ("2b3c4d5e-6f7a-4b8c-9d0e-1f2a3b4c5d6e", "2b3c4d5e-6f7a-4b8c-9d0e-1f2a3b4c5d6e.png", "negative", "normal", "rsna", "gray", "val"),
-    ("1601", "ricord-1601-9f8e.jpg", "positive", "COVID-19", "ricord", "gray", "val"),
-    ("3c4d5e6f-7a8b-4c9d-8e0f-2a3b4c5d6e7f", "3c4d5e6f-7a8b-4c9d-8e0f-2a3b4c5d6e7f.png", "negative", "normal", "rsna", "gray", "test"),
-    ("S04411", "sub-S04411_ses-E08812_run-1_bp-chest_vp-ap_cr.png", "positive", "COVID-19", "bimcv", "gray16", "test"),
-    ("COVID 40", "COVID(40).jpg", "positive", "COVID-19", "sirm", "rgb", "test"),
-]  # fmt: skip
-FIXTURE_NOTES = {
-    "train.txt / val.txt / test.txt": "Kaggle binary files, 4 fields; the 'COVID 12' id holds a space",
-    "labels/*_COVIDx9A.txt": "3-class files (no val) over the train/ and test/ images; 'COVID 12 COVID(12).png ...' is a 5-token line",
-    "labels/*_COVIDx.txt": "oldest 3-field files (no data source), one id with a space",
-    "images": ".png / .jpg / .jpeg / .JPG, parenthesised names, two 16-bit PNGs, two RGB JPGs, an 'rnsa' source",
-}
-
-
-def fixture_items(seed: int = 0, version: str = "kaggle") -> list[COVIDxItem]:
-    """The rows of :func:`write_covidx_fixture`: ``kaggle`` (binary), ``COVIDx9A`` (3-class, no val,
-    4-field lines) or ``COVIDx`` (3-class, no val, 3-field lines)."""
-    items = []
-    for i, (pid, name, binary, three, source, enc, split) in enumerate(_FIXTURE):
-        if version != "kaggle" and split == "val":
-            continue
-        h, w = (40, 52) if i % 2 else (50, 38)  # landscape and portrait
-        img = toy_radiograph(rng_for(seed, 61, i), h, w)
-        label = binary if version == "kaggle" else three
-        src = "" if version == "COVIDx" else source
-        items.append(COVIDxItem(pid, name, label, img, split=split, source=src, encoding=enc))
-    return items
-
-
-def write_covidx_fixture(root: str | Path, seed: int = 0) -> Path:
-    """Write the COVIDx test fixture (15 images, three label-file versions, ~30 kB) into ``root``."""
-    write_covidx(root, fixture_items(seed, "kaggle"), "kaggle")
-    write_covidx(root, fixture_items(seed, "COVIDx9A"), "COVIDx9A", images=False)
-    write_covidx(root, fixture_items(seed, "COVIDx"), "COVIDx", images=False)
-    return Path(root)

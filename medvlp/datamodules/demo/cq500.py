@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from medvlp.datamodules.cq500 import FINDINGS, READERS
-from medvlp.datamodules.formats.dicom import write_dicom
+from medvlp.datamodules.demo.dicom import write_dicom
 
 SERIES = {"CT PLAIN THIN": 1.25, "CT 5mm": 5.0}
 SCANS = (0, 12)

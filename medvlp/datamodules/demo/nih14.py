@@ -1,11 +1,9 @@
 """Write NIH ChestX-ray14 in its exact on-disk layout (``specs/datasets.md`` §7).
 
-* :func:`write_nih14` lays out any list of :class:`NIHItem` as ``Data_Entry_2017_v2020.csv`` (or
-  the 2017 file with its trailing commas), ``BBox_List_2017.csv``, ``train_val_list.txt`` /
-  ``test_list.txt`` and the PNGs under ``images/`` or Kaggle's ``images_0NN/images/``;
-* :func:`write_nih14_fixture` writes the tiny test fixture of §7.7 (made-up ids matching
-  ``^\\d{8}_\\d{3}\\.png$``, procedurally drawn pixels); :data:`FIXTURE_IMAGES` says what each image
-  exercises.
+:func:`write_nih14` lays out any list of :class:`NIHItem` as ``Data_Entry_2017_v2020.csv`` (or
+the 2017 file with its trailing commas), ``BBox_List_2017.csv``, ``train_val_list.txt`` /
+``test_list.txt`` and the PNGs under ``images/`` or Kaggle's ``images_0NN/images/``. The tiny test
+fixture of §7.7 (``write_nih14_fixture``) lives in ``tests/format_fixtures.py``.
 
 The CSV headers are written byte for byte as NIH does: the bracketed names keep their inner
 commas unquoted (``OriginalImage[Width,Height]``), which is exactly the trap a loader must handle.
@@ -19,8 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from medvlp.datamodules.demo._util import fmt_float, rng_for
-from medvlp.datamodules.demo.chexpert import toy_radiograph
+from medvlp.datamodules.demo._util import fmt_float
 
 DATA_ENTRY_HEADER = (
     "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
@@ -102,58 +99,3 @@ def write_nih14(root: str | Path, items: list[NIHItem], variant: str = "v2020") 
     (root / "train_val_list.txt").write_text("".join(n + "\n" for n in lists["train_val"]), encoding="utf-8")
     (root / "test_list.txt").write_text("".join(n + "\n" for n in lists["test"]), encoding="utf-8")
     return root
-
-
-FIXTURE_IMAGES = {
-    "00000001_000-002": "one patient, three follow-ups (patient-level val split), multi-label, No Finding",
-    "00000002_000": "train_val image with a Mass and a Nodule box, Kaggle nesting images_001/images/",
-    "00000003_000": "RGBA PNG (gray in RGB, opaque alpha)",
-    "00000004_000": "AP view; Pleural_Thickening (underscore) and Hernia",
-    "00000005_000": "Emphysema|Fibrosis, images_002/images/",
-    "00000006_000": "test image with an 'Infiltrate' box and an Atelectasis box, float coordinates",
-    "00000006_001": "test image with a Pneumothorax box",
-    "00000007_000": "test, No Finding",
-    "00000008_000": "test, Edema|Consolidation|Pneumonia with a Pneumonia box",
-    "00000009_000": "in Data_Entry but in neither split list (ignored)",
-}
-
-
-def fixture_items(seed: int = 0) -> list[NIHItem]:
-    """The images of :func:`write_nih14_fixture` (see :data:`FIXTURE_IMAGES`); 64 x 48 (W x H)."""
-    h, w = 48, 64
-
-    def img(i: int) -> np.ndarray:
-        return toy_radiograph(rng_for(seed, 71, i), h, w)
-
-    k1 = "images_001/images"
-    return [
-        NIHItem("00000001_000.png", img(0), ["Cardiomegaly"], age=57, gender="M"),
-        NIHItem("00000001_001.png", img(1), ["Effusion", "Infiltration"], age=58, gender="M"),
-        NIHItem("00000001_002.png", img(2), [], age=58, gender="M"),
-        NIHItem("00000002_000.png", img(3), ["Mass", "Nodule"], age=81, gender="F", folder=k1,
-                boxes=[("Mass", 8.0, 4.0, 16.0, 12.0), ("Nodule", 40.5, 20.25, 6.5, 6.0)]),
-        NIHItem("00000003_000.png", img(4), [], age=30, gender="F", rgba=True),
-        NIHItem("00000004_000.png", img(5), ["Pleural_Thickening", "Hernia"], age=66, view="AP"),
-        NIHItem("00000005_000.png", img(6), ["Emphysema", "Fibrosis"], age=72, folder="images_002/images"),
-        NIHItem("00000006_000.png", img(7), ["Infiltration", "Atelectasis"], split="test", folder=k1,
-                boxes=[("Infiltrate", 12.372881355932, 10.0, 20.5, 14.75), ("Atelectasis", 30.0, 28.0, 18.0, 10.0)]),
-        NIHItem("00000006_001.png", img(8), ["Pneumothorax"], split="test", view="AP",
-                boxes=[("Pneumothorax", 2.0, 2.0, 24.0, 20.0)]),
-        NIHItem("00000007_000.png", img(9), [], split="test", gender="F"),
-        NIHItem("00000008_000.png", img(10), ["Edema", "Consolidation", "Pneumonia"], split="test",
-                boxes=[("Pneumonia", 34.0, 6.0, 22.0, 30.0)]),
-        NIHItem("00000009_000.png", img(11), ["Atelectasis"], split=""),
-    ]  # fmt: skip
-
-
-def write_nih14_fixture(root: str | Path, seed: int = 0, variant: str = "both") -> Path:
-    """Write the ChestX-ray14 test fixture (12 PNGs, ~25 kB) into ``root``; returns ``root``.
-
-    ``variant="both"`` writes ``Data_Entry_2017_v2020.csv`` and also the trailing-comma
-    ``Data_Entry_2017.csv`` of the same images (a loader picks one: ``data.data_entry``).
-    """
-    items = fixture_items(seed)
-    if variant == "both":
-        write_nih14(root, items, variant="2017")
-        variant = "v2020"
-    return write_nih14(root, items, variant=variant)

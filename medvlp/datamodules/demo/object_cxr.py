@@ -10,8 +10,8 @@ train/<name>.jpg  dev/<name>.jpg  test/<name>.jpg
 ```
 
 An annotation is ``;``-separated objects ``TYPE x1 y1 x2 y2 ...`` (integers, original pixels): 0
-rectangle and 1 ellipse by their bounding box, 2 polygon by its vertices. :func:`write_object_cxr_fixture`
-builds the tiny dataset of §5.5.
+rectangle and 1 ellipse by their bounding box, 2 polygon by its vertices. The tiny dataset of §5.5
+(``write_object_cxr_fixture``) lives in ``tests/format_fixtures.py``.
 """
 
 from __future__ import annotations
@@ -22,11 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from medvlp.datamodules.demo._util import rng_for, soft, write_csv
-from medvlp.datamodules.demo.rsna import synthetic_radiograph
+from medvlp.datamodules.demo._util import soft, write_csv
 
 SPLITS = ("train", "dev", "test")
-_IMAGE_STREAM = 1
 
 
 @dataclass
@@ -88,43 +86,3 @@ def _draw(image: np.ndarray, objects: Sequence[tuple[int, Sequence[int]]]) -> np
         inside = soft(xx - x1, 0.5) * soft(x2 - xx, 0.5) * soft(yy - y1, 0.5) * soft(y2 - yy, 0.5)
         img = img + (250 - img) * 0.8 * inside
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
-
-
-def write_object_cxr_fixture(root: str | Path, seed: int = 0) -> list[ObjectCxrItem]:
-    """The tiny Object-CXR fixture of §5.5 (10 train, 3 dev, 2 test JPGs of 6 sizes, < 100 kB).
-
-    Traps covered: empty annotations (NaN after reading), a row mixing a rectangle, an ellipse and
-    a polygon, a row with two rectangles, images of different sizes (wider and taller than high,
-    not multiples of one another), coordinates in original pixels, and ``test.csv`` with
-    ``image_path`` instead of ``image_name``.
-
-    Returns:
-        Every item, in split and file order.
-    """
-    sizes = [(96, 72), (72, 96), (80, 80), (100, 64), (64, 90), (88, 76)]  # (W, H)
-    plan: list[tuple[str, list[tuple[int, list[int]]]]] = [
-        ("train", [(0, [10, 12, 30, 28]), (1, [40, 40, 60, 56]), (2, [50, 10, 70, 14, 66, 30, 52, 26])]),
-        ("train", []),
-        ("train", [(0, [20, 30, 34, 50])]),
-        ("train", []),
-        ("train", [(2, [10, 10, 40, 12, 25, 40])]),
-        ("train", [(1, [30, 20, 50, 60])]),
-        ("train", []),
-        ("train", [(0, [5, 5, 15, 15]), (0, [40, 50, 60, 60])]),
-        ("train", []),
-        ("train", [(0, [22, 18, 38, 30])]),
-        ("dev", [(0, [12, 14, 40, 32]), (2, [40, 40, 60, 44, 50, 70])]),
-        ("dev", []),
-        ("dev", [(1, [20, 20, 44, 36])]),
-        ("test", [(0, [30, 30, 50, 40])]),
-        ("test", []),
-    ]
-    first = {"train": 1, "dev": 8001, "test": 9001}  # the release numbers train 00001-08000, dev 08001-, test 09001-
-    items = []
-    for i, (split, objects) in enumerate(plan):
-        w, h = sizes[i % len(sizes)]
-        image = _draw(synthetic_radiograph(rng_for(seed, _IMAGE_STREAM, i), h, w), objects)
-        number = first[split] + sum(it.split == split for it in items)
-        items.append(ObjectCxrItem(image_name=f"{number:05d}.jpg", image=image, objects=objects, split=split))
-    write_object_cxr(root, items)
-    return items

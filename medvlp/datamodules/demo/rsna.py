@@ -9,9 +9,9 @@ stage_2_train_images/<patientId>.dcm
 stage_2_test_images/<patientId>.dcm + stage_2_sample_submission.csv   (only with test_items)
 ```
 
-:func:`write_rsna_fixture` builds the tiny dataset of §3.7 that exercises every trap of §3.8.
-Also here: :func:`synthetic_radiograph` (a procedural frontal chest image) and :func:`uuid4_from`,
-shared with the SIIM and Object-CXR writers.
+The tiny dataset of §3.7 that exercises every trap of §3.8 (``write_rsna_fixture``) lives in
+``tests/format_fixtures.py``. Also here: :func:`synthetic_radiograph` (a procedural frontal chest
+image) and :func:`uuid4_from`, shared with the SIIM writer and the test fixtures.
 """
 
 from __future__ import annotations
@@ -23,13 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from medvlp.datamodules.demo._util import gaussian_blur, rng_for, smooth_noise, soft, write_csv
+from medvlp.datamodules.demo._util import gaussian_blur, smooth_noise, soft, write_csv
 
 LABELS_HEADER = ["patientId", "x", "y", "width", "height", "Target"]
 CLASS_HEADER = ["patientId", "class"]
 SUBMISSION_HEADER = ["patientId", "PredictionString"]
 FRAME = 1024  # the labels CSV is in pixels of the 1024 x 1024 image, whatever the DICOM's size
-_IMAGE_STREAM, _ID_STREAM = 1, 2
 
 
 @dataclass
@@ -91,7 +90,7 @@ def _coord(v: float) -> str:
 
 
 def _write_dicom(path: Path, item: RsnaItem) -> None:
-    from medvlp.datamodules.formats.dicom import write_dicom
+    from medvlp.datamodules.demo.dicom import write_dicom
 
     image = np.asarray(item.image, dtype=np.uint8)
     stored = 255 - image if item.photometric == "MONOCHROME1" else image
@@ -139,42 +138,3 @@ def write_rsna(root: str | Path, items: Sequence[RsnaItem], test_items: Sequence
         write_csv(root / "stage_2_sample_submission.csv", SUBMISSION_HEADER,
                   [[it.patient_id, "0.5 0 0 100 100"] for it in test_items])
     return root
-
-
-def write_rsna_fixture(root: str | Path, seed: int = 0) -> list[RsnaItem]:
-    """The tiny RSNA fixture of §3.7 (10 train + 1 test image, < 100 kB).
-
-    Traps covered (§3.8): negatives with blank coordinates (``No Lung Opacity / Not Normal`` and
-    ``Normal``), an image with 2 and one with 4 boxes (several rows per image, class info
-    duplicated per row), AP and PA, JPEG Baseline and uncompressed files, a MONOCHROME1 file whose
-    MONOCHROME2 twin holds the same image and boxes, and 64 x 64 / 48 x 64 / 64 x 48 images so
-    that the 1024-pixel coordinates must be rescaled per axis.
-
-    Returns:
-        The train items in CSV order (ids, boxes in image pixels, file options).
-    """
-    rng = rng_for(seed, _ID_STREAM)
-    specs = [  # (H, W), boxes (image pixels), view, class, photometric, transfer syntax
-        ((64, 64), [], "PA", "Normal", "MONOCHROME2", "explicit"),
-        ((64, 64), [], "AP", "No Lung Opacity / Not Normal", "MONOCHROME2", "jpeg_baseline"),
-        ((64, 64), [(10, 20, 22, 40), (40, 18, 54, 44)], "AP", "", "MONOCHROME2", "explicit"),
-        ((64, 64), [(8, 10, 20, 26), (8, 34, 20, 52), (42, 12, 56, 28), (44, 36, 58, 54)], "PA", "",
-         "MONOCHROME2", "jpeg_baseline"),
-        ((64, 64), [(36, 24, 50, 46)], "AP", "", "MONOCHROME1", "explicit"),
-        ((64, 64), [(36, 24, 50, 46)], "AP", "", "MONOCHROME2", "explicit"),  # twin of the one above
-        ((48, 64), [(12, 9, 24, 30)], "PA", "", "MONOCHROME2", "explicit"),
-        ((64, 48), [], "PA", "Normal", "MONOCHROME2", "explicit"),
-        ((64, 64), [], "PA", "No Lung Opacity / Not Normal", "MONOCHROME2", "explicit"),
-        ((64, 64), [(20, 30, 30.5, 45.25)], "PA", "", "MONOCHROME2", "explicit"),
-    ]
-    items: list[RsnaItem] = []
-    for i, ((h, w), boxes, view, cls, photometric, syntax) in enumerate(specs):
-        twin_of_previous = i == 5
-        image = items[-1].image if twin_of_previous else synthetic_radiograph(rng_for(seed, _IMAGE_STREAM, i), h, w, boxes)
-        items.append(RsnaItem(
-            patient_id=uuid4_from(rng), image=image, boxes=boxes, detailed_class=cls, view=view,
-            sex="F" if i % 3 else "M", age=int(rng.integers(18, 90)), photometric=photometric, transfer_syntax=syntax,
-        ))
-    test = [RsnaItem(patient_id=uuid4_from(rng), image=synthetic_radiograph(rng_for(seed, _IMAGE_STREAM, 99), 64, 64))]
-    write_rsna(root, items, test_items=test)
-    return items

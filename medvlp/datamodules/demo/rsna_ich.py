@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medvlp.datamodules.formats.dicom import write_dicom
+from medvlp.datamodules.demo.dicom import write_dicom
 
 CSV_ORDER = ["epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any"]
 # (image id, study, series, z mm, storage, positive subtypes)

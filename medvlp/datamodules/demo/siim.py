@@ -13,8 +13,8 @@ stage 2: stage_2_train.csv             'ImageId,EncodedPixels'
 ```
 
 One CSV row per mask (the relative column-major RLE of §4.3, :func:`~medvlp.datamodules.formats.rle.rle_encode`),
-or one ``-1`` row for an image without pneumothorax. :func:`write_siim_fixture` builds the tiny
-dataset of §4.7 that exercises every trap of §4.8.
+or one ``-1`` row for an image without pneumothorax. The tiny dataset of §4.7 that exercises every
+trap of §4.8 (``write_siim_fixture``) lives in ``tests/format_fixtures.py``.
 """
 
 from __future__ import annotations
@@ -26,11 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from medvlp.datamodules.demo._util import rng_for, write_csv
-from medvlp.datamodules.demo.rsna import synthetic_radiograph, uuid4_from
+from medvlp.datamodules.demo._util import write_csv
+from medvlp.datamodules.demo.rsna import uuid4_from
 
 UID_ROOT = "1.2.276.0.7230010.3.1"  # + .4 (SOP instance) / .2 (study) / .3 (series) + .8323329.<n>.<10 digits>.<6 digits>
-_IMAGE_STREAM, _ID_STREAM, _MASK_STREAM = 1, 2, 3
 
 
 @dataclass
@@ -87,7 +86,7 @@ def _uids(item: SiimItem) -> tuple[str, str]:
 
 
 def _write_dicom(path: Path, item: SiimItem) -> None:
-    from medvlp.datamodules.formats.dicom import write_dicom
+    from medvlp.datamodules.demo.dicom import write_dicom
 
     image = np.asarray(item.image, dtype=np.uint8)
     stored = 255 - image if item.photometric == "MONOCHROME1" else image
@@ -148,73 +147,3 @@ def write_siim(root: str | Path, items: Sequence[SiimItem], *, stage: int = 1, s
             write_csv(root / "stage_2_sample_submission.csv", ["ImageId", "EncodedPixels"],
                       [[it.image_id, "-1"] for it in test_items])
     return root
-
-
-def _blob(rng: np.random.Generator, h: int, w: int, cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
-    """An irregular blob mask (a wobbly ellipse) centred at ``(cx, cy)`` pixels."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    angle = np.arctan2(yy + 0.5 - cy, xx + 0.5 - cx)
-    wobble = 1 + 0.2 * np.sin(3 * angle + rng.uniform(0, 6.28))
-    r = ((xx + 0.5 - cx) / rx) ** 2 + ((yy + 0.5 - cy) / ry) ** 2
-    return (r <= wobble).astype(np.uint8)
-
-
-def write_siim_fixture(root: str | Path, seed: int = 0, stage: int = 1) -> list[SiimItem]:
-    """The tiny SIIM fixture of §4.7 (12 labelled images, 7 negative, + 1 test image; 64 px, < 200 kB).
-
-    Traps covered (§4.8): the spaced header and spaced values (stage 1), ``-1`` negatives, an image
-    with 2 overlapping RLE rows and one with 3 (union; split by image), masks that are thin
-    horizontal bars and multi-column blobs (a transposed or absolute decode breaks them), JPEG
-    Baseline and uncompressed files, a MONOCHROME1 file whose MONOCHROME2 twin holds the same image
-    and mask, a 48 x 64 image (masks follow Rows x Columns), and an unlabelled test image.
-
-    Args:
-        root: dataset root.
-        seed: fixture seed (pixels, ids, blob shapes).
-        stage: 1 or 2 (see :func:`write_siim`).
-
-    Returns:
-        The labelled items in CSV order.
-    """
-    rng = rng_for(seed, _ID_STREAM)
-    mrng = rng_for(seed, _MASK_STREAM)
-    stamp = 1517875000 + int(rng.integers(0, 999))
-    bar = np.zeros((64, 64), np.uint8)
-    bar[10:13, 20:50] = 1  # a horizontal bar: transposing gives a vertical one
-    specs = [  # (H, W), masks, photometric, transfer syntax
-        ((64, 64), [], "MONOCHROME2", "jpeg_baseline"),
-        ((64, 64), [_blob(mrng, 64, 64, 20, 30, 8, 12), _blob(mrng, 64, 64, 26, 36, 7, 9)], "MONOCHROME2", "explicit"),
-        ((64, 64), [bar], "MONOCHROME1", "explicit"),
-        ((64, 64), [bar], "MONOCHROME2", "explicit"),  # twin of the MONOCHROME1 file
-        ((64, 64), [], "MONOCHROME2", "explicit"),
-        ((64, 64), [_blob(mrng, 64, 64, 44, 20, 6, 10), _blob(mrng, 64, 64, 46, 44, 5, 6), bar], "MONOCHROME2",
-         "jpeg_baseline"),
-        ((48, 64), [_blob(mrng, 48, 64, 40, 20, 9, 7)], "MONOCHROME2", "explicit"),
-        ((64, 64), [], "MONOCHROME2", "jpeg_baseline"),
-        ((64, 64), [], "MONOCHROME2", "explicit"),
-        ((64, 64), [], "MONOCHROME2", "explicit"),
-        ((64, 64), [], "MONOCHROME2", "jpeg_baseline"),
-        ((64, 64), [], "MONOCHROME2", "explicit"),
-    ]
-    items: list[SiimItem] = []
-    counter = 100000 + int(rng.integers(10, 90))
-    for i, ((h, w), masks, photometric, syntax) in enumerate(specs):
-        counter += int(rng.integers(3, 40))
-        sop, study, series = sop_uids(int(rng.integers(1000, 14000)), stamp + i, counter)
-        if i == 3:
-            image = items[-1].image
-        else:
-            image = synthetic_radiograph(rng_for(seed, _IMAGE_STREAM, i), h, w)
-            for m in masks:  # a pneumothorax is dark (no lung markings): darken the masked area a bit
-                image = np.clip(image.astype(np.int16) - 40 * (m != 0), 0, 255).astype(np.uint8)
-        items.append(SiimItem(
-            image_id=sop, image=image, masks=masks, study_uid=study, series_uid=series, patient_id=uuid4_from(rng),
-            view="AP" if i % 3 == 1 else "PA", sex="F" if i % 2 else "M", age=int(rng.integers(18, 90)),
-            photometric=photometric, transfer_syntax=syntax,
-        ))
-    counter += 7
-    sop, study, series = sop_uids(int(rng.integers(1000, 14000)), stamp + 50, counter)
-    test = [SiimItem(sop, synthetic_radiograph(rng_for(seed, _IMAGE_STREAM, 99), 64, 64), study_uid=study,
-                     series_uid=series, patient_id=uuid4_from(rng))]
-    write_siim(root, items, stage=stage, test_items=test)
-    return items

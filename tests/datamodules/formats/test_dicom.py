@@ -13,7 +13,8 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder
 
 from medvlp.datamodules.base import DataError
-from medvlp.datamodules.formats.dicom import read_dicom, read_dicom_header, write_dicom
+from medvlp.datamodules.demo.dicom import write_dicom
+from medvlp.datamodules.formats.dicom import read_dicom, read_dicom_header
 
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 JPEG_LS = "1.2.840.10008.1.2.4.80"

@@ -1,0 +1,265 @@
+"""Reading the cache ``medvlp preprocess`` writes: its layout, its manifest and the arrays training reads.
+
+The writing side is :mod:`medvlp.preprocess` (which describes the layout in full); this module is
+what a datamodule needs to use a cache, and it imports nothing from the datamodules but their
+errors, so that the layers run one way: ``preprocess`` -> ``datamodules.base`` -> ``datamodules.cache``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from medvlp.datamodules.errors import DataError
+
+log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from medvlp.datamodules.base import Record
+    from medvlp.datamodules.radiograph import RadiographDataModule
+
+FORMAT_VERSION = 1
+RESIZE_RULE = "longest_side:area_down,bilinear_up"  # transforms.resize_longest_side, then round to uint8
+DTYPE = "uint8"
+MANIFEST = "manifest.json"
+INDEX = "index.jsonl"
+IMAGES = "images"
+LOCK = ".lock"
+SPLITS = ("train", "val", "test")
+MAX_NAMED_FAILURES = 5
+
+
+# --------------------------------------------------------------------------- keys and settings
+def image_key(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """The cache key of an image: its path relative to the dataset root, with ``/`` separators."""
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(root)).replace(os.sep, "/")
+
+
+def image_file(key: str) -> str:
+    """Path of an image's array inside the cache folder: ``images/<2 hex>/<32 hex>.npy``."""
+    digest = hashlib.sha1(key.encode("utf-8")).hexdigest()[:32]
+    return f"{IMAGES}/{digest[:2]}/{digest}.npy"
+
+
+def settings(dm: RadiographDataModule) -> dict[str, Any]:
+    """What the cached arrays depend on (compared with ``manifest.json`` on every use).
+
+    A datamodule with its own ``cache_settings()`` (3D volumes) adds those; 2D radiographs add the
+    image size, the resize rule, the dtype and their ``pixel_keys``.
+    """
+    cfg = dm.cfg
+    base = {"format_version": FORMAT_VERSION, "dataset": str(cfg.name),
+            "root": os.path.abspath(os.path.expanduser(str(cfg.root)))}
+    if hasattr(dm, "cache_settings"):
+        return {**base, **{k: _plain(v) for k, v in dm.cache_settings().items()}}
+    pixel = {k: _plain(getattr(cfg, k)) for k in dm.pixel_keys if hasattr(cfg, k)}
+    return {**base, "image_size": int(cfg.image_size), "resize": RESIZE_RULE, "dtype": DTYPE,
+            "pixel_settings": pixel}
+
+
+def _plain(value: Any) -> Any:
+    """An OmegaConf / numpy value as plain JSON data."""
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(value):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def default_dir(dm: RadiographDataModule) -> Path:
+    """``<cache_dir()>/preprocessed/<data.name>-<12 hex digest of the settings>``."""
+    from medvlp.cache import cache_dir
+
+    digest = hashlib.sha1(json.dumps(settings(dm), sort_keys=True).encode("utf-8")).hexdigest()[:12]
+    return cache_dir() / "preprocessed" / f"{dm.cfg.name}-{digest}"
+
+
+def cache_dir_for(dm: RadiographDataModule) -> Path:
+    """``data.preprocessed_dir`` (made absolute) or :func:`default_dir`."""
+    given = str(getattr(dm.cfg, "preprocessed_dir", "") or "")
+    return Path(os.path.abspath(os.path.expanduser(given))) if given else default_dir(dm)
+
+
+_KEY_NAMES = {"dataset": "data.name", "root": "data.root", "image_size": "data.image_size"}
+
+
+def differences(manifest: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """``"<key>: cache <a>, config <b>"`` for every compared setting that differs."""
+    out = []
+    for key, value in wanted.items():
+        if key == "pixel_settings":
+            have = manifest.get(key) or {}
+            for k in sorted(set(have) | set(value)):
+                if have.get(k) != value.get(k):
+                    out.append(f"data.{k}: cache {have.get(k)!r}, config {value.get(k)!r}")
+        elif manifest.get(key) != value:
+            out.append(f"{_KEY_NAMES.get(key, key)}: cache {manifest.get(key)!r}, config {value!r}")
+    return out
+
+
+def command(dm: RadiographDataModule, splits: Sequence[str] | None = None) -> str:
+    """The ``medvlp preprocess`` command line that builds this datamodule's cache."""
+    cfg = dm.cfg
+    parts = ["medvlp preprocess", f"--data {cfg.name}"]
+    if splits:
+        parts.append(f"--splits {','.join(splits)}")
+    parts.append(f"data.root={settings(dm)['root']}")
+    if hasattr(dm, "cache_settings"):  # volumes: the config keys the stored arrays depend on
+        for key in getattr(dm, "cache_keys", ()):
+            value = _plain(getattr(cfg, key))
+            text = "[" + ",".join(str(v) for v in value) + "]" if isinstance(value, list | tuple) else str(value)
+            parts.append(f"data.{key}={text}")
+    else:
+        parts.append(f"data.image_size={int(cfg.image_size)}")
+        parts += [f"data.{k}={v}" for k, v in settings(dm)["pixel_settings"].items()]
+    if getattr(cfg, "preprocessed_dir", ""):
+        parts.append(f"data.preprocessed_dir={cache_dir_for(dm)}")
+    return " ".join(parts)
+
+
+def read_manifest(directory: Path) -> dict[str, Any] | None:
+    """The folder's ``manifest.json`` (None if absent). DataError if it cannot be parsed."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path} is not a readable manifest ({err}); delete the folder {directory} and preprocess again.") from err
+    if not isinstance(data, dict):
+        raise DataError(f"{path} is not a manifest (a JSON object); delete the folder {directory} and preprocess again.")
+    return data
+
+
+def read_index(directory: Path) -> dict[str, tuple]:
+    """``{key: meta}`` from ``index.jsonl`` (2D: ``(H, W)`` of the stored original; 3D: the spacing
+    ``(z, y, x)`` mm and origin ``(x, y, z)`` mm of the stored volume); a torn last line (an
+    interrupted write) is ignored."""
+    path = Path(directory) / INDEX
+    index: dict[str, tuple] = {}
+    if not path.is_file():
+        return index
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                key, *meta = json.loads(line)
+            except (ValueError, TypeError):
+                continue
+            if meta:
+                index[str(key)] = tuple(meta)
+    return index
+
+
+# --------------------------------------------------------------------------- reading (training)
+@dataclass
+class PreprocessedImages:
+    """A preprocessed cache opened for reading: ``read(path) -> (pixels, (H, W))`` or None."""
+
+    directory: Path
+    root: str
+    index: dict[str, tuple]
+    command: str = ""  # the command that builds / completes it (for messages)
+    dtype: str = DTYPE  # of every stored array
+    ndim: int = 2  # 2: images [h, w]; 3: volumes [D, H, W] (read memory-mapped)
+
+    def __contains__(self, path: str) -> bool:
+        return image_key(path, self.root) in self.index
+
+    def read(self, path: str) -> tuple[np.ndarray, tuple] | None:
+        """The cached array of the file at ``path`` and its index entry, or None when the cache
+        does not hold it: 2D ``(uint8 [h, w], (H, W) of the original)``; 3D ``(int16 [D, H, W]
+        memory-mapped, (spacing z, y, x, origin x, y, z))``.
+
+        Raises:
+            DataError: naming the cached file when it is unreadable.
+        """
+        key = image_key(path, self.root)
+        orig = self.index.get(key)
+        if orig is None:
+            return None
+        file = self.directory / image_file(key)
+        try:
+            pixels = np.load(file, allow_pickle=False, mmap_mode="r" if self.ndim == 3 else None)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, EOFError) as err:
+            raise DataError(f"The preprocessed copy {file} of {path} is unreadable ({err}); delete it and run:\n  "
+                            f"{self.command}") from err
+        if pixels.dtype != np.dtype(self.dtype) or pixels.ndim != self.ndim:
+            raise DataError(f"The preprocessed copy {file} of {path} holds {pixels.dtype} {pixels.shape}, not "
+                            f"{self.dtype} with {self.ndim} axes; delete it and run:\n  {self.command}")
+        return pixels, orig
+
+    def missing(self, records: Iterable[Record]) -> list[str]:
+        """Image paths of ``records`` the index does not hold."""
+        out = []
+        for rec in records:
+            for path in rec.image_path if isinstance(rec.image_path, list) else [rec.image_path]:
+                if image_key(path, self.root) not in self.index:
+                    out.append(str(path))
+        return out
+
+    def check_coverage(self, dm: RadiographDataModule, split: str, records: list[Record]) -> None:
+        """Apply ``data.use_preprocessed`` to the images of ``split`` the cache lacks: ``true`` raises,
+        ``auto`` logs how many are decoded on the fly."""
+        missing = self.missing(records)
+        if not missing:
+            log.info("%s %s: reading %d images from the preprocessed cache %s", dm.cfg.name, split, len(records),
+                     self.directory)
+            return
+        total = sum(len(r.image_path) if isinstance(r.image_path, list) else 1 for r in records)
+        text = (f"{len(missing)} of {total} {split} images are not in the preprocessed cache {self.directory} "
+                f"(first: {missing[0]})")
+        if dm.use_preprocessed == "true":
+            raise DataError(f"data.use_preprocessed=true, but {text}. Complete it with:\n  {command(dm, [split])}\n"
+                            f"(images that failed to decode stay missing; or set data.use_preprocessed=auto to decode them on the fly)")
+        log.info("%s %s: %s; those are decoded on the fly", dm.cfg.name, split, text)
+
+
+def open_for_training(dm: RadiographDataModule) -> PreprocessedImages | None:
+    """The cache ``dm`` should read under ``data.use_preprocessed``, or None to decode on the fly.
+
+    Raises:
+        DataError: ``use_preprocessed=true`` and the cache is absent or its manifest differs
+            (the message names the differing keys and the command to run).
+    """
+    mode = dm.use_preprocessed
+    if mode == "false":
+        return None
+    directory = cache_dir_for(dm)
+    cmd = command(dm)
+    manifest = read_manifest(directory)
+    if manifest is None:
+        if mode == "true":
+            raise DataError(f"data.use_preprocessed=true, but {directory} holds no preprocessed cache (no {MANIFEST}). "
+                            f"Build it with:\n  {cmd}")
+        log.info("%s: no preprocessed cache at %s; decoding images on the fly (build one with `%s`)",
+                 dm.cfg.name, directory, cmd)
+        return None
+    diff = differences(manifest, settings(dm))
+    if diff:
+        text = f"the preprocessed cache {directory} was made with other settings ({'; '.join(diff)})"
+        if mode == "true":
+            raise DataError(f"data.use_preprocessed=true, but {text}. Build a matching one with (leave "
+                            f"data.preprocessed_dir empty for a per-setting default folder):\n  {cmd}")
+        log.info("%s: %s; decoding images on the fly", dm.cfg.name, text)
+        return None
+    wanted = settings(dm)
+    return PreprocessedImages(directory, wanted["root"], read_index(directory), cmd, dtype=str(wanted["dtype"]),
+                              ndim=int(wanted.get("ndim", 2)))
+
+
+# --------------------------------------------------------------------------- writing
