@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 install:  ## install medvlp (editable) with the test tools
 	$(PYTHON) -m pip install -e ".[dev]"
 
-test:  ## the default suite (CPU, < 15 min on 2 cores)
+test:  ## the default suite (CPU, < 10 min on 2 cores)
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
 test-slow:  ## tests marked slow (exit code 5 = none selected is not an error)

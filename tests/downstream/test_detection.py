@@ -83,6 +83,13 @@ class _Method(torch.nn.Module):
 
         self.image_encoder = IMAGE_ENCODERS.get("timm")(TimmEncoderConfig(pretrained=False, in_chans=1, **enc))
 
+    def export_encoder(self):
+        """What the transfer tasks build on (``VLPMethod.export_encoder``)."""
+        from medvlp.methods.base import EncoderExport
+
+        cfg = self.image_encoder.cfg
+        return EncoderExport(self.image_encoder, "2d", int(cfg.in_chans), tuple(cfg.img_size))
+
 
 LOSSES = {"fcos": {"classification", "bbox_regression", "bbox_ctrness"},
           "retinanet": {"classification", "bbox_regression"},

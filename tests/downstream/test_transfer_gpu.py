@@ -23,6 +23,13 @@ class _Method(torch.nn.Module):
         super().__init__()
         self.image_encoder = IMAGE_ENCODERS.get("timm")(TimmEncoderConfig(pretrained=False, in_chans=3, **enc))
 
+    def export_encoder(self):
+        """What the transfer tasks build on (``VLPMethod.export_encoder``)."""
+        from medvlp.methods.base import EncoderExport
+
+        cfg = self.image_encoder.cfg
+        return EncoderExport(self.image_encoder, "2d", int(cfg.in_chans), tuple(cfg.img_size))
+
 
 class _Batch:
     def __init__(self, n: int, size: int = 224):
