@@ -179,7 +179,7 @@ def test_a_failing_combination_is_recorded_the_others_go_on_and_the_next_sweep_r
         (Path(out) / "result.json").write_text(json.dumps({"mean_auroc": fraction / 2}))
         return {}  # as another process of a DDP run: nothing printed
 
-    monkeypatch.setattr(S, "ensure_pretrained", lambda cfg, method: tmp_path / "runs" / method)
+    monkeypatch.setattr(sweep_run, "ensure_pretrained", lambda cfg, method: tmp_path / "runs" / method)
     monkeypatch.setattr(api, "downstream", fake_downstream)
     argv = ["--methods", "clip", "--tasks", "classification", "--fractions", "0.1", "1", "--runs", str(tmp_path / "runs"),
             "--out", str(tmp_path / "results")]

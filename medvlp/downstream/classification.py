@@ -26,7 +26,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from medvlp.downstream.metrics import accuracy, auroc
-from medvlp.downstream.task import Task, transfer_title
+from medvlp.downstream.task import Task, task_defaults, transfer_title
 from medvlp.downstream.transfer import TransferModule, fit_transfer
 from medvlp.registry import register_task
 
@@ -48,28 +48,33 @@ PROTOCOLS = ("linear", "finetune")
 
 @dataclass
 class ClassifierSettings:
-    """Optimiser and stopping settings of one protocol (defaults: the papers')."""
+    """Optimiser and stopping settings of one protocol; the papers' values per protocol are in
+    ``configs/downstream/classification.yaml`` (``settings``)."""
 
     lr: float
     batch_size: int
-    weight_decay: float = 1e-6
-    betas: tuple[float, float] = (0.9, 0.999)
-    max_epochs: int = 50
-    patience: int = 10  # epochs without a lower validation loss before stopping
+    weight_decay: float
+    betas: tuple[float, float]
+    max_epochs: int
+    patience: int  # epochs without a lower validation loss before stopping
     max_steps: int = 0  # > 0: stop after this many optimiser steps (quick runs)
 
 
-DEFAULTS = {"linear": ClassifierSettings(lr=5e-4, batch_size=48), "finetune": ClassifierSettings(lr=1e-4, batch_size=64)}
-
-
 def settings_for(protocol: str, **overrides: Any) -> ClassifierSettings:
+    """The protocol's settings from ``configs/downstream/classification.yaml``, then ``overrides``."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol '{protocol}' is not one of {PROTOCOLS}.")
-    base = asdict(DEFAULTS[protocol])
-    unknown = [k for k in overrides if k not in base]
+    base = {"max_steps": 0, **task_defaults("classification").settings.get(protocol, {})}
+    known = [f.name for f in fields(ClassifierSettings)]
+    unknown = [k for k in [*base, *overrides] if k not in known]
     if unknown:
-        raise ValueError(f"Unknown classifier setting(s) {unknown}; known: {sorted(base)}.")
-    return ClassifierSettings(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
+        raise ValueError(f"Unknown classifier setting(s) {unknown}; known: {sorted(known)}.")
+    merged = {**base, **{k: v for k, v in overrides.items() if v is not None}}
+    missing = [k for k in known if k not in merged]
+    if missing:
+        raise ValueError(f"configs/downstream/classification.yaml gives protocol '{protocol}' no {missing}.")
+    merged["betas"] = tuple(float(b) for b in merged["betas"])
+    return ClassifierSettings(**merged)
 
 
 def classification_loss(logits: Tensor, labels: Tensor, multiclass: bool) -> Tensor:

@@ -37,6 +37,7 @@ class TaskDefaults:
         multiclass_metric / multiclass_label: the headline for exclusive classes ("" = ``metric``).
         demo_settings: settings for the synthetic data unless given (quick CPU runs).
         data: ``data.*`` values the task sets unless the user gives them.
+        settings: optimiser and stopping settings per protocol (the papers' values), under the user's.
     """
 
     transfer: bool = True
@@ -50,6 +51,7 @@ class TaskDefaults:
     multiclass_label: str = ""
     demo_settings: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)  # the task's settings per protocol (the papers')
 
 
 def task_defaults(name: str) -> TaskDefaults:

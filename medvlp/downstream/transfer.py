@@ -99,7 +99,7 @@ class TransferModule(L.LightningModule):
         score = float(self.val_score(items)) if items else float("nan")
         if not self.trainer.sanity_checking:
             self.scores.append(score)
-        self.log(self.monitor, score, prog_bar=True)  # the same value on every process (gathered)
+        self.log(self.monitor, score, prog_bar=True, sync_dist=True)  # the same value on every process (gathered)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.model.parameters() if p.requires_grad]

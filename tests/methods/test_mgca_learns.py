@@ -1,6 +1,6 @@
 """MGCA measurably learns the 2D synthetic world on CPU, every term decreases - and untrained it fails.
 
-300 steps of ``medvlp fit --method mgca`` (about 75 s on 2 idle cores).
+200 steps of ``medvlp fit --method mgca`` (about 50 s on 2 idle cores; the shared run of ``tests/learning.py``).
 """
 
 from __future__ import annotations
