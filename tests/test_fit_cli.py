@@ -60,11 +60,15 @@ def test_fit_writes_run_dir(resumed_run):
     assert "train/loss_itc_step" in header and "val/loss_itc" in header
 
 
-def test_zeroshot_and_retrieve_on_run(resumed_run):
+def test_zeroshot_and_retrieve_on_run(resumed_run, capsys):
+    """``medvlp zeroshot`` / ``medvlp retrieve`` on the run (the command line's ``main``, in this process)."""
+    from medvlp.cli import main
+
     run_dir, _ = resumed_run
-    proc = subprocess.run([*CLI, "zeroshot", "--run", str(run_dir)], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert main(["zeroshot", "--run", str(run_dir)]) == 0, capsys.readouterr().err[-2000:]
+    out = capsys.readouterr().out
     for finding in ("Cardiomegaly", "Pleural Effusion", "Consolidation", "Pneumothorax", "Lung Lesion", "mean"):
-        assert finding in proc.stdout
-    proc = subprocess.run([*CLI, "retrieve", "--run", str(run_dir)], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0 and "R@5" in proc.stdout and "image to text" in proc.stdout
+        assert finding in out
+    assert main(["retrieve", "--run", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "R@5" in out and "image to text" in out

@@ -112,7 +112,8 @@ class Setup:
         self.name, self.learned = name, learned
         learned.add(name, None, {"method": name}, FIT_STEPS)  # methods without a learning run: a short fit
         _, compose, _ = learned.specs[name]
-        self.cfg = C.compose(**compose, overrides=[*demo_overrides("unused", 1), f"data.batch_size={BATCH}", *overrides])
+        self.cfg = C.compose(**compose, overrides=[*demo_overrides("unused", 1), f"data.batch_size={BATCH}",
+                                                   f"data.eval_batch_size={BATCH}", *overrides])
         api.resolve_data_root(self.cfg)
         C.resolve(self.cfg)
         self.method = self.fresh()
@@ -227,6 +228,19 @@ class _NoRuns:
 
     def add(self, key: str, auc_min: Any, compose: dict[str, Any], steps: int) -> None:
         self.specs.setdefault(key, (auc_min, compose, steps))
+
+
+@pytest.mark.gpu
+def test_a_cuda_bf16_step_runs(setup):
+    """Every method trains in bf16 mixed precision on a CUDA GPU (finite losses and gradients)."""
+    m = setup.fresh().cuda().train()
+    values = {f.name: getattr(setup.batch, f.name) for f in dataclasses.fields(setup.batch)}
+    batch = type(setup.batch)(**{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in values.items()})
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        total, terms = setup.total(m, batch)
+    assert torch.isfinite(total), terms
+    total.backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in m.parameters())
 
 
 def _rank_losses(rank: int, world: int, init: str, names: list[str], plugin: str, states: str, out: Any) -> None:

@@ -384,29 +384,27 @@ def test_zero_shot_merges_two_labels_into_one(monkeypatch) -> None:
     assert res["thresholded"]["AB"]["accuracy"] == 1.0 and 0 <= res["mean_f1_weighted"] <= 1
 
 
-def test_fit_hlip_on_the_ct_rate_fixture(tmp_path) -> None:
+def test_fit_hlip_on_the_ct_rate_fixture(tmp_path, capsys) -> None:
     """`medvlp fit --method hlip --data ct_rate data.root=<fixture>` end to end (the tiny CT-RATE world in
-    the real layout), then zero-shot with HLIP's prompt pairs."""
-    import subprocess
-    import sys
-
+    the real layout), then zero-shot with HLIP's prompt pairs (the command line's ``main``, in this process)."""
+    from medvlp.cli import main
     from medvlp.datamodules.demo import write_ct_demo
 
     ct_root = write_ct_demo(tmp_path / "ct-rate", size="tiny", seed=0)
     out = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "medvlp.cli", "fit", "--method", "hlip", "--data", "ct_rate", f"data.root={ct_root}",
+    cmd = ["fit", "--method", "hlip", "--data", "ct_rate", f"data.root={ct_root}",
            "data.spacing=[10.0,6.0,6.0]", "data.size=[8,32,32]", "data.batch_size=2", "data.max_length=32",
            "data.num_workers=0", "method.image_encoder.img_size=[8,32,32]", "method.image_encoder.patch_size=[4,8,8]",
            f"run.out_dir={out}", "trainer.max_steps=3", "trainer.enable_progress_bar=false", "trainer.limit_val_batches=1"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert main(cmd) == 0, capsys.readouterr().err[-3000:]
     (run,) = list(out.iterdir())
     assert (run / "checkpoints" / "last.ckpt").is_file() and "name: hlip_vit" in (run / "config.yaml").read_text()
-    zs = [sys.executable, "-m", "medvlp.cli", "zeroshot", "--run", str(run), "--split", "val", "data.prompts=hlip_ct_rate.yaml",
+    capsys.readouterr()
+    zs = ["zeroshot", "--run", str(run), "--split", "val", "data.prompts=hlip_ct_rate.yaml",
           "data.eval_labels=[Emphysema,Cardiomegaly,Lung nodule]"]
-    res = subprocess.run(zs, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "Cardiomegaly" in res.stdout and "mean" in res.stdout
+    assert main(zs) == 0, capsys.readouterr().err[-3000:]
+    out_text = capsys.readouterr().out
+    assert "Cardiomegaly" in out_text and "mean" in out_text
 
 
 @pytest.mark.gpu
