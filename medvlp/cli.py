@@ -145,7 +145,7 @@ def cmd_list(what: str) -> None:
             for name in reg.names():
                 print(f"  {name:<{width}}  {reg.describe(name)}")
     if what in ("all", "configs"):
-        for group in ("method", "data", "trainer", "experiment"):
+        for group in ("method", "encoder", "data", "trainer", "downstream", "experiment"):
             print(f"configs/{group}: {', '.join(C.group_options(group)) or '(none)'}")
 
 

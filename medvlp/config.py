@@ -544,7 +544,7 @@ def _method_layer(method: str) -> tuple[DictConfig, str]:
     try:
         METHODS.get(method)
     except RegistryError as err:  # names the registered methods and where they are looked for
-        raise ConfigError(f"No method config '{method}' in configs/method/ and {err}") from None
+        raise ConfigError(f"{err} (There is no configs/method/{method}.yaml either.)") from None
     return OmegaConf.create({"method": {"name": method}}), f"the {method} method's defaults"
 
 
