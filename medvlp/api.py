@@ -191,7 +191,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None):
         offline.method.image_encoder.inflate_from = ""  # weights come from the checkpoint
     method = build_method(offline)
     ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)  # tensors and plain containers only: no code runs
     method.load_state_dict(state["state_dict"])
     method.eval()
     return method, cfg
