@@ -21,13 +21,9 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from medvlp.distributed import world
+
 log = logging.getLogger(__name__)
-
-
-def world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def gather_in_order(items: list[Any], n: int) -> list[Any]:
