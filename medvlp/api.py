@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from medvlp import config as C
 from medvlp.cache import write_atomic
+from medvlp.checkpoints import CKPT_DIR
 from medvlp.datamodules.base import DEMO_ROOT, DataRootError
 from medvlp.registry import DATAMODULES, METHODS
 
@@ -26,21 +28,20 @@ log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.yaml"
 TEXT_DIR = "text_encoder"
-CKPT_DIR = "checkpoints"
 
 
 # --------------------------------------------------------------------------- data
 def resolve_data_root(cfg: DictConfig) -> None:
     """Replace ``data.root=demo`` by the generated synthetic dataset; check the root's layout."""
     dm_cls = DATAMODULES.get(cfg.data.name)
+    if OmegaConf.is_missing(cfg.data, "root"):
+        raise DataRootError(dm_cls.root_message("", "is not set"))
     if cfg.data.root == DEMO_ROOT:
         if not getattr(dm_cls, "demo_kind", ""):
             raise DataRootError(f"data.root=demo: the {cfg.data.name} datamodule has no synthetic demo version.")
         from medvlp.datamodules.demo import ensure_demo
 
         cfg.data.root = str(ensure_demo(dm_cls.demo_kind, size=cfg.data.demo_size, seed=0))
-    if OmegaConf.is_missing(cfg.data, "root"):
-        raise DataRootError(dm_cls.root_message("???", "is not set"))
     dm_cls.check_root(cfg.data)
 
 
@@ -69,12 +70,71 @@ def _run_info(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+RUN_DIR_ENV = "MEDVLP_RUN_DIR"  # set by the first process of a run for the processes Lightning launches for it
+
+
+def _global_rank() -> tuple[int, int]:
+    """``(rank, world size)`` as a launcher set them in the environment (``(0, 1)`` without one)."""
+    for rank_var, size_var in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if os.environ.get(rank_var, "").isdigit():
+            return int(os.environ[rank_var]), int(os.environ.get(size_var, "1") or 1)
+    local = os.environ.get("LOCAL_RANK", "")
+    return (int(local), int(os.environ.get("WORLD_SIZE", "1") or 1)) if local.isdigit() else (0, 1)
+
+
+def _claim_config(cfg: DictConfig, run_dir: Path) -> None:
+    """Write ``config.yaml`` into ``run_dir`` only if the directory holds no run yet (atomic: the file
+    appears complete or not at all, and of two processes claiming the directory one wins)."""
+    tmp = run_dir / f".{CONFIG_NAME}.{os.getpid()}.tmp"
+    C.save(cfg, tmp)
+    try:
+        os.link(tmp, run_dir / CONFIG_NAME)
+    except FileExistsError:
+        raise C.ConfigError(f"Run directory {run_dir} already holds a run; resume it with "
+                            f"`medvlp fit --resume {run_dir}` or choose another run.name.") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def new_run_dir(cfg: DictConfig) -> Path:
-    name = cfg.run.name or f"{cfg.method.name}-{Path(str(cfg.data.root)).name or cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.run.out_dir) / name
-    if (run_dir / CONFIG_NAME).exists():
-        raise C.ConfigError(f"Run directory {run_dir} already holds a run; resume it with `medvlp fit --resume {run_dir}` or set run.name.")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Create the run directory and write its ``config.yaml``, atomically.
+
+    Without ``run.name`` the directory is ``<method>-<data>-<time>`` made with ``mkdir`` (no
+    ``exist_ok``); a name already taken, e.g. by a run started in the same second, gets ``-1``,
+    ``-2``, ... With ``run.name`` the directory may exist (prepared by a sweep, say) as long as it
+    holds no run; otherwise it is a ConfigError.
+    """
+    out = Path(cfg.run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.run.name:
+        run_dir = out / cfg.run.name
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        stem = f"{cfg.method.name}-{Path(str(cfg.data.root)).name or cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        for i in range(10_000):
+            run_dir = out / (stem if i == 0 else f"{stem}-{i}")
+            try:
+                run_dir.mkdir()
+                break
+            except FileExistsError:
+                continue
+        else:  # pragma: no cover - ten thousand runs in one second
+            raise C.ConfigError(f"Could not create a run directory under {out}: every name {stem}-N is taken.")
+    _claim_config(cfg, run_dir)
+    return run_dir.resolve()
+
+
+def _wait_for_run_dir(cfg: DictConfig, timeout: float = 600.0) -> Path:
+    """The run directory as another process (global rank 0) creates it: ``<out_dir>/<run.name>``."""
+    if not cfg.run.name:
+        raise C.ConfigError("This process was started by an external launcher (torchrun, SLURM) as one of several: "
+                            "set run.name so that every process finds the run directory that rank 0 creates.")
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    deadline = time.monotonic() + timeout
+    while not (run_dir / CONFIG_NAME).is_file():
+        if time.monotonic() > deadline:
+            raise C.ConfigError(f"Rank 0 did not create {run_dir / CONFIG_NAME} within {timeout:.0f} s.")
+        time.sleep(0.5)
     return run_dir.resolve()
 
 
@@ -82,31 +142,19 @@ def build_method(cfg: DictConfig):
     return METHODS.get(cfg.method.name)(cfg.method, cfg.optim)
 
 
-def _trainer(cfg: DictConfig, run_dir: Path):
+def _trainer(cfg: DictConfig, run_dir: Path, callbacks: list[Any], resumed_step: int | None = None):
     import lightning as L
-    from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.loggers import TensorBoardLogger
 
-    class FinalCheckpoint(Callback):
-        """Writes ``last.ckpt`` when training ends, whatever the checkpoint interval."""
+    from medvlp.resume import ResumableCSVLogger, RunCheckpoints
 
-        def on_train_end(self, trainer, pl_module) -> None:
-            trainer.save_checkpoint(run_dir / CKPT_DIR / "last.ckpt")
-
-    # The run directory already holds config.yaml; the CSV logger appends to metrics.csv on resume.
-    warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+    # The batches already trained in a resumed epoch are skipped by the EpochSampler (medvlp.resume).
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     t = cfg.trainer
-    every = t.checkpoint_every_n_steps or None
-    ckpt = ModelCheckpoint(
-        dirpath=run_dir / CKPT_DIR,
-        filename="step{step}",
-        auto_insert_metric_name=False,
-        save_last=True,
-        every_n_train_steps=every,
-        every_n_epochs=None if every else 1,
-        save_top_k=1,
-    )
-    loggers = [CSVLogger(run_dir, name="", version=""), TensorBoardLogger(run_dir, name="tb", version="")]
+    ckpt = RunCheckpoints(run_dir / CKPT_DIR, every_n_steps=t.checkpoint_every_n_steps, keep=t.keep_checkpoints)
+    # TensorBoard drops the events of steps the resumed run logs again (purge_step); its files stay.
+    tb = TensorBoardLogger(run_dir, name="tb", version="", **({"purge_step": resumed_step} if resumed_step else {}))
     return L.Trainer(
         default_root_dir=run_dir,
         max_epochs=t.max_epochs,
@@ -125,48 +173,104 @@ def _trainer(cfg: DictConfig, run_dir: Path):
         num_sanity_val_steps=t.num_sanity_val_steps,
         enable_progress_bar=t.enable_progress_bar,
         deterministic=t.deterministic,
-        logger=loggers,
-        callbacks=[ckpt, FinalCheckpoint(), LearningRateMonitor(logging_interval="step")],
+        logger=[ResumableCSVLogger(run_dir), tb],
+        enable_checkpointing=False,  # RunCheckpoints writes them
+        callbacks=[*callbacks, ckpt, LearningRateMonitor(logging_interval="step")],
     )
 
 
+def _resume_point(run_dir: Path) -> tuple[str | None, int]:
+    """``(checkpoint path or None, the step the resumed run logs first)``: the newest checkpoint that
+    reads back (broken ones are passed over and named); none at all restarts the run from step 0."""
+    from medvlp.checkpoints import NoCheckpointError, load_latest
+
+    try:
+        path, state = load_latest(run_dir)
+    except NoCheckpointError as err:
+        log.warning("%s Starting it again from step 0 with its saved config.", err)
+        return None, 0
+    step = int(state.get("global_step", 0))  # the resumed run logs its first batch at this step
+    log.info("continuing %s from %s (step %d)", run_dir, path.name, step)
+    return str(path), step
+
+
+def _record_resume(run_dir: Path, ckpt_path: str | None, step: int) -> None:
+    info_path = run_dir / "run_info.json"
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, ValueError):
+        info = {}
+    info.setdefault("resumed", []).append({"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": sys.argv,
+                                           "checkpoint": ckpt_path, "step": step})
+    write_atomic(info_path, json.dumps(info, indent=2))
+
+
 def fit(cfg: DictConfig, resume: str | Path | None = None) -> Path:
-    """Train ``cfg`` (or continue the run in ``resume``); returns the run directory."""
+    """Train ``cfg`` (or continue the run in ``resume``); returns the run directory.
+
+    Only the first process of a run (global rank 0) creates the run directory and writes into it;
+    the processes a multi-device run launches use the same directory. A resumed run continues
+    exactly where the checkpoint left off (:mod:`medvlp.resume`) and keeps the loss history.
+    """
     import lightning as L
     import torch
 
+    from medvlp.resume import ExactResume, rewind_metrics
+
+    rank, size = _global_rank()
+    inherited = os.environ.get(RUN_DIR_ENV, "")
+    primary = rank == 0 and not (inherited and os.environ.get("LOCAL_RANK", "0") != "0")
+    ckpt_path, resumed_step = None, 0
     if resume is not None:
         run_dir = Path(resume).resolve()
-        ckpt_path = latest_checkpoint(run_dir)
+        cfg = load_config(run_dir) if cfg is None else cfg
+        ckpt_path, resumed_step = _resume_point(run_dir)
     else:
         resolve_data_root(cfg)
         C.resolve(cfg)
-        run_dir = new_run_dir(cfg)
-        ckpt_path = None
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     method = build_method(cfg)
     if cfg.trainer.compile:
         method.image_encoder = torch.compile(method.image_encoder)
     dm = build_datamodule(cfg, tokenizer=method.tokenizer)
-    if resume is None:
-        C.save(cfg, run_dir / CONFIG_NAME)
+    train_loader = dm.resumable_train_dataloader()  # reads the records: bad data fails before the run directory exists
+    val_loader = dm.val_dataloader()
+    if resume is not None:
+        if primary:
+            rewind_metrics(run_dir / "metrics.csv", resumed_step)
+            if not (run_dir / TEXT_DIR / "config.json").is_file():
+                method.text_encoder.save_pretrained_parts(run_dir / TEXT_DIR)
+            _record_resume(run_dir, ckpt_path, resumed_step)
+    elif inherited and not primary:
+        run_dir = Path(inherited)
+    elif not primary and size > 1:
+        run_dir = _wait_for_run_dir(cfg)
+    else:
+        run_dir = new_run_dir(cfg)
         method.text_encoder.save_pretrained_parts(run_dir / TEXT_DIR)
-        (run_dir / "run_info.json").write_text(json.dumps(_run_info(cfg), indent=2))
-    trainer = _trainer(cfg, run_dir)
-    trainer.fit(method, train_dataloaders=dm.train_dataloader(), val_dataloaders=dm.val_dataloader(), ckpt_path=ckpt_path)
+        write_atomic(run_dir / "run_info.json", json.dumps(_run_info(cfg), indent=2))
+    from medvlp.datamodules.dropped import DroppedItems
+
+    callbacks = [ExactResume(train_loader.sampler, batch_size=int(cfg.data.batch_size)), DroppedItems(dm, run_dir)]
+    trainer = _trainer(cfg, run_dir, callbacks, resumed_step=resumed_step or None)
+    set_here = primary and not inherited
+    if set_here:
+        os.environ[RUN_DIR_ENV] = str(run_dir)  # for the processes the Trainer launches (they inherit it)
+    try:
+        trainer.fit(method, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path,
+                    weights_only=True)
+    finally:
+        if set_here:
+            os.environ.pop(RUN_DIR_ENV, None)
     return run_dir
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
-    """The newest complete checkpoint of the run (a file cut short by a kill is passed over)."""
-    import zipfile
+    """The newest checkpoint of the run that reads back completely; a file cut short, corrupt or
+    unreadable is passed over (named in a warning), an unsafe one is refused (:mod:`medvlp.checkpoints`)."""
+    from medvlp.checkpoints import latest_checkpoint as latest
 
-    ckdir = Path(run_dir) / CKPT_DIR
-    for cand in sorted(ckdir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True):
-        if zipfile.is_zipfile(cand):  # torch.save writes a zip archive; a truncated one is not
-            return cand
-        log.warning("skipping incomplete checkpoint %s", cand)
-    raise FileNotFoundError(f"No checkpoint in {ckdir}: the run stopped before its first checkpoint; start it again.")
+    return latest(run_dir)
 
 
 def load_config(run_dir: str | Path) -> DictConfig:
@@ -178,7 +282,7 @@ def load_config(run_dir: str | Path) -> DictConfig:
 
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None):
     """Rebuild a trained method from its run directory alone (no hub access); returns (method, cfg)."""
-    import torch
+    from medvlp.checkpoints import load_latest, read_checkpoint
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir)
@@ -190,8 +294,11 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None):
     if "inflate_from" in offline.method.image_encoder:
         offline.method.image_encoder.inflate_from = ""  # weights come from the checkpoint
     method = build_method(offline)
-    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)  # tensors and plain containers only: no code runs
+    # tensors and plain containers only: a checkpoint that would run code is refused, a broken one named
+    if checkpoint:
+        state = read_checkpoint(checkpoint)
+    else:
+        _, state = load_latest(run_dir)
     method.load_state_dict(state["state_dict"])
     method.eval()
     return method, cfg
@@ -230,6 +337,7 @@ def evaluate_method(method, cfg: DictConfig, tasks: tuple[str, ...] = ("zeroshot
     out: dict[str, Any] = {"split": split, "n": len(emb.study_ids)}
     for task in chosen:
         out[task.name] = task.evaluate(method, dm, emb, cfg)
+    out["dropped"] = dm.dropped_summary()  # studies left out while reading the split (listed in the log)
     return out
 
 
@@ -295,6 +403,9 @@ def downstream(task: str, data: str, run_dir: str | Path, fraction: float = 1.0,
     if res is None:  # another process of a multi-process run: rank 0 writes the result
         return {}
     res.update({"run": str(run_dir), "method": run_cfg.method.name, "data": data, "data_name": cfg.data.name})
+    if dm.dropped:
+        dm.write_dropped(folder / "dropped.csv")  # every study left out, by id and reason
+    res["dropped"] = dm.dropped_summary()
     res.setdefault("files", {})["result"] = str(folder / "result.json")
     write_atomic(folder / "result.json", json.dumps(res, indent=2))  # a killed run leaves no partial result
     return res

@@ -29,6 +29,9 @@ class ImageTextBatch:
             ``images`` and ``[N_i]`` int64 classes (detection datasets).
         masks: ``[B, H, W]`` uint8 {0, 1} aligned to ``images`` (segmentation datasets).
         skipped: items dropped by ``data.on_error=skip`` while building this batch.
+        skipped_ids / skipped_reasons: the study id of each of those items and why it was skipped
+            (the error message, naming the file); :class:`~medvlp.datamodules.dropped.DroppedItems`
+            lists them in ``dropped.csv``.
     """
 
     images: Tensor
@@ -45,6 +48,8 @@ class ImageTextBatch:
     box_labels: list[Tensor] | None = None
     masks: Tensor | None = None
     skipped: int = 0
+    skipped_ids: list[str] = field(default_factory=list)
+    skipped_reasons: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:

@@ -155,7 +155,8 @@ def compose_fit(args: argparse.Namespace):
     from medvlp import config as C
 
     light = C.compose(args.method, args.data, args.trainer, args.config, args.overrides, sections=("data", "trainer", "optim", "run"))
-    api.resolve_data_root(light)  # fast: no torch yet
+    C.check_values(light)  # ranges first, then the data root: both before torch is imported
+    api.resolve_data_root(light)
     cfg = C.compose(args.method, args.data, args.trainer, args.config, args.overrides)
     cfg.data.root = light.data.root
     return C.resolve(cfg)

@@ -243,6 +243,7 @@ class TrainerConfig:
     limit_val_batches: float = bounded(1.0, ge=0)
     num_sanity_val_steps: int = bounded(0, ge=-1)
     checkpoint_every_n_steps: int = bounded(0, ge=0)  # 0 = at the end of every epoch only
+    keep_checkpoints: int = bounded(2, ge=1)  # newest step checkpoints kept (plus last.ckpt at the end)
     enable_progress_bar: bool = True
     deterministic: bool = False
     compile: bool = False
@@ -355,9 +356,9 @@ def _translate(err: OmegaConfBaseException, source: str, schemas: dict[str, Any]
     if isinstance(err, ValidationError):
         expected = _expected_type(schemas, key)
         return ConfigError(
-            f"Config key '{key}' (from {source}) expects {expected}, got {err.msg.split(chr(10))[0]}"
+            f"Config key '{key or '?'}' (from {source}) expects {expected}, got {str(err.msg or err).splitlines()[0]}"
         )
-    return ConfigError(f"Invalid config (from {source}) at '{key}': {err.msg if hasattr(err, 'msg') else err}")
+    return ConfigError(f"Invalid config (from {source}) at '{key or '?'}': {getattr(err, 'msg', None) or err}")
 
 
 def _expected_type(schemas: dict[str, Any], key: str) -> str:
@@ -385,10 +386,37 @@ def _merge(base: DictConfig, layer: DictConfig | dict, source: str, schemas: dic
         raise ConfigError(
             f"Unknown config section '{unknown[0]}' (from {source}).{hint} Sections: {', '.join(SECTIONS)}."
         )
+    misplaced = _value_for_section(base, layer)
+    if misplaced:
+        key, value, section = misplaced
+        names = [str(k) for k in section]
+        example = next((k for k in ("model", "root", "name") if k in names), names[0] if names else "name")
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise ConfigError(
+            f"Config key '{key}' (from {source}) is a section ({shown}), got the single value {value!r}; "
+            f"set one of its keys instead, e.g. {key}.{example}={value}."
+        )
     try:
         return OmegaConf.merge(base, layer)
     except OmegaConfBaseException as err:
         raise _translate(err, source, schemas) from None
+
+
+def _value_for_section(base: Any, layer: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
+    """The first ``(key, value, section)`` where ``layer`` gives a plain value for a section of ``base``."""
+    if not isinstance(layer, DictConfig) or not isinstance(base, DictConfig):
+        return None
+    for key in layer:
+        if key not in base or OmegaConf.is_missing(layer, key) or OmegaConf.is_interpolation(layer, key):
+            continue
+        path = f"{prefix}.{key}" if prefix else str(key)
+        below, value = base._get_node(key), layer[key]
+        if isinstance(below, DictConfig) and not isinstance(value, DictConfig) and value is not None:
+            return path, value, below
+        found = _value_for_section(below, value, path)
+        if found:
+            return found
+    return None
 
 
 def parse_overrides(overrides: list[str]) -> DictConfig:

@@ -372,7 +372,7 @@ def _run(dm: RadiographDataModule, directory: Path, todo: list[tuple[str, Record
                     summary.failures.append(error)
                 if dm.cfg.on_error != "skip":
                     raise DataError(
-                        f"{error}. The {summary.done + summary.skipped_existing} images cached so far are kept in "
+                        f"{error.rstrip('.')}. The {summary.done + summary.skipped_existing} images cached so far are kept in "
                         f"{directory}; re-run the command to continue, or set data.on_error=skip to skip (and count) "
                         f"unreadable images."
                     )

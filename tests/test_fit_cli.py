@@ -1,11 +1,13 @@
 """`medvlp fit` end to end through the CLI: run directory, zero-shot, retrieval, kill + resume."""
 
+import csv
+import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -16,42 +18,83 @@ CLI = [sys.executable, "-m", "medvlp.cli"]
 
 
 def final_step(run_dir: Path) -> int:
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+
+
+# 192 training images in batches of 32: 6 batches an epoch; a checkpoint every 3 steps is alternately
+# mid-epoch (3, 9, 15) and at an epoch boundary (6, 12).
+STEPS, EVERY, PER_EPOCH = 16, 3, 6
+FIT = ["fit", "--method", "clip", f"trainer.max_steps={STEPS}", f"trainer.checkpoint_every_n_steps={EVERY}",
+       "trainer.deterministic=true", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
+       "data.limit_train=192", "data.batch_size=32", "run.seed=3"]
+
+
+def logged_step(run_dir: Path) -> int:
+    """The last training step in the run's metrics.csv (-1 before the first)."""
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return -1
+    with open(path, newline="") as fh:
+        steps = [int(r["step"]) for r in csv.DictReader(fh) if r.get("train/loss_step")]
+    return max(steps, default=-1)
 
 
 @pytest.fixture(scope="module")
-def resumed_run(tmp_path_factory):
-    """A 50-step ``medvlp fit``, killed with SIGKILL once it has checkpointed step 15 or later, then
-    ``medvlp fit --resume``d to its end: ``(run directory, the step it was killed at)``."""
+def runs(tmp_path_factory):
+    """An uninterrupted ``medvlp fit`` and the same run killed with SIGKILL at three random steps, each
+    time continued with ``medvlp fit --resume`` (to its end after the third):
+    ``(uninterrupted run, resumed run, the kill points)``."""
     out = tmp_path_factory.mktemp("runs")
-    args = [*CLI, "fit", "--method", "clip", "trainer.max_steps=50", "trainer.checkpoint_every_n_steps=5",
-            f"run.out_dir={out}", "run.name=killed", "trainer.enable_progress_bar=false"]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    ckdir = out / "killed" / "checkpoints"
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline and not any(int(p.stem[4:]) >= 15 and zipfile.is_zipfile(p) for p in ckdir.glob("step*.ckpt")):
-            assert proc.poll() is None, "training ended before it could be killed"
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    from medvlp.api import latest_checkpoint
-
-    killed_at = torch.load(latest_checkpoint(out / "killed"), map_location="cpu", weights_only=False)["global_step"]
-    res = subprocess.run([*CLI, "fit", "--resume", str(out / "killed")], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    ref = subprocess.run([*CLI, *FIT, f"run.out_dir={out}", "run.name=whole"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    rng = random.Random()
+    kills = [rng.randint(4, 5), rng.randint(7, 8), rng.randint(10, 11)]  # after checkpoints 3, 6 and 9
+    chain = out / "killed"
+    for i, at in enumerate(kills):
+        args = [*FIT, f"run.out_dir={out}", "run.name=killed"] if i == 0 else ["fit", "--resume", str(chain)]
+        proc = subprocess.Popen([*CLI, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        deadline = time.time() + 300
+        try:
+            while logged_step(chain) < at and time.time() < deadline:
+                assert proc.poll() is None, f"training ended before it could be killed at step {at}"
+                time.sleep(0.02)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    res = subprocess.run([*CLI, "fit", "--resume", str(chain)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
-    return out / "killed", killed_at
+    return out / "whole", chain, kills
 
 
-def test_sigkill_and_resume_reaches_same_step(resumed_run):
-    run_dir, killed_at = resumed_run
-    assert 15 <= killed_at < 50
-    assert final_step(run_dir) == 50  # where the uninterrupted 50-step run ends
+def test_killed_and_resumed_run_is_bit_identical(runs):
+    """kill -9 at three random steps + --resume: the weights of the uninterrupted run, bit for bit, the same
+    per-step losses and one row per logged step in metrics.csv (deterministic mode, CPU)."""
+    whole, chain, kills = runs
+    assert final_step(chain) == final_step(whole) == STEPS
+    a = torch.load(whole / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    b = torch.load(chain / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), f"{key} differs after kills at {kills}"
+    for group_a, group_b in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        assert all(torch.equal(group_a[k], group_b[k]) for k in group_a)
+    assert (chain / "metrics.csv").read_text() == (whole / "metrics.csv").read_text(), f"kills at {kills}"
+    with open(chain / "metrics.csv", newline="") as fh:
+        steps = [int(r["step"]) for r in csv.DictReader(fh) if r.get("train/loss_step")]
+    assert steps == list(range(STEPS))
+    # the resumes started from mid-epoch and from epoch-boundary checkpoints
+    resumed = [r["step"] for r in json.loads((chain / "run_info.json").read_text())["resumed"]]
+    assert len(resumed) == 3 and all(s % EVERY == 0 and s > 0 for s in resumed), resumed
+    assert any(s % PER_EPOCH for s in resumed) and any(s % PER_EPOCH == 0 for s in resumed), resumed
+    # the rows trained again after a kill are kept beside metrics.csv, not deleted
+    assert list(chain.glob("metrics.after-step*.csv"))
+    assert len(list((chain / "tb").glob("events.out.tfevents.*"))) == 4
 
 
-def test_fit_writes_run_dir(resumed_run):
-    run_dir, _ = resumed_run
+def test_fit_writes_run_dir(runs):
+    run_dir = runs[0]
     for rel in ("config.yaml", "run_info.json", "text_encoder/tokenizer.json", "text_encoder/config.json",
                 "checkpoints/last.ckpt", "metrics.csv"):
         assert (run_dir / rel).exists(), rel
@@ -60,11 +103,11 @@ def test_fit_writes_run_dir(resumed_run):
     assert "train/loss_itc_step" in header and "val/loss_itc" in header
 
 
-def test_zeroshot_and_retrieve_on_run(resumed_run, capsys):
+def test_zeroshot_and_retrieve_on_run(runs, capsys):
     """``medvlp zeroshot`` / ``medvlp retrieve`` on the run (the command line's ``main``, in this process)."""
     from medvlp.cli import main
 
-    run_dir, _ = resumed_run
+    run_dir = runs[1]
     assert main(["zeroshot", "--run", str(run_dir)]) == 0, capsys.readouterr().err[-2000:]
     out = capsys.readouterr().out
     for finding in ("Cardiomegaly", "Pleural Effusion", "Consolidation", "Pneumothorax", "Lung Lesion", "mean"):

@@ -12,7 +12,10 @@ A dataset subclass provides:
 * ``label_names``: the label columns attached to records (``Record.labels`` follows this order).
 
 The base class does the rest: datasets, error policy (``data.on_error``), tokenisation and
-collation into :class:`~medvlp.batch.ImageTextBatch`, and the zero-shot prompt sets.
+collation into :class:`~medvlp.batch.ImageTextBatch`, and the zero-shot prompt sets. Every item
+a subclass leaves out while building records is noted with ``note_dropped(split, study_id, reason)``;
+with the items ``data.on_error=skip`` skips at load time it forms :attr:`VLPDataModule.dropped`
+(:mod:`medvlp.datamodules.dropped`).
 
 Import cost matters here: ``medvlp fit`` validates ``data.root`` through ``check_root`` before it
 imports torch or Lightning, so that a wrong path fails within a second or two. Dataset modules
@@ -30,12 +33,13 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
 
 from medvlp.config import bounded
 from medvlp.datamodules.cache import open_for_training
+from medvlp.datamodules.dropped import DroppedItem, write_dropped
 from medvlp.datamodules.errors import DataError, DataRootError
 
 if TYPE_CHECKING:
@@ -115,11 +119,21 @@ def augment_text(text: str, how: str, keep: float = 0.5) -> str:
     return " ".join(sentences[i] for i in order)
 
 
+class SkippedItem(NamedTuple):
+    """An item that ``data.on_error=skip`` skipped: what the collate function receives in its place
+    (through :meth:`RecordDataset.__getitems__`), so that the batch can name it."""
+
+    study_id: str
+    reason: str
+
+
 class RecordDataset:
     """Loads one record per item; applies the ``on_error`` policy.
 
-    With ``on_error=skip`` an unreadable item becomes ``None``; the collate function drops it and
-    counts it in ``ImageTextBatch.skipped`` (so counts survive worker processes).
+    With ``on_error=skip`` an unreadable item becomes ``None`` (``dataset[i]``), or a
+    :class:`SkippedItem` in the list a DataLoader fetches (``__getitems__``); the collate function
+    drops it and counts and names it in ``ImageTextBatch.skipped`` / ``skipped_ids`` /
+    ``skipped_reasons`` (so they survive worker processes).
     """
 
     def __init__(self, dm: VLPDataModule, records: list[Record], train: bool) -> None:
@@ -131,6 +145,15 @@ class RecordDataset:
         return len(self.records)
 
     def __getitem__(self, idx: int) -> dict[str, Any] | None:
+        item = self.load(idx)
+        return None if isinstance(item, SkippedItem) else item
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any] | SkippedItem]:
+        """The items of one batch (the DataLoader's fetcher calls this instead of ``__getitem__``)."""
+        return [self.load(i) for i in indices]
+
+    def load(self, idx: int) -> dict[str, Any] | SkippedItem:
+        """Item ``idx``, or with ``data.on_error=skip`` a :class:`SkippedItem` when it cannot be loaded."""
         rec = self.records[idx]
         try:
             sample = self.dm.load_sample(rec, train=self.train)
@@ -138,14 +161,17 @@ class RecordDataset:
             msg = f"{type(err).__name__}: {err}" if not isinstance(err, DataError) else str(err)
             if self.dm.cfg.on_error == "skip":
                 log.warning("skipping study %s: %s", rec.study_id, msg)
-                return None
+                return SkippedItem(str(rec.study_id), msg)
             if isinstance(err, DataError):
                 raise
             raise DataError(
                 f"Could not load study {rec.study_id} from {rec.image_path}: {msg}. "
                 f"Set data.on_error=skip to skip (and count) unreadable items."
             ) from err
-        return {"text": self.dm.item_text(rec, self.train), "study_id": rec.study_id, "labels": rec.labels, "meta": rec.meta, **sample}
+        item = {"study_id": rec.study_id, "labels": rec.labels, "meta": rec.meta, **sample}
+        if "text" not in item:  # load_sample may return the text (and labels) of the file it drew
+            item["text"] = self.dm.item_text(rec, self.train)
+        return item
 
 
 class VLPDataModule:
@@ -173,6 +199,10 @@ class VLPDataModule:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self._records: dict[str, list[Record]] = {}
+        # every item not used, by build_records or by data.on_error=skip at load time (note_dropped)
+        self.dropped: list[DroppedItem] = []
+        self._dropped_keys: set[DroppedItem] = set()
+        self.dropped_file: Path | None = None  # where write_dropped last wrote them
 
     # ------------------------------------------------------------------ dataset-specific
     @classmethod
@@ -195,8 +225,9 @@ class VLPDataModule:
 
     @classmethod
     def root_message(cls, path: str | os.PathLike, problem: str) -> str:
+        where = f"data.root '{path}'" if str(path) else "data.root"
         return (
-            f"data.root '{path}' {problem}. The {cls.__name__} expects the dataset exactly as "
+            f"{where} {problem}. The {cls.__name__} expects the dataset exactly as "
             f"distributed:\n{cls.EXPECTED_LAYOUT.rstrip()}\nSet data.root=/path/to/the/download "
             f"(or omit --data to train on the synthetic demo set)."
         )
@@ -209,7 +240,8 @@ class VLPDataModule:
 
     def load_sample(self, record: Record, train: bool) -> dict[str, Any]:
         """``{"image": tensor}``, plus ``"boxes"`` ``[N, 4]`` / ``"box_labels"`` ``[N]`` / ``"mask"``
-        ``[H, W]`` in the transformed image's pixels for datasets with such targets."""
+        ``[H, W]`` in the transformed image's pixels for datasets with such targets, and ``"text"`` /
+        ``"labels"`` where they depend on which of the record's files was drawn (else the record's)."""
         return {"image": self.load_image(record, train)}
 
     def item_text(self, record: Record, train: bool) -> str:
@@ -217,6 +249,30 @@ class VLPDataModule:
         if not train:
             return record.text
         return augment_text(record.text, self.cfg.text_augment, float(self.cfg.text_keep))
+
+    # ------------------------------------------------------------------ dropped items
+    def note_dropped(self, split: str, study_id: str, reason: str) -> None:
+        """Record that ``study_id`` of ``split`` is not used, and why (a message naming the file or
+        row); each distinct ``(split, study_id, reason)`` is kept once (see :mod:`~medvlp.datamodules.dropped`)."""
+        entry = DroppedItem(str(split), str(study_id), " ".join(str(reason).split()))
+        if entry not in self._dropped_keys:
+            self._dropped_keys.add(entry)
+            self.dropped.append(entry)
+
+    def write_dropped(self, path: str | os.PathLike) -> Path:
+        """Write :attr:`dropped` to the CSV ``path`` (``split,study_id,reason``) and remember it in
+        :attr:`dropped_file`. Returns the path."""
+        self.dropped_file = write_dropped(self.dropped, path)
+        return self.dropped_file
+
+    def dropped_summary(self) -> dict[str, Any]:
+        """``{"count": N, "by_split": {split: n}, "file": str | None}``: the items not used so far
+        (:attr:`dropped`) and the CSV :meth:`write_dropped` last wrote (None if none); for result files."""
+        by_split: dict[str, int] = {}
+        for entry in self.dropped:
+            by_split[entry.split] = by_split.get(entry.split, 0) + 1
+        return {"count": len(self.dropped), "by_split": by_split,
+                "file": str(self.dropped_file) if self.dropped_file is not None else None}
 
     # ------------------------------------------------------------------ shared machinery
     def set_tokenizer(self, tokenizer: Any) -> None:
@@ -259,10 +315,13 @@ class VLPDataModule:
 
         from medvlp.batch import ImageTextBatch
 
-        kept = [it for it in items if it is not None]
+        kept = [it for it in items if it is not None and not isinstance(it, SkippedItem)]
+        named = [it for it in items if isinstance(it, SkippedItem)]
         skipped = len(items) - len(kept)
         if not kept:
-            raise DataError(f"Every item of a batch failed to load ({skipped} skipped); check data.root={self.cfg.root}.")
+            first = f" (first: study {named[0].study_id}: {named[0].reason})" if named else ""
+            raise DataError(f"Every item of a batch failed to load ({skipped} skipped{first}); check "
+                            f"data.root={self.cfg.root}.")
         if self.tokenizer is None:
             raise RuntimeError("The datamodule has no tokenizer; call set_tokenizer(method.tokenizer) first.")
         texts = [it["text"] for it in kept]
@@ -291,20 +350,28 @@ class VLPDataModule:
             texts=texts,
             labels=labels,
             skipped=skipped,
+            skipped_ids=[it.study_id for it in named],
+            skipped_reasons=[it.reason for it in named],
             **targets,
         )
 
-    def _loader(self, split: str, shuffle: bool, batch_size: int, drop_last: bool = False) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool, batch_size: int, drop_last: bool = False, sampler: Any = None) -> DataLoader:
         import torch
         from torch.utils.data import DataLoader
 
         g = torch.Generator()
         g.manual_seed(self.cfg.seed)
         workers = self.cfg.num_workers
+        dataset: Any = self.dataset(split)
+        if sampler is not None:  # an EpochSampler: items are read with their own seeds
+            from medvlp.resume import SeededItems
+
+            dataset, shuffle = SeededItems(dataset), False
         return DataLoader(
-            self.dataset(split),
+            dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             drop_last=drop_last,
             num_workers=workers,
             pin_memory=self.cfg.pin_memory,
@@ -317,6 +384,17 @@ class VLPDataModule:
     def train_dataloader(self) -> DataLoader:
         n = len(self.records("train"))
         return self._loader("train", shuffle=True, batch_size=self.cfg.batch_size, drop_last=n > self.cfg.batch_size)
+
+    def resumable_train_dataloader(self) -> DataLoader:
+        """The training loader of pre-training: an :class:`~medvlp.resume.EpochSampler` (its ``sampler``)
+        orders each epoch from ``(data.seed, epoch)`` and can start an epoch part-way, and every item
+        draws its randomness from its own seed, so that a resumed run sees exactly the batches of an
+        uninterrupted one (:mod:`medvlp.resume`)."""
+        from medvlp.resume import EpochSampler
+
+        n = len(self.records("train"))
+        return self._loader("train", shuffle=False, batch_size=self.cfg.batch_size, drop_last=n > self.cfg.batch_size,
+                            sampler=EpochSampler(n, seed=int(self.cfg.seed)))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False, batch_size=self.cfg.eval_batch_size)

@@ -49,6 +49,7 @@ from medvlp.datamodules.base import (
     VLPDataModule,
     stable_fraction,
 )
+from medvlp.datamodules.errors import os_error
 from medvlp.registry import register_datamodule
 
 log = logging.getLogger(__name__)
@@ -142,8 +143,9 @@ class BrainMRIDataModule(VLPDataModule):
         path = self._path(self.cfg.labels_file) if self.cfg.labels_file else None
         if path is None or not path.is_file():
             return []
-        with open(path, encoding="utf-8") as fh:
-            header = fh.readline().strip().split(",")
+        from medvlp.datamodules.formats.tables import read_header
+
+        header = [h.strip() for h in read_header(path)]
         if not header or header[0] != "study" or len(header) < 2:
             raise DataError(f"{path}: the first line must be 'study,<label>,...', got {','.join(header)!r}.")
         return [h.strip() for h in header[1:]]
@@ -153,14 +155,14 @@ class BrainMRIDataModule(VLPDataModule):
         if self._labels is None:
             self._labels = {}
             if self.label_names:
-                import pandas as pd
+                from medvlp.datamodules.formats.tables import read_csv
 
                 path = self._path(self.cfg.labels_file)
+                df = read_csv(path, ["study", *self.label_names], strings=False, dtype={"study": str})
                 try:
-                    df = pd.read_csv(path, dtype={"study": str})
                     values = df[self.label_names].to_numpy(np.float32)
-                except Exception as err:
-                    raise DataError(f"Could not read the labels {path}: {type(err).__name__}: {err}") from err
+                except (TypeError, ValueError) as err:
+                    raise DataError(f"The labels {path} hold a value that is not a number ({err}).") from err
                 self._labels = {str(s): v for s, v in zip(df["study"], values, strict=True)}
         return self._labels
 
@@ -171,7 +173,9 @@ class BrainMRIDataModule(VLPDataModule):
             index = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise DataError(f"Study index {path} does not exist.") from None
-        except (OSError, ValueError) as err:
+        except OSError as err:
+            raise (os_error(path, err) or DataError(f"Study index {path} could not be read: {err}")) from err
+        except ValueError as err:
             raise DataError(f"Study index {path} is not readable JSON: {err}") from err
         if not isinstance(index, dict):
             raise DataError(f"Study index {path} must be a JSON object keyed by study id, got a {type(index).__name__}.")
@@ -224,6 +228,13 @@ class BrainMRIDataModule(VLPDataModule):
         if missing and self.cfg.on_error != "skip":
             raise DataError(f"{where}: {len(missing)} listed series have no img.pt, e.g. {missing[0]}. Check data.root, "
                             f"or set data.on_error=skip to drop (and count) them.")
+        for f in missing:  # the study keeps its other series
+            self.note_dropped(split, Path(f).parent.parent.name, f"series {Path(f).parent.name}: {f} does not exist "
+                                                                 f"(the study keeps its other series)")
+        for study in empty_report:
+            self.note_dropped(split, study, f"{self._path(name)}: study {study} has an empty report")
+        for study in no_series:
+            self.note_dropped(split, study, f"{self._path(name)}: study {study} has no series with an img.pt")
         for key, items, what in (("missing_series", missing, "listed series without img.pt (dropped)"),
                                  ("empty_reports", empty_report, "studies with an empty report (skipped)"),
                                  ("studies_without_series", no_series, "studies without a readable series (skipped)"),

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medvlp.datamodules.errors import DataError
+from medvlp.datamodules.errors import DataError, os_error
 
 log = logging.getLogger(__name__)
 
@@ -94,17 +94,19 @@ def cache_dir_for(dm: RadiographDataModule) -> Path:
 
 
 _KEY_NAMES = {"dataset": "data.name", "root": "data.root", "image_size": "data.image_size"}
+_SUB_KEY_NAMES = {"pad_hu": "data.window (its low end pads the volumes)"}
 
 
 def differences(manifest: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """``"<key>: cache <a>, config <b>"`` for every compared setting that differs."""
     out = []
     for key, value in wanted.items():
-        if key == "pixel_settings":
+        if key in ("pixel_settings", "volume_settings") and isinstance(value, dict):
             have = manifest.get(key) or {}
             for k in sorted(set(have) | set(value)):
                 if have.get(k) != value.get(k):
-                    out.append(f"data.{k}: cache {have.get(k)!r}, config {value.get(k)!r}")
+                    name = _SUB_KEY_NAMES.get(k, f"data.{k}")
+                    out.append(f"{name}: cache {have.get(k)!r}, config {value.get(k)!r}")
         elif manifest.get(key) != value:
             out.append(f"{_KEY_NAMES.get(key, key)}: cache {manifest.get(key)!r}, config {value!r}")
     return out
@@ -195,6 +197,8 @@ class PreprocessedImages:
             pixels = np.load(file, allow_pickle=False, mmap_mode="r" if self.ndim == 3 else None)
         except FileNotFoundError:
             return None
+        except PermissionError as err:
+            raise os_error(file, err) from err  # type: ignore[misc]
         except (OSError, ValueError, EOFError) as err:
             raise DataError(f"The preprocessed copy {file} of {path} is unreadable ({err}); delete it and run:\n  "
                             f"{self.command}") from err

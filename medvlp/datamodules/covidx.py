@@ -95,11 +95,9 @@ def parse_line(line: str, path: Path, lineno: int) -> tuple[str, str, str, str] 
 
 def read_label_file(path: Path) -> list[tuple[str, str, str, str]]:
     """Every line of a COVIDx label file, parsed by :func:`parse_line`."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError as err:
-        raise DataError(f"Label file {path} does not exist.") from err
+    from medvlp.datamodules.formats.tables import read_text
+
+    lines = read_text(path, "Label file").splitlines()
     rows = [parse_line(line, path, i + 1) for i, line in enumerate(lines)]
     return [r for r in rows if r is not None]
 

@@ -105,16 +105,23 @@ class CQ500DataModule(VolumeDataModule):
         """``{name: majority label per finding}`` from ``reads.csv``."""
         import pandas as pd
 
+        from medvlp.datamodules.formats.tables import missing_columns_message, read_csv
+
         path = Path(self.cfg.root) / READS
-        try:
-            df = pd.read_csv(path)
-        except Exception as err:
-            raise DataError(f"Could not read {path}: {type(err).__name__}: {err}") from err
+        df = read_csv(path, strings=False)
         columns = ["name"] + [f"{r}:{f}" for r in READERS for f in FINDINGS]
         missing = [c for c in columns if c not in df.columns]
         if missing:
-            raise DataError(f"{path} lacks the column(s) {missing[:4]}{' ...' if len(missing) > 4 else ''}; expected "
-                            f"name, Category and R1..R3 x {len(FINDINGS)} findings.")
+            raise DataError(missing_columns_message(path, missing[:4], list(df.columns)).rstrip(".")
+                            + f"{' ...' if len(missing) > 4 else ''}; expected name, Category and R1..R3 x "
+                              f"{len(FINDINGS)} findings.")
+        reads = df[columns[1:]].apply(pd.to_numeric, errors="coerce")
+        bad = (reads.isna() & df[columns[1:]].notna()) | (reads.notna() & ~reads.isin([0, 1]))
+        if bad.any().any() or reads.isna().any().any():
+            row = int((bad | reads.isna()).any(axis=1).to_numpy().argmax())
+            raise DataError(f"{path} row {row + 2} ({df['name'].iloc[row]}): every R1..R3 finding must be 0 or 1, "
+                            f"got {sorted(map(str, df[columns[1:]].iloc[row][(bad | reads.isna()).iloc[row]]))[:3]}.")
+        df[columns[1:]] = reads
         votes = np.stack([df[[f"{r}:{f}" for f in FINDINGS]].to_numpy(dtype=np.float32) for r in READERS])
         majority = (votes.sum(axis=0) >= 2).astype(np.float32)
         return {str(n).strip(): row for n, row in zip(df["name"], majority, strict=True)}
@@ -145,28 +152,34 @@ class CQ500DataModule(VolumeDataModule):
             return []  # evaluation set: every scan is in test
         labels, scans = self.reads(), self.scans()
         problems: list[str] = []
+        dropped: list[tuple[str, str]] = []
         records: list[Record] = []
         for name in sorted(labels, key=lambda n: int(n.rsplit("-", 1)[-1]) if n.rsplit("-", 1)[-1].isdigit() else 0):
             folders = scans.get(name)
             if not folders:
                 problems.append(f"{name} is in {READS} but no extracted scan folder ({name}/ or "
                                 f"CQ500CT<n> CQ500CT<n>/) under {self.cfg.root} holds its DICOMs")
+                dropped.append((name, problems[-1]))
                 continue
             try:
                 chosen = self._pick(name, folders)
             except DataError as err:
                 problems.append(str(err))
+                dropped.append((name, problems[-1]))
                 continue
             records.append(Record(name, chosen if len(chosen) > 1 else chosen[0], "", labels[name].copy(),
                                   {"series": [Path(f).name for f in chosen]}))
         unlisted = sorted(set(scans) - set(labels))
         if unlisted:
             problems.append(f"{len(unlisted)} scan folders have no row in {READS} (first: {unlisted[0]})")
+            dropped += [(u, f"scan folder(s) {', '.join(scans[u])} have no row in {READS}") for u in unlisted]
         if problems:
             self.counts[split] = len(problems)
             text = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems in all)" if len(problems) > 5 else "")
             if self.cfg.on_error != "skip":
                 raise DataError(f"CQ500 ({self.cfg.root}): {text}. Set data.on_error=skip to skip (and count) them.")
+            for name, why in dropped:
+                self.note_dropped(split, name, why)
             log.warning("cq500: skipped %d scans/rows: %s", len(problems), text)
         return records
 

@@ -8,7 +8,12 @@ Official files (``specs/datasets.md`` §8): ``dataset/{train,valid}/<split>_<p>/
 
 Config keys: see :class:`CTRateConfig`. Splits: ``train`` = official train minus a seeded
 patient-level holdout (``data.val_fraction``), ``val`` = that holdout, ``test`` = official valid.
-One record = one scan (``train_1_a``), the level at which reports and labels are written.
+One record = one scan (``train_1_a``) with its reconstructions (``data.reconstructions=one``), or one
+reconstruction (``all``). Reports and labels are read per reconstruction, as the CSVs give them (one
+row per VolumeName): a drawn reconstruction comes with its own report.
+
+Every volume or row left out (no usable report text, no file, unusable metadata, ...) is listed by
+VolumeName with the reason in ``dm.dropped`` (and the run's ``dropped.csv``).
 
 Volume pipeline per item (``load_image``): read -> (v1) spacing/origin/direction from the metadata
 CSV -> HU = stored * RescaleSlope + RescaleIntercept (v1 only, by default) -> orientation
@@ -20,7 +25,8 @@ Differences from the official code:
       never reorients; we rescale v1 files only (v2 ``*_fixed`` files are HU already) and reorient
       to ``data.orientation`` (set ``orientation: ""`` to keep the stored axis order).
     * HLIP builds the text with ``str(field)``, which writes ``nan`` for empty cells; empty fields
-      and the placeholder ``Not given.`` are left out here, and a scan with no text is dropped.
+      and the placeholder ``Not given.`` are left out here, and a reconstruction with no text is
+      dropped (and listed).
     * HLIP trains on all of official train and evaluates on official valid; ``val`` here is a
       patient-level holdout of train.
 """
@@ -46,6 +52,7 @@ from medvlp.datamodules.base import (
     DataRootError,
     Record,
 )
+from medvlp.datamodules.errors import os_error
 from medvlp.datamodules.volume import VolumeConfig, VolumeDataModule
 from medvlp.registry import register_datamodule
 
@@ -196,8 +203,8 @@ def _cell(value: Any, length: int, column: str) -> tuple[float, ...]:
     if _blank(value):
         raise ValueError(f"{column} is empty")
     values = _parse_cell(str(value))
-    if len(values) != length or any(math.isnan(v) for v in values):
-        raise ValueError(f"{column} should hold {length} number(s), got {value!r}")
+    if len(values) != length or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{column} should hold {length} finite number(s), got {value!r}")
     return values
 
 
@@ -286,18 +293,15 @@ class CTRateDataModule(VolumeDataModule):
     # ------------------------------------------------------------------ tables
     def _read_csv(self, rel: str, columns: list[str]) -> pd.DataFrame:
         """An official CSV, every cell a string (blank -> NaN), VolumeName without extension, unique."""
-        import pandas as pd
+        from medvlp.datamodules.formats.tables import read_csv
 
         path = self.root / rel
         if not path.is_file():
             raise DataRootError(self.root_message(self.cfg.root, f"has no {rel}"))
-        try:
-            df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
-        except Exception as err:
-            raise DataError(f"Could not read {path}: {type(err).__name__}: {err}") from err
-        missing = [c for c in columns if c not in df.columns]
-        if missing:
-            raise DataError(f"{path} lacks the column(s) {missing}; found {list(df.columns)}.")
+        df = read_csv(path, columns)
+        blank = df["VolumeName"].isna()
+        if blank.any():
+            raise DataError(f"{path} row {int(blank.to_numpy().argmax()) + 2} has an empty VolumeName.")
         df["VolumeName"] = df["VolumeName"].map(volume_key)
         dup = df["VolumeName"].duplicated()
         if dup.any():
@@ -323,9 +327,11 @@ class CTRateDataModule(VolumeDataModule):
             if names != LABELS:
                 log.warning("ct_rate: %s has label columns %s, not the 18 documented ones", LABEL_FILES[official], names)
             values = df[names].apply(pd.to_numeric, errors="coerce")
-            bad = values.isna() & df[names].notna()
+            bad = (values.isna() & df[names].notna()) | (values.notna() & ~values.isin([0.0, 1.0]))
             if bad.any().any():
-                raise DataError(f"{self.root / LABEL_FILES[official]} has non-numeric labels, e.g. {sorted(map(str, df[names][bad].stack()))[:3]}.")
+                row = int(bad.any(axis=1).to_numpy().argmax())
+                raise DataError(f"{self.root / LABEL_FILES[official]} has labels other than 0 / 1, e.g. "
+                                f"{sorted(set(map(str, df[names].to_numpy()[bad.to_numpy()])))[:3]} (VolumeName {df['VolumeName'].iloc[row]}).")
             arr = np.array(values.to_numpy(dtype=np.float32), copy=True)
             self._tables[key] = dict(zip(df["VolumeName"], arr, strict=True))
             self.label_names = names
@@ -400,9 +406,13 @@ class CTRateDataModule(VolumeDataModule):
                 if rescale:
                     spec["slope"] = _cell(row["RescaleSlope"], 1, "RescaleSlope")[0]
                     spec["intercept"] = _cell(row["RescaleIntercept"], 1, "RescaleIntercept")[0]
+                    if spec["slope"] == 0:
+                        raise ValueError(f"RescaleSlope is 0 (every voxel would get the intercept {spec['intercept']:g})")
                 if version == "v1":
                     x, y = _cell(row["XYSpacing"], 2, "XYSpacing")
                     (z,) = _cell(row["ZSpacing"], 1, "ZSpacing")
+                    if min(x, y, z) <= 0:
+                        raise ValueError(f"spacing must be > 0 mm, got XYSpacing {row['XYSpacing']!r}, ZSpacing {row['ZSpacing']!r}")
                     spec["spacing_zyx"] = (z, y, x)
                     if not _blank(row["ImagePositionPatient"]):
                         spec["origin"] = _cell(row["ImagePositionPatient"], 3, "ImagePositionPatient")
@@ -414,17 +424,26 @@ class CTRateDataModule(VolumeDataModule):
 
     # ------------------------------------------------------------------ contract
     def build_records(self, split: str) -> list[Record]:
+        """Records of ``split``: one per scan (``data.reconstructions=one``; its reconstructions as a list
+        of paths) or one per reconstruction (``all``). Reports and labels are per reconstruction, as the
+        CSVs give them (one row per VolumeName): each reconstruction keeps its own text and labels, and
+        a draw of one reconstruction pairs it with its own report (``meta["texts"]``, ``meta["volume_labels"]``).
+
+        A volume whose row, file or metadata is unusable is an error (``data.on_error=raise``) or is
+        skipped; a reconstruction whose report has no usable text (empty or ``Not given.``) is left
+        out. Either way it is listed by VolumeName in :attr:`dropped` with the reason.
+        """
         if split not in OFFICIAL_SPLIT:
             raise ValueError(f"Unknown split '{split}'; expected one of {list(OFFICIAL_SPLIT)}.")
         official = OFFICIAL_SPLIT[split]
         labels = self.labels(official)
         reports = self.reports(official)
         excluded = {volume_key(n) for n in self.cfg.exclude}
-        problems: list[str] = []
+        problems: list[tuple[str, str]] = []  # (VolumeName, what is wrong)
 
         names = [n for n in labels if n not in excluded]
         bad_names = [n for n in names if not _NAME.match(n) or not n.startswith(official + "_")]
-        problems += [f"{LABEL_FILES[official]} row '{n}' is not a {official} volume name" for n in bad_names]
+        problems += [(n, f"{LABEL_FILES[official]} row '{n}' is not a {official} volume name") for n in bad_names]
         names = [n for n in names if n not in set(bad_names)]
         if split in ("train", "val"):
             holdout = self.holdout_patients()
@@ -433,60 +452,87 @@ class CTRateDataModule(VolumeDataModule):
         listed = set(labels)
         for version, index in files.items():
             for n in sorted(set(index) - listed - excluded):
-                problems.append(f"volume file {index[n]} ({version}) has no row in {LABEL_FILES[official]}")
+                problems.append((n, f"volume file {index[n]} ({version}) has no row in {LABEL_FILES[official]}"))
 
         specs: dict[str, VolumeSpec] = {}
         for n in names:
             if n not in reports:
-                problems.append(f"volume {n} has no row in {REPORTS[official]}")
+                problems.append((n, f"volume {n} has no row in {REPORTS[official]}"))
                 continue
             try:
                 specs[n] = self._volume_spec(n, official)
             except DataError as err:
-                problems.append(str(err))
+                problems.append((n, str(err)))
         if problems:
-            summary = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems in all)" if len(problems) > 5 else "")
+            summary = "; ".join(p for _, p in problems[:5]) + (f"; ... ({len(problems)} problems in all)" if len(problems) > 5 else "")
             if self.cfg.on_error != "skip":
                 raise DataError(
                     f"CT-RATE {split} ({self.root}): {summary}. Fix the download, list broken volumes in "
-                    f"data.exclude, or set data.on_error=skip to skip (and count) them."
+                    f"data.exclude, or set data.on_error=skip to skip (and list) them."
                 )
-            log.warning("ct_rate %s: skipped %d volumes/rows: %s", split, len(problems), summary)
+            for n, problem in problems:
+                self.note_dropped(split, n, problem)
+            log.warning("ct_rate %s: skipped %d volumes/rows (listed in dm.dropped / dropped.csv): %s", split,
+                        len(problems), summary)
 
         scans: dict[str, list[str]] = {}
         for n in sorted(specs, key=parse_name):
             scans.setdefault(scan_of(n), []).append(n)
         records: list[Record] = []
-        dropped = 0
+        no_text: list[str] = []
         organ = self.organ_annotations() if self.cfg.text == "organ" else None
+        mode = self.cfg.reconstructions if split == "train" or not self.cfg.eval_reconstructions else self.cfg.eval_reconstructions
         for scan, vols in scans.items():
-            first = vols[0]  # lowest reconstruction number: reports and labels are per scan
-            findings, impressions = reports[first]
             extra: dict[str, Any] = {}
-            if organ is not None:
+            if organ is not None:  # fVLM's organ texts are per scan
                 if scan not in organ[0] and scan not in organ[1]:
-                    dropped += 1
+                    for v in vols:
+                        self.note_dropped(split, v, f"scan {scan} has no entry in data.organ_findings_file / "
+                                                    f"data.organ_impressions_file (data.text=organ)")
+                    no_text += vols
                     continue
                 extra["organ_texts"] = organ_texts(organ[0].get(scan), organ[1].get(scan))
-                text = " ".join(extra["organ_texts"])
+                texts = {v: " ".join(extra["organ_texts"]) for v in vols}
             else:
-                text = report_text(findings, impressions, self.cfg.text)
-            if text is None:
-                dropped += 1
+                texts = {}
+                for v in vols:
+                    text = report_text(*reports[v], self.cfg.text)
+                    if text is None:
+                        no_text.append(v)
+                        self.note_dropped(split, v, f"{REPORTS[official]} row {v}.nii.gz: no usable {self.cfg.text} text "
+                                                    f"(Findings_EN / Impressions_EN empty or 'Not given.')")
+                    else:
+                        texts[v] = text
+            kept = [v for v in vols if v in texts]
+            if not kept:
                 continue
-            lab = labels[first]
-            vol_specs = [specs[v] for v in vols]
-            meta = {"patient": patient_of(first), "split": split, "volumes": vol_specs, **extra}
-            mode = self.cfg.reconstructions if split == "train" or not self.cfg.eval_reconstructions else self.cfg.eval_reconstructions
+            vol_specs = [specs[v] for v in kept]
+            meta = {"patient": patient_of(kept[0]), "split": split, **extra}
             if mode == "one":
-                records.append(Record(scan, [s.path for s in vol_specs], text, lab.copy(), meta))
+                meta.update(volumes=vol_specs, texts=[texts[v] for v in kept], volume_labels=[labels[v].copy() for v in kept])
+                records.append(Record(scan, [s.path for s in vol_specs], texts[kept[0]], labels[kept[0]].copy(), meta))
             else:
-                for s in vol_specs:
-                    records.append(Record(scan, s.path, text, lab.copy(), {**meta, "volumes": [s]}))
-        if dropped:
-            log.info("ct_rate %s: dropped %d of %d scans whose %s text is empty or 'Not given.'", split, dropped, len(scans), self.cfg.text)
-        log.info("ct_rate %s: %d records from %d scans", split, len(records), len(scans) - dropped)
+                for v, s in zip(kept, vol_specs, strict=True):
+                    records.append(Record(scan, s.path, texts[v], labels[v].copy(), {**meta, "volumes": [s]}))
+        if no_text:
+            shown = ", ".join(no_text[:5]) + (f", ... ({len(no_text)} in all)" if len(no_text) > 5 else "")
+            log.warning("ct_rate %s: left out %d reconstruction(s) whose %s text is empty or 'Not given.' (listed in "
+                        "dm.dropped / dropped.csv): %s", split, len(no_text), self.cfg.text, shown)
+        log.info("ct_rate %s: %d records from %d scans", split, len(records), len({r.study_id for r in records}))
         return records
+
+    def picked(self, record: Record, path: str, train: bool) -> dict[str, Any]:
+        """The report (and labels) of the reconstruction drawn for ``record``: each reconstruction is
+        paired with its own row of the reports CSV."""
+        if not isinstance(record.image_path, list) or "texts" not in record.meta:
+            return {}
+        i = record.image_path.index(path)
+        if i == 0:
+            return {}
+        import dataclasses
+
+        one = dataclasses.replace(record, text=record.meta["texts"][i])
+        return {"text": self.item_text(one, train), "labels": record.meta["volume_labels"][i]}
 
     def organ_annotations(self) -> tuple[dict[str, dict], dict[str, dict]]:
         """fVLM's per-organ findings and impressions ``({scan: {organ: text}}, ...)`` for ``data.text=organ``."""
@@ -499,7 +545,9 @@ class CTRateDataModule(VolumeDataModule):
             except FileNotFoundError:
                 raise DataError(f"data.text=organ needs data.{key} ({path} does not exist): fVLM's per-organ "
                                 f"report file {{scan: {{lung|heart|esophagus|aorta: text}}}}.") from None
-            except (OSError, ValueError) as err:
+            except OSError as err:
+                raise (os_error(path, err) or DataError(f"data.{key}: {path} could not be read: {err}")) from err
+            except ValueError as err:
                 raise DataError(f"data.{key}: {path} is not readable JSON: {err}") from err
             if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
                 raise DataError(f"data.{key}: {path} must map each scan (e.g. train_1_a) to {{organ: text}}.")
@@ -525,7 +573,7 @@ class CTRateDataModule(VolumeDataModule):
         from medvlp.datamodules.formats import nifti
 
         spec: VolumeSpec = source
-        img = nifti.read_image(spec.path)
+        img = nifti.read_image(spec.path, header_geometry=spec.spacing_zyx is None)
         if spec.spacing_zyx is not None or spec.origin is not None or spec.direction is not None:
             nifti.set_geometry(img, spec.spacing_zyx, spec.origin, spec.direction)
         return nifti.rescale(img, spec.slope, spec.intercept) if spec.rescale else nifti.rescale(img)

@@ -41,6 +41,7 @@ from medvlp.datamodules.base import (
     VLPDataModule,
     stable_fraction,
 )
+from medvlp.datamodules.errors import check_readable
 from medvlp.registry import register_datamodule
 
 log = logging.getLogger(__name__)
@@ -124,10 +125,9 @@ class MedBLIPMRIDataModule(VLPDataModule):
         path = self.list_dir(self.cfg) / f"{name}.csv"
         base = Path(self.cfg.image_root or self.cfg.root)
         records: list[Record] = []
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as err:
-            raise DataError(f"Could not read {path}: {err}") from err
+        from medvlp.datamodules.formats.tables import read_text
+
+        lines = read_text(path, "List").splitlines()
         for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -169,6 +169,9 @@ class MedBLIPMRIDataModule(VLPDataModule):
             msg = f"{len(missing)} {split} volumes listed in the lists do not exist (first: {missing[0]})"
             if self.cfg.on_error != "skip":
                 raise DataError(msg + "; check data.image_root, or set data.on_error=skip to skip (and count) them.")
+            for r in records:
+                if not Path(r.image_path).is_file():
+                    self.note_dropped(split, r.study_id, f"{r.image_path} (listed in {r.meta['list']}.csv) does not exist")
             log.warning("medblip_mri: skipped %s", msg)
             records = [r for r in records if Path(r.image_path).is_file()]
         if self.counts.get("unmapped_diagnosis") or self.counts.get("no_diagnosis"):
@@ -185,18 +188,24 @@ class MedBLIPMRIDataModule(VLPDataModule):
         import torch
         import torch.nn.functional as F
 
-        cfg = self.cfg
-        try:
-            img = sitk.ReadImage(str(record.image_path))
-        except RuntimeError as err:
-            raise DataError(f"{record.image_path} cannot be read as a volume: {str(err).strip().splitlines()[-1]}") from err
-        if cfg.orientation:
-            from medvlp.datamodules.formats.nifti import orient
+        from medvlp.datamodules.formats import nifti
 
-            img = orient(img, cfg.orientation)
+        cfg = self.cfg
+        path = str(record.image_path)
+        if path.endswith((".nii", ".nii.gz")):  # checked: permission, truncation, NaN voxels (ITK reads them as 0)
+            img = nifti.read_image(path, header_geometry=False)  # sizes in voxels: the spacing is not used
+        else:
+            check_readable(path)
+            try:
+                img = sitk.ReadImage(path)
+            except RuntimeError as err:
+                raise DataError(f"{path} cannot be read as a volume: {str(err).strip().splitlines()[-1]}") from err
+        if cfg.orientation:
+            img = nifti.orient(img, cfg.orientation)
         arr = sitk.GetArrayFromImage(img).astype(np.float32)
         if arr.ndim != 3:
             raise DataError(f"{record.image_path}: a {arr.ndim}-D image; expected a 3-D volume.")
+        nifti.check_finite(arr, path)
         if list(cfg.clip_percentiles):
             lo, hi = np.percentile(arr, [float(v) for v in cfg.clip_percentiles])
             arr = np.clip(arr, lo, hi)

@@ -88,12 +88,9 @@ def find_csv(root: Path, name: str) -> Path | None:
 
 def read_table_header(path: Path) -> list[str]:
     """Column names of a CSV (reads one line)."""
-    import pandas as pd
+    from medvlp.datamodules.formats.tables import read_header
 
-    try:
-        return list(pd.read_csv(path, nrows=0).columns)
-    except Exception as err:
-        raise DataError(f"Could not read {path}: {type(err).__name__}: {err}") from err
+    return read_header(path)
 
 
 def _strip_prefix(ids: pd.Series, prefix: str) -> pd.Series:
@@ -255,7 +252,7 @@ class MimicCXRDataModule(RadiographDataModule):
             values = raw.apply(pd.to_numeric, errors="coerce")
             bad = (values.isna() & raw.notna()) | (values.notna() & ~values.isin([1.0, 0.0, -1.0]))
             if bad.any().any():
-                examples = sorted({str(v) for v in raw[bad].stack()})[:5]
+                examples = sorted({str(v) for v in raw.to_numpy()[bad.to_numpy()]})[:5]
                 raise DataError(f"{path} has label values {examples}; expected 1.0, 0.0, -1.0 or blank.")
             arr = np.array(values.to_numpy(dtype=np.float32), copy=True)  # pandas may hand out a read-only view
             arr[arr == -1.0] = UNCERTAIN[self.cfg.uncertain]
@@ -265,18 +262,16 @@ class MimicCXRDataModule(RadiographDataModule):
 
     def study_text(self, subject_id: str, study_id: str) -> str | None:
         """Pre-training text of a study (None = too short); DataError if the report is missing."""
+        from medvlp.datamodules.formats.tables import read_text
+
         path = self.report_path(subject_id, study_id)
-        try:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                raw = f.read()
-        except FileNotFoundError as err:
+        if not os.path.isfile(path):
             raise DataError(
                 f"Report {path} does not exist. Reports come from mimic-cxr-reports.zip (MIMIC-CXR project); "
                 f"unzip it and set data.reports_root to the folder holding its files/ (current: "
                 f"'{self.cfg.reports_root or self.cfg.root}')."
-            ) from err
-        except OSError as err:
-            raise DataError(f"Report {path} could not be read: {err}") from err
+            )
+        raw = read_text(path, "Report")  # strict UTF-8: an undecodable byte is an error, not a silent U+FFFD
         return mgca_text(self.sectioner(raw), min_tokens=int(self.cfg.min_tokens), names=list(self.cfg.sections))
 
     # ------------------------------------------------------------------ contract
@@ -291,6 +286,7 @@ class MimicCXRDataModule(RadiographDataModule):
         records: list[Record] = []
         n_studies = dropped_text = missing_reports = 0
         first_missing: DataError | None = None
+        short = f"shorter than data.min_tokens={self.cfg.min_tokens} tokens"
         rows = zip(df["subject_id"], df["study_id"], df["dicom_id"], df["view"], strict=True)
         # df is sorted by subject, study: consecutive rows of one study form a group (fast on 370k rows)
         for (subject_id, study_id), group in itertools.groupby(rows, key=lambda r: (r[0], r[1])):
@@ -303,9 +299,12 @@ class MimicCXRDataModule(RadiographDataModule):
                     raise
                 missing_reports += 1
                 first_missing = first_missing or err
+                self.note_dropped(split, study_id, str(err))
                 continue
             if text is None:
                 dropped_text += 1
+                self.note_dropped(split, study_id, f"report {self.report_path(subject_id, study_id)}: the "
+                                                   f"{'+'.join(self.cfg.sections)} text is empty or {short} (as MGCA)")
                 continue
             lab = labels.get(study_id)
             lab = np.full(n_labels, np.nan, dtype=np.float32) if lab is None else lab.copy()
@@ -319,7 +318,8 @@ class MimicCXRDataModule(RadiographDataModule):
                     records.append(Record(study_id, path, text, lab, {**meta, "dicom_id": dicom_id, "view": view}))
         if dropped_text:
             log.info(
-                "mimic_cxr %s: dropped %d of %d studies whose %s text has fewer than %d tokens (sectioner %s)",
+                "mimic_cxr %s: dropped %d of %d studies whose %s text has fewer than %d tokens (sectioner %s; "
+                "listed in dm.dropped / dropped.csv)",
                 split, dropped_text, n_studies, "+".join(self.cfg.sections), self.cfg.min_tokens, self.cfg.sectioner,
             )
         if missing_reports:

@@ -132,10 +132,9 @@ def multi_hot(findings: str, path: Path, image: str) -> np.ndarray:
 
 def read_list(path: Path) -> list[str]:
     """Image names of a split list (first field of each non-empty line, basename)."""
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError as err:
-        raise DataError(f"Split list {path} does not exist.") from err
+    from medvlp.datamodules.formats.tables import read_text
+
+    text = read_text(path, "Split list")
     names = []
     for line in text.splitlines():
         fields = line.replace(",", " ").split()
@@ -376,6 +375,9 @@ class NIH14DataModule(RadiographDataModule):
                    f"searched every folder for <8 digits>_<3 digits>.png")  # fmt: skip
             if self.cfg.on_error != "skip":
                 raise DataError(msg + ". Set data.on_error=skip to skip (and count) them.")
+            for image in missing:
+                self.note_dropped(split, image.removesuffix(".png"), f"{image} (listed in the {split} split) is not "
+                                                                      f"under {self.root}")
             log.warning("nih14 %s: skipped %s", split, msg)
         if self.cfg.boxes_only and not records:
             raise DataError(

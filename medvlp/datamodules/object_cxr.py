@@ -284,15 +284,15 @@ class ObjectCXRDataModule(RadiographDataModule):
         rows, name = self.split_table(split)
         csv = self.root / f"{name}.csv"
         parsed: list[tuple[str, str, list[Shape]]] = []
-        bad: list[str] = []
-        first_bad = ""
+        bad: dict[str, str] = {}
         for image, path, annotation in zip(rows["image"], rows["path"], rows["annotation"], strict=True):
             try:
                 parsed.append((image, path, parse_annotation(annotation)))
             except ValueError as err:
-                bad.append(image)
-                first_bad = first_bad or f"{csv}, image {image}: {err} (annotation {annotation!r})"
-        self.drop_items("bad_annotation", bad, f"{len(bad)} {split} images with a malformed annotation (first: {first_bad})")
+                bad[image.rsplit(".", 1)[0]] = f"{csv}, image {image}: {err} (annotation {annotation!r})"
+        first_bad = next(iter(bad.values()), "")
+        self.drop_items("bad_annotation", list(bad), f"{len(bad)} {split} images with a malformed annotation (first: {first_bad})",
+                        split, bad)
         folders: dict[str, set[str]] = {}
         missing: list[str] = []
         for _, path, _ in parsed:
@@ -301,8 +301,10 @@ class ObjectCXRDataModule(RadiographDataModule):
                 folders[folder] = set(os.listdir(folder)) if os.path.isdir(folder) else set()
             if file not in folders[folder]:
                 missing.append(path)
-        self.drop_items("missing_image", missing,
-                   f"{len(missing)} of {len(parsed)} {split} images listed in {csv} do not exist (first: {missing[0] if missing else ''})")
+        self.drop_items("missing_image", [os.path.basename(m).rsplit(".", 1)[0] for m in missing],
+                        f"{len(missing)} of {len(parsed)} {split} images listed in {csv} do not exist (first: "
+                        f"{missing[0] if missing else ''})", split,
+                        {os.path.basename(m).rsplit(".", 1)[0]: f"{m} (listed in {csv}) does not exist" for m in missing})
         absent = set(missing)
         records: list[Record] = []
         for image, path, shapes in parsed:

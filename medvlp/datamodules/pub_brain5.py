@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from medvlp.datamodules.base import DataConfig, DataError, DataRootError, Record, VLPDataModule
+from medvlp.datamodules.errors import os_error
 from medvlp.registry import register_datamodule
 
 log = logging.getLogger(__name__)
@@ -98,29 +99,25 @@ class PubBrain5DataModule(VLPDataModule):
         return path if path.is_absolute() else Path(self.cfg.root) / path
 
     def build_records(self, split: str) -> list[Record]:
-        import pandas as pd
-
         if split not in ("train", "val", "test"):
             raise ValueError(f"Unknown split '{split}'; expected train, val or test.")
         if split != "test":
             return []
+        from medvlp.datamodules.formats.tables import read_csv
+
         path = self.list_path(self.cfg)
-        try:
-            df = pd.read_csv(path)
-        except Exception as err:
-            raise DataError(f"Could not read {path}: {type(err).__name__}: {err}") from err
-        missing = [c for c in ["study", *CLASSES] if c not in df.columns]
-        if missing:
-            raise DataError(f"{path} lacks the column(s) {missing}; expected study,{','.join(CLASSES)}.")
+        df = read_csv(path, ["study", *CLASSES], strings=False, dtype={"study": str})
         problems, empty, records = [], [], []
         for row in df.itertuples(index=False):
             folder = self.study_folder(row.study)
             if not folder.is_dir():
                 problems.append(f"study {row.study} -> {folder} does not exist")
+                self.note_dropped(split, str(row.study), f"{folder} (listed in {path}) does not exist")
                 continue
             series = sorted(str(p) for p in folder.iterdir() if p.suffix == ".pt")
             if not series:
                 empty.append(str(folder))
+                self.note_dropped(split, str(row.study), f"{folder} holds no .pt series (skipped, as HLIP does)")
                 continue
             labels = np.asarray([float(getattr(row, c)) for c in CLASSES], np.float32)
             records.append(Record(folder.name, series, "", labels, {"study": str(row.study)}))
@@ -169,13 +166,20 @@ def read_series_tensor(path: str) -> Any:
     try:
         t = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise DataError(f"{path} is not a readable tensor file ({type(err).__name__}: {err}).") from err
+        named = os_error(path, err) if isinstance(err, OSError) else None
+        raise (named or DataError(f"{path} is not a readable tensor file ({type(err).__name__}: {err}).")) from err
     if not isinstance(t, torch.Tensor):
         raise DataError(f"{path} holds a {type(t).__name__}, not a tensor (D, H, W).")
     if t.ndim == 4:
         t = t[..., 0]
     if t.ndim != 3 or min(t.shape) < 1:
         raise DataError(f"{path}: tensor of shape {tuple(t.shape)}; expected (D, H, W) or (D, H, W, k).")
+    if t.is_floating_point() or t.is_complex():
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            first = tuple(int(i) for i in torch.nonzero(~finite)[0])
+            raise DataError(f"{path}: {int((~finite).sum())} non-finite value(s) (NaN or inf; the first at (d, h, w) = "
+                            f"{first}); expected finite intensities. Re-export the series.")
     return t
 
 

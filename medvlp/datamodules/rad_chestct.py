@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from medvlp.datamodules.base import DataConfig, DataError, DataRootError, Record
+from medvlp.datamodules.errors import os_error
 from medvlp.datamodules.volume import VolumeConfig, VolumeDataModule
 from medvlp.registry import register_datamodule
 
@@ -113,16 +114,9 @@ class RadChestCTDataModule(VolumeDataModule):
         return Path(cfg.labels_file) if getattr(cfg, "labels_file", "") else Path(cfg.root) / HLIP_LABELS_FILE
 
     def _csv(self, path: Path, required: list[str]) -> Any:
-        import pandas as pd
+        from medvlp.datamodules.formats.tables import read_csv
 
-        try:
-            df = pd.read_csv(path, dtype={"NoteAcc_DEID": str, "MRN_DEID": str})
-        except Exception as err:
-            raise DataError(f"Could not read {path}: {type(err).__name__}: {err}") from err
-        missing = [c for c in required if c not in df.columns]
-        if missing:
-            raise DataError(f"{path} lacks the column(s) {missing}; it has {list(df.columns)[:8]}.")
-        return df
+        return read_csv(path, required, strings=False, dtype={"NoteAcc_DEID": str, "MRN_DEID": str})
 
     def summary(self) -> Any:
         if "summary" not in self._tables:
@@ -193,26 +187,31 @@ class RadChestCTDataModule(VolumeDataModule):
         rows = summary[summary["Set_Assigned"].astype(str).str.startswith(SET_PREFIX[split])]
         files, labels = self.volume_files(), self.label_table()
         problems: list[str] = []
+        dropped: list[tuple[str, str]] = []
         records: list[Record] = []
         for acc, mrn in zip(rows["NoteAcc_DEID"].astype(str), rows["MRN_DEID"].astype(str), strict=True):
             if not _ID.match(acc):
-                problems.append(f"{SUMMARY} row '{acc}' is not a NoteAcc_DEID (trn|val|tst + 5 digits)")
+                dropped.append((acc, f"{SUMMARY} row '{acc}' is not a NoteAcc_DEID (trn|val|tst + 5 digits)"))
             elif acc not in files:
-                problems.append(f"{acc} is listed in {SUMMARY} but no {acc}.npz exists under {self.cfg.root}")
+                dropped.append((acc, f"{acc} is listed in {SUMMARY} but no {acc}.npz exists under {self.cfg.root}"))
             elif acc not in labels:
-                problems.append(f"{acc} has no label row")
+                dropped.append((acc, f"{acc} has no label row"))
             else:
                 records.append(Record(acc, files[acc], "", labels[acc].copy(), {"patient": mrn, "split": split}))
+        problems += [why for _, why in dropped]
         listed = set(summary["NoteAcc_DEID"].astype(str))
         unlisted = sorted(set(files) - listed)
         if unlisted and split == "train":
             problems.append(f"{len(unlisted)} .npz files have no row in {SUMMARY} (first: {files[unlisted[0]]})")
+            dropped += [(u, f"{files[u]} has no row in {SUMMARY}") for u in unlisted]
         if problems:
             self.counts[split] = len(problems)
             text = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems in all)" if len(problems) > 5 else "")
             if self.cfg.on_error != "skip":
                 raise DataError(f"Rad-ChestCT {split} ({self.cfg.root}): {text}. Set data.on_error=skip to skip (and "
                                 f"count) them.")
+            for acc, why in dropped:
+                self.note_dropped(split, acc, why)
             log.warning("rad_chestct %s: skipped %d volumes/rows: %s", split, len(problems), text)
         log.info("rad_chestct %s: %d volumes", split, len(records))
         return records
@@ -228,9 +227,18 @@ class RadChestCTDataModule(VolumeDataModule):
                     raise DataError(f"{path} has no array 'ct' (keys: {npz.files}); a Rad-ChestCT .npz holds 'ct'.")
                 ct = npz["ct"]
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
-            raise DataError(f"{path} is not a readable .npz ({type(err).__name__}: {err}); re-download it.") from err
+            named = os_error(path, err) if isinstance(err, OSError) else None
+            raise (named or DataError(f"{path} is not a readable .npz ({type(err).__name__}: {err}); re-download it.")) from err
         if ct.ndim != 3:
             raise DataError(f"{path}: 'ct' has shape {ct.shape}; expected (slices, rows, cols).")
+        if ct.dtype != np.int16:  # Rad-ChestCT stores int16 HU; anything else must convert exactly
+            from medvlp.datamodules.formats.nifti import check_finite
+
+            check_finite(ct, path)
+            lo, hi = float(ct.min()), float(ct.max())
+            if lo < -32768 or hi > 32767 or (ct.dtype.kind == "f" and not np.array_equal(ct, np.rint(ct))):
+                raise DataError(f"{path}: 'ct' is {ct.dtype} with values from {lo:g} to {hi:g}; expected whole HU "
+                                f"numbers in the int16 range (Rad-ChestCT stores int16 HU).")
         img = sitk.GetImageFromArray(np.ascontiguousarray(ct).astype(np.int16, copy=False))
         img.SetSpacing((SPACING_MM, SPACING_MM, SPACING_MM))
         img.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0))

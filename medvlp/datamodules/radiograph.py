@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from medvlp.datamodules.base import DataConfig, DataError, PreprocessedCacheMixin, Record, VLPDataModule
+from medvlp.datamodules.errors import os_error
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -72,22 +73,22 @@ def check_choice(key: str, value: str, options: tuple[str, ...] | list[str]) -> 
 def read_table(path: Path, columns: list[str] | None = None, **kwargs: Any) -> pd.DataFrame:
     """Read an official CSV with every column as a string (IDs round-trip; blank -> NaN).
 
-    Raises:
-        DataError: naming the file when it cannot be parsed or lacks one of ``columns``.
-    """
-    import pandas as pd
+    See :func:`~medvlp.datamodules.formats.tables.read_csv` (BOM and CRLF read as usual; extra
+    columns ignored).
 
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], **kwargs)
-    except FileNotFoundError as err:
-        raise DataError(f"{path} does not exist.") from err
-    except Exception as err:  # pandas raises many types on a truncated gzip or a bad row
-        raise DataError(f"Could not read {path}: {type(err).__name__}: {err}") from err
-    if columns is not None:
-        missing = [c for c in columns if c not in df.columns]
-        if missing:
-            raise DataError(f"{path} lacks the column(s) {missing}; found {list(df.columns)}.")
-    return df
+    Raises:
+        DataError: naming the file when it cannot be read (missing, permission, not UTF-8, malformed,
+            a column named twice) or lacks one of ``columns``.
+    """
+    from medvlp.datamodules.formats.tables import read_csv
+
+    return read_csv(path, columns, **kwargs)
+
+
+def _image_error(path: str | Path, err: BaseException) -> DataError:
+    if isinstance(err, FileNotFoundError):
+        return DataError(f"Image {path} does not exist.")
+    return os_error(path, err) or DataError(f"Image {path} is corrupt or truncated ({err}); re-download it.")
 
 
 def read_gray(path: str | Path, draft_size: int | None = None) -> np.ndarray:
@@ -96,7 +97,8 @@ def read_gray(path: str | Path, draft_size: int | None = None) -> np.ndarray:
     ``draft_size`` lets the JPEG decoder downscale by a power of two while keeping both sides
     >= ``draft_size`` (DCT-domain scaling: averaging, and several times faster on full-size X-rays).
     16-bit PNGs are scaled by their own maximum (``convert("L")`` would clip them to white);
-    RGB / RGBA images are converted to luminance.
+    RGB / RGBA images are converted to luminance. Floating-point images (TIFF mode ``F``) are
+    min-max scaled; a non-finite pixel (NaN, inf) is an error, never a silent 0.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -108,13 +110,23 @@ def read_gray(path: str | Path, draft_size: int | None = None) -> np.ndarray:
                 arr = np.asarray(img, dtype=np.float64)
                 top = arr.max()
                 return (arr * (255.0 / top) if top > 0 else arr).round().clip(0, 255).astype(np.uint8)
+            if img.mode == "F":
+                arr = np.asarray(img, dtype=np.float64)
+                bad = ~np.isfinite(arr)
+                if bad.any():
+                    y, x = (int(v) for v in np.argwhere(bad)[0])
+                    raise DataError(f"Image {path} has {int(bad.sum())} non-finite pixel(s) (NaN or inf; the first at "
+                                    f"row {y}, column {x}); expected finite intensities. Re-export the image.")
+                lo, hi = float(arr.min()), float(arr.max())
+                arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+                return arr.round().clip(0, 255).astype(np.uint8)
             img = img.convert("L") if img.mode != "L" else img
             img.load()
             return np.asarray(img, dtype=np.uint8).copy()
-    except FileNotFoundError as err:
-        raise DataError(f"Image {path} does not exist.") from err
+    except DataError:
+        raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise DataError(f"Image {path} is corrupt or truncated ({err}); re-download it.") from err
+        raise _image_error(path, err) from err
 
 
 def stored_size(path: str | Path) -> tuple[int, int] | None:
@@ -128,12 +140,10 @@ def stored_size(path: str | Path) -> tuple[int, int] | None:
     try:
         with Image.open(path) as img:
             width, height = img.size
-    except FileNotFoundError as err:
-        raise DataError(f"Image {path} does not exist.") from err
     except UnidentifiedImageError:
         return None
     except (OSError, ValueError, SyntaxError) as err:
-        raise DataError(f"Image {path} is corrupt or truncated ({err}); re-download it.") from err
+        raise _image_error(path, err) from err
     return int(height), int(width)
 
 
@@ -170,14 +180,18 @@ class RadiographDataModule(PreprocessedCacheMixin, VLPDataModule):
         self._transform: CXRTransform | None = None
         self.counts: dict[str, int] = {}  # items dropped or ignored while building records, by reason
 
-    def drop_items(self, reason: str, items: list[str], message: str) -> None:
-        """Apply ``data.on_error`` to ``items`` dropped for ``reason``: raise a DataError with
-        ``message``, or (``skip``) count them in ``self.counts`` and warn."""
+    def drop_items(self, reason: str, items: list[str], message: str, split: str = "",
+                   details: dict[str, str] | None = None) -> None:
+        """Apply ``data.on_error`` to ``items`` (study ids) dropped for ``reason``: raise a DataError with
+        ``message``, or (``skip``) count them in ``self.counts``, list each in :attr:`dropped` (with its
+        entry of ``details``, else ``"<reason>: <message>"``) and warn."""
         self.counts[reason] = self.counts.get(reason, 0) + len(items)
         if not items:
             return
         if self.cfg.on_error != "skip":
             raise DataError(f"{message}. Set data.on_error=skip to skip (and count) them.")
+        for item in items:
+            self.note_dropped(split, item, (details or {}).get(item) or f"{reason}: {message}")
         logging.getLogger(type(self).__module__).warning("%s: skipped %s", self.cfg.name, message)
 
     @property

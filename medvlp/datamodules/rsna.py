@@ -320,7 +320,8 @@ class RSNAPneumoniaDataModule(RadiographDataModule):
         self.drop_items(
             "missing_dicom", missing,
             f"{len(missing)} of {len(rows)} {split} images listed in {self.root / LABELS_CSV} have no DICOM "
-            f"(first: {self.root / IMAGE_DIR / (missing[0] + '.dcm') if missing else ''})",
+            f"(first: {self.root / IMAGE_DIR / (missing[0] + '.dcm') if missing else ''})", split,
+            {m: f"{self.root / IMAGE_DIR / (m + '.dcm')} (listed in {LABELS_CSV}) does not exist" for m in missing},
         )
         want_boxes = self.cfg.task in ("detection", "segmentation")
         records: list[Record] = []
@@ -342,6 +343,7 @@ class RSNAPneumoniaDataModule(RadiographDataModule):
                         first_error = first_error or err
                         if self.cfg.on_error != "skip":
                             raise
+                        self.note_dropped(split, pid, str(err))
                         continue
                     b = (boxes * np.array([width, height, width, height]) / FRAME).astype(np.float32)
                     meta["frame"] = (height, width)

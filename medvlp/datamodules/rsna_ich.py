@@ -68,12 +68,10 @@ class RSNAICHConfig(VolumeConfig):
 
 def read_labels(path: Path, exclude: set[str]) -> tuple[dict[str, np.ndarray], int]:
     """``({image id: float32 [6] in SUBTYPES order}, duplicate rows dropped)`` from ``stage_2_train.csv``."""
-    import pandas as pd
 
-    try:
-        df = pd.read_csv(path, dtype={"ID": str})
-    except Exception as err:
-        raise DataError(f"Could not read {path}: {type(err).__name__}: {err}") from err
+    from medvlp.datamodules.formats.tables import read_csv
+
+    df = read_csv(path, strings=False, dtype={"ID": str})
     if list(df.columns[:2]) != ["ID", "Label"]:
         raise DataError(f"{path}: expected the header ID,Label, got {list(df.columns)}.")
     n = len(df)
@@ -182,11 +180,13 @@ class RSNAICHDataModule(VolumeDataModule):
         bad: dict[str, str] = {}
         unreadable = []
         excluded = set(self.cfg.exclude)
+        dropped: list[tuple[str, str]] = []  # (image or series id, why)
         for image, study, series, _z, error in self.header_index():
             if error and image in excluded:
                 continue  # a known corrupt file, left out on purpose
             if error:
                 unreadable.append(f"{root / TRAIN_DIR / image}.dcm: {error}")
+                dropped.append((image, unreadable[-1]))
                 continue
             g = groups.setdefault(series, {"study": study, "slices": [], "images": []})
             g["slices"].append(str(root / TRAIN_DIR / f"{image}.dcm"))
@@ -201,6 +201,9 @@ class RSNAICHDataModule(VolumeDataModule):
             text = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
             if self.cfg.on_error != "skip":
                 raise DataError(f"RSNA haemorrhage ({root}): {text}. Set data.on_error=skip to skip (and count) them.")
+            dropped += [(s, f"series {s}: {why}") for s, why in bad.items()]
+            for item, why in dropped:  # before the split is drawn (by study): listed under "all"
+                self.note_dropped("all", item, why)
             log.warning("rsna_ich: dropped %d series / files: %s", len(problems), text)
         out = {}
         for uid, g in groups.items():

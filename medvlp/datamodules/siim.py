@@ -289,13 +289,16 @@ or
         self.counts["unlisted_dicoms"] = len(self._tables["unlisted"])
         bad = rows[rows["error"].notna()]
         self.drop_items("bad_rle", list(bad["image_id"]),
-                   f"{len(bad)} {split} images with a malformed EncodedPixels value (first: {bad['error'].iloc[0] if len(bad) else ''})")
+                        f"{len(bad)} {split} images with a malformed EncodedPixels value (first: "
+                        f"{bad['error'].iloc[0] if len(bad) else ''})", split,
+                        dict(zip(bad["image_id"], map(str, bad["error"]), strict=True)))
         rows = rows[rows["error"].isna()]
         missing = [i for i in rows["image_id"] if i not in dicoms]
         where = self.root / STAGE1_DIR if self.layout == "stage1" else self.root
         self.drop_items("missing_dicom", missing,
-                   f"{len(missing)} of {len(rows)} {split} images listed in {self.csv_path} have no DICOM "
-                   f"'<ImageId>.dcm' under {where} (first: {missing[0] + '.dcm' if missing else ''})")
+                        f"{len(missing)} of {len(rows)} {split} images listed in {self.csv_path} have no DICOM "
+                        f"'<ImageId>.dcm' under {where} (first: {missing[0] + '.dcm' if missing else ''})", split,
+                        {m: f"no {m}.dcm under {where} (listed in {self.csv_path})" for m in missing})
         source = str(self.csv_path)
         records: list[Record] = []
         for image_id, rles, target, n_rows in zip(rows["image_id"], rows["rles"], rows["target"], rows["n_rows"], strict=True):

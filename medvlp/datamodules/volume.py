@@ -126,14 +126,22 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
 
     # ------------------------------------------------------------------ the pipeline
     def hu_volume(self, path: str, source: Any = None) -> tuple[np.ndarray, Any]:
-        """``(HU float32 [D, H, W], SimpleITK image)``: oriented, resampled, sanity-checked."""
+        """``(HU float32 [D, H, W], SimpleITK image)``: oriented, resampled, sanity-checked.
+
+        Raises:
+            DataError: naming ``path`` for a volume that is not one (a single slice, a degenerate
+                axis or spacing), non-finite values, or (``data.hu_sanity_check``) implausible HU.
+        """
         from medvlp.datamodules.formats import nifti
 
         cfg = self.cfg
-        img = nifti.orient(self.hu_image(path, source), cfg.orientation)
+        img = self.hu_image(path, source)
+        nifti.check_volume_geometry(img, path)
+        img = nifti.orient(img, cfg.orientation)
         if list(cfg.spacing):
             img = nifti.resample(img, [float(s) for s in cfg.spacing], default_value=float(cfg.window[0]))
         hu = nifti.to_array(img)
+        nifti.check_finite(hu, path)
         if cfg.hu_sanity_check:
             nifti.check_hu(hu, path, [float(v) for v in cfg.hu_check_range])
         return hu, img
@@ -276,18 +284,23 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
     def load_sample(self, record: Record, train: bool) -> dict[str, Any]:
         """``{"image": [1, D, H, W]}`` plus, with ``data.anatomy_dir``, ``"anatomy"`` ``[1, D, H, W]`` int64
         moved and flipped together with the image."""
-        if not self.cfg.anatomy_dir:
-            return {"image": self.load_image(record, train)}
-        import torch
-
         path, source = self.pick(record, train)
         volume = self.load_volume(path, source)
+        if not self.cfg.anatomy_dir:
+            return {"image": self.transform(volume, train=train), **self.picked(record, path, train)}
+        import torch
+
         anatomy = torch.from_numpy(self.load_anatomy(path, source))[None]
         if tuple(anatomy.shape[1:]) != tuple(volume.shape):
             raise DataError(f"The anatomy mask of {path} comes out {tuple(anatomy.shape[1:])}, its volume "
                             f"{tuple(volume.shape)}: their geometries differ.")
         image, anatomy = self.transform(volume, train=train, mask=anatomy)
-        return {"image": image, "anatomy": anatomy}
+        return {"image": image, "anatomy": anatomy, **self.picked(record, path, train)}
+
+    def picked(self, record: Record, path: str, train: bool) -> dict[str, Any]:
+        """Hook: ``"text"`` / ``"labels"`` of the file :meth:`pick` drew when they differ per file (e.g.
+        CT-RATE's per-reconstruction reports); ``{}`` = the record's own."""
+        return {}
 
     # ------------------------------------------------------------------ preprocessed cache (medvlp preprocess)
     def volume_settings(self) -> dict[str, Any]:
@@ -310,7 +323,11 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
         from medvlp.datamodules.formats import nifti
 
         hu, img = self.hu_volume(str(record.image_path), self.cache_source(record))
-        stored = np.clip(np.rint(hu), -32768, 32767).astype(np.int16)
+        lo, hi = float(hu.min()), float(hu.max())
+        if lo < -32768 or hi > 32767:
+            raise DataError(f"{record.image_path}: values from {lo:.0f} to {hi:.0f} HU fall outside the int16 range "
+                            f"[-32768, 32767] of the cache; its intensity rescale is probably wrong.")
+        stored = np.rint(hu).astype(np.int16)
         return stored, [*nifti.spacing_zyx(img), *(float(v) for v in img.GetOrigin())]
 
 

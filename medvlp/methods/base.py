@@ -107,6 +107,7 @@ class VLPMethod(L.LightningModule):
         self.image_encoder = IMAGE_ENCODERS.get(self.cfg.image_encoder.name)(self.cfg.image_encoder)
         self.text_encoder = TEXT_ENCODERS.get(self.cfg.text_encoder.name)(self.cfg.text_encoder)
         self._skipped = 0
+        self._skipped_ids: list[str] = []  # study ids of those items (this rank, this epoch)
         self.build()
 
     # ------------------------------------------------------------------ config
@@ -270,19 +271,26 @@ class VLPMethod(L.LightningModule):
         self.log(f"{stage}/loss", total.detach(), batch_size=bs, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=not on_step)
         return total
 
-    def training_step(self, batch: ImageTextBatch, batch_idx: int) -> Tensor:
+    def _count_skipped(self, batch: ImageTextBatch) -> None:
         self._skipped += batch.skipped
+        self._skipped_ids += [i for i in getattr(batch, "skipped_ids", ()) if i not in self._skipped_ids]
+
+    def training_step(self, batch: ImageTextBatch, batch_idx: int) -> Tensor:
+        self._count_skipped(batch)
         return self._step(batch, "train")
 
     def validation_step(self, batch: ImageTextBatch, batch_idx: int) -> Tensor:
-        self._skipped += batch.skipped
+        self._count_skipped(batch)
         return self._step(batch, "val")
 
     def on_train_epoch_end(self) -> None:
         if self._skipped:
-            log.warning("%d unreadable items were skipped this epoch (data.on_error=skip).", self._skipped)
+            ids = self._skipped_ids
+            named = f": {', '.join(ids[:5])}{f' and {len(ids) - 5} more' if len(ids) > 5 else ''}" if ids else ""
+            log.warning("%d unreadable items were skipped this epoch (data.on_error=skip)%s.", self._skipped, named)
             self.log("data/skipped", float(self._skipped), reduce_fx="sum", sync_dist=True)
             self._skipped = 0
+            self._skipped_ids = []
 
     # ------------------------------------------------------------------ optimisation
     def param_groups(self) -> list[dict[str, Any]]:

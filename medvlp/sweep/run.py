@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -85,8 +84,9 @@ def execute(argv: list[str], log_path: Path) -> None:
 
 def ensure_pretrained(cfg: SweepConfig, method: str) -> Path:
     """The finished pre-training run of ``method`` in ``<runs>/<method>``: reused when its marker exists,
-    continued from its last complete checkpoint when it has one (``medvlp fit --resume``), else
-    (re)started from scratch (``medvlp fit``); the run's output goes to ``<runs>/<method>/log.txt``."""
+    continued when it was interrupted (``medvlp fit --resume``: from its newest complete checkpoint, or
+    from step 0 in place when it had none; nothing it wrote is deleted), else started (``medvlp fit``);
+    the run's output goes to ``<runs>/<method>/log.txt``."""
     from medvlp import api
 
     run_dir = Path(cfg.runs).resolve() / method
@@ -96,19 +96,17 @@ def ensure_pretrained(cfg: SweepConfig, method: str) -> Path:
     start = time.perf_counter()
     resumed = ""
     if (run_dir / api.CONFIG_NAME).is_file():
+        # an interrupted run continues from its newest complete checkpoint, exactly as it would have gone
+        # on (medvlp.resume); one killed before its first checkpoint starts again in place from step 0
         try:
             resumed = str(api.latest_checkpoint(run_dir))
         except FileNotFoundError:
-            resumed = ""
-    if resumed:
+            resumed = "step 0"
         log.info("%s: continuing the interrupted pre-training run %s from %s", method, run_dir, Path(resumed).name)
         execute(medvlp_command("fit", "--resume", str(run_dir)), run_dir / LOG)
     else:
-        if run_dir.exists():
-            log.info("%s: %s stopped before its first checkpoint; starting it again", method, run_dir)
-            shutil.rmtree(run_dir)
         compose_pretrain(cfg, method)  # fails here, with the config error, before a process starts
-        run_dir.mkdir(parents=True)
+        run_dir.mkdir(parents=True, exist_ok=True)  # may hold the log of an attempt that ended before its config
         _write_json(run_dir / REQUEST, pretrain_request(cfg, method))
         log.info("%s: pre-training on %s (%s)", method, pretrain_data_of(cfg, method),
                  f"{cfg.pretrain_steps} steps" if cfg.pretrain_steps > 0 else "the config's epochs")

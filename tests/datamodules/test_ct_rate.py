@@ -116,7 +116,10 @@ def test_records_splits_text_and_labels(ct_root, caplog):
     with caplog.at_level(logging.INFO, logger="medvlp.datamodules.ct_rate"):
         scans = all_train(dm)
     assert sorted(scans) == ["train_1_a", "train_2_a", "train_2_b", "train_3_a", "train_5_a", "train_6_a", "train_7_a"]
-    assert "dropped 1 of" in caplog.text  # train_4_a: empty findings, impressions 'Not given.'
+    # train_4_a_1: empty findings, impressions 'Not given.': left out, named in the log and in dm.dropped
+    assert "left out 1 reconstruction(s)" in caplog.text and "train_4_a_1" in caplog.text
+    (entry,) = [d for d in dm.dropped if d.study_id == "train_4_a_1"]
+    assert entry.split in ("train", "val") and "train_reports.csv row train_4_a_1.nii.gz" in entry.reason
     train_p = {r.meta["patient"] for r in dm.records("train")}
     val_p = {r.meta["patient"] for r in dm.records("val")}
     assert val_p and train_p and not train_p & val_p  # patient-level holdout
@@ -265,9 +268,12 @@ def test_join_validation(tmp_path, caplog):
         make(parent, val_fraction=0.0).records("train")
     assert "train_3_a_1 has no row in radiology_text_reports/train_reports.csv" in str(err.value)
     with caplog.at_level(logging.WARNING):
-        recs = make(parent, on_error="skip", val_fraction=0.0).records("train")
+        skip = make(parent, on_error="skip", val_fraction=0.0)
+        recs = skip.records("train")
     assert [r.study_id for r in recs] == ["train_1_a", "train_2_a"]
     assert "skipped 2" in caplog.text
+    assert {(d.split, d.study_id) for d in skip.dropped} == {("train", "train_8_a_1"), ("train", "train_3_a_1")}
+    assert skip.dropped_summary() == {"count": 2, "by_split": {"train": 2}, "file": None}
     # a volume on disk without a label row
     stray = parent / "dataset/valid/valid_9/valid_9_a/valid_9_a_1.nii.gz"
     stray.parent.mkdir(parents=True)
@@ -383,3 +389,35 @@ def test_anatomy_masks_align_with_the_volume_and_flip_with_it(tmp_path, tiny_tok
     assert batch.anatomy_masks.shape == (2, 1, 32, 64, 64)
     with pytest.raises(DataError, match="No anatomy mask"):
         make(root, anatomy_dir=str(tmp_path / "elsewhere"), size=[32, 64, 64]).load_sample(rec, train=False)
+
+
+def test_reports_are_per_reconstruction(tmp_path, tiny_tokenizer):
+    """Each reconstruction is paired with its own row of the reports CSV (§8.3: one row per VolumeName)."""
+    vols = [CTVolume("train_1_a_1", findings="Lungs are clear.", impressions="No acute findings."),
+            CTVolume("train_1_a_2", findings="Mild edema.", impressions="Effusion.", labels=(0, 1)),
+            CTVolume("train_2_a_1", findings="", impressions="Not given."),  # no text: left out ...
+            CTVolume("train_2_a_2", findings="Heart is normal."),  # ... its sibling kept
+            CTVolume("valid_1_a_1")]
+    write_ct_rate(tmp_path / "c", vols)
+    text_1 = "The volume shows: No acute findings. The volume looks like: Lungs are clear."
+    text_2 = "The volume shows: Effusion. The volume looks like: Mild edema."
+    dm = make(tmp_path / "c", val_fraction=0.0)
+    dm.set_tokenizer(tiny_tokenizer)
+    recs = {r.study_id: r for r in dm.records("train")}
+    assert recs["train_1_a"].text == text_1 and recs["train_1_a"].meta["texts"] == [text_1, text_2]
+    assert [Path(p).name for p in recs["train_2_a"].image_path] == ["train_2_a_2.nii.gz"]
+    assert [d.study_id for d in dm.dropped] == ["train_2_a_1"]
+    drawn = []
+    read = dm.load_volume
+    dm.load_volume = lambda path, source=None: drawn.append(Path(path).name) or read(path, source)
+    ds = dm.dataset("train")
+    index = list(recs).index("train_1_a")
+    pairs = set()
+    for _ in range(12):
+        item = ds[index]
+        pairs.add((drawn[-1], item["text"], float(item["labels"][1])))
+    assert pairs == {("train_1_a_1.nii.gz", text_1, 0.0), ("train_1_a_2.nii.gz", text_2, 1.0)}
+    assert dm.dataset("test")[0]["text"] == dm.records("test")[0].text  # evaluation: the first reconstruction
+    every = make(tmp_path / "c", val_fraction=0.0, reconstructions="all")
+    assert [(Path(r.image_path).name, r.text) for r in every.records("train") if r.study_id == "train_1_a"] == [
+        ("train_1_a_1.nii.gz", text_1), ("train_1_a_2.nii.gz", text_2)]

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from medvlp.datamodules.base import DataError
+from medvlp.datamodules.errors import os_error
 
 _INSTALL_HINT = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg  (or: pip install python-gdcm)"
 _GRAY = ("MONOCHROME1", "MONOCHROME2")
@@ -61,9 +62,10 @@ def _open(path: str | os.PathLike, **kwargs: Any) -> tuple[Any, list[warnings.Wa
             f"{p} is not a DICOM Part-10 file (expected a 128-byte preamble followed by 'DICM'): {err}"
         ) from err
     except Exception as err:  # noqa: BLE001 - pydicom raises many types on malformed input
-        raise DataError(
+        named = os_error(p, err) if isinstance(err, OSError) else None
+        raise (named or DataError(
             f"DICOM file {p} is truncated or corrupt ({type(err).__name__}: {err}); re-download it."
-        ) from err
+        )) from err
     return ds, list(caught)
 
 
@@ -88,7 +90,7 @@ def _decode_first_frame(
     if "PixelData" not in ds:
         raise DataError(
             f"DICOM file {path} has no Pixel Data (7FE0,0010) (or ends before it); expected an image, "
-            f"not e.g. a structured report."
+            f"not e.g. a structured report (if it should be an image, it is truncated or corrupt: re-download it)."
         )
     uid = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if not uid:
@@ -167,6 +169,17 @@ def _apply_voi01(x: np.ndarray, ds: Any) -> np.ndarray | None:
     return None
 
 
+def _check_finite(x: np.ndarray, path: Path) -> None:
+    finite = np.isfinite(x)
+    if not finite.all():
+        row, col = (int(v) for v in np.argwhere(~finite)[0])
+        raise DataError(
+            f"DICOM file {path}: {x.size - int(np.count_nonzero(finite))} pixel(s) are not finite after its Modality "
+            f"LUT / Rescale Slope and Intercept (NaN or inf; the first at row {row}, column {col}); expected finite "
+            f"values: check its Float Pixel Data or RescaleSlope / RescaleIntercept."
+        )
+
+
 def _minmax01(x: np.ndarray) -> np.ndarray:
     lo, hi = float(x.min()), float(x.max())
     return (x - lo) / (hi - lo) if hi > lo else np.zeros(x.shape, dtype=np.float64)
@@ -222,6 +235,7 @@ def read_dicom(path: str | os.PathLike, *, voi: str = "auto", out: str = "uint8"
             y = _minmax01(arr[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114]))
         elif photometric in _GRAY and arr.ndim == 2:
             x = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+            _check_finite(x, p)  # NaN would make the min-max scaling return a black image
             y = _apply_voi01(x, ds) if voi == "auto" else None
             y = _minmax01(x) if y is None else y
             if photometric == "MONOCHROME1":

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from medvlp.datamodules.base import DataError
+from medvlp.datamodules.errors import os_error
 
 
 @dataclass
@@ -67,7 +68,8 @@ def read_header(path: str) -> SliceHeader:
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except Exception as err:  # noqa: BLE001 - any parse error is a bad file
-        raise DataError(f"{path} is not a readable DICOM file ({type(err).__name__}: {err}).") from err
+        named = os_error(path, err) if isinstance(err, OSError) else None
+        raise (named or DataError(f"{path} is not a readable DICOM file ({type(err).__name__}: {err}).")) from err
     if "Rows" not in ds or "Columns" not in ds:
         raise DataError(f"{path} has no Rows / Columns: not an image slice.")
     spacing = _floats(ds.get("PixelSpacing"), 2) or (1.0, 1.0)
@@ -160,8 +162,15 @@ def read_series(folder: str | os.PathLike | list[str], tolerance: float = 0.1, f
     for h in slices:
         try:
             ds = pydicom.dcmread(h.path)
+            if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+                raise DataError(f"{h.path} has no Pixel Data (7FE0,0010); expected an image slice.")
             arr = ds.pixel_array.astype(np.float32)
+        except DataError:
+            raise
         except Exception as err:  # noqa: BLE001 - truncated pixel data, unsupported compression, ...
+            named = os_error(h.path, err) if isinstance(err, OSError) else None
+            if named is not None:
+                raise named from err
             syntax = ""
             try:
                 syntax = f" (transfer syntax {ds.file_meta.TransferSyntaxUID.name})"
@@ -176,7 +185,14 @@ def read_series(folder: str | os.PathLike | list[str], tolerance: float = 0.1, f
             arr = arr + 1000.0
             arr[arr >= 4096] -= 4096.0
             intercept = -1000.0
-        planes.append(arr * slope + intercept)
+        plane = arr * slope + intercept
+        finite = np.isfinite(plane)
+        if not finite.all():
+            row, col = (int(v) for v in np.argwhere(~finite)[0])
+            raise DataError(f"{h.path}: {plane.size - int(np.count_nonzero(finite))} pixel(s) are not finite after "
+                            f"RescaleSlope {slope:g} / RescaleIntercept {intercept:g} (the first at row {row}, column "
+                            f"{col}); expected finite HU.")
+        planes.append(plane)
     img = sitk.GetImageFromArray(np.stack(planes))
     first = slices[0]
     img.SetSpacing((first.pixel_spacing[1], first.pixel_spacing[0], step))

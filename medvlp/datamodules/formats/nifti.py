@@ -18,33 +18,56 @@ import os
 import struct
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from medvlp.datamodules.base import DataError
+from medvlp.datamodules.errors import check_readable, os_error
 
 _NIFTI1_HEADER = 348
 _NIFTI2_HEADER = 540
+# NIfTI datatype codes of floating-point voxels -> numpy type (complex types are read as their parts)
+_FLOAT_TYPES = {16: "f4", 64: "f8", 1536: "f16", 32: "f4", 1792: "f8"}
 
 
-def _expected_payload(header: bytes) -> int | None:
-    """Bytes of a single-file NIfTI (header + extensions + voxels) described by ``header``."""
+@dataclass(frozen=True)
+class NiftiHeader:
+    """What the checks need from a NIfTI-1/2 header (read with :func:`_parse_header`)."""
+
+    expected: int  # bytes of header + extensions + voxels
+    start: int  # offset of the first voxel
+    datatype: int
+    bitpix: int
+    endian: str  # "<" or ">"
+    dims: tuple[int, ...]  # the ndim sizes (x, y, z, ...)
+    pixdim: tuple[float, ...]  # the ndim spacings
+    qform_code: int
+    sform_code: int
+
+
+def _parse_header(header: bytes) -> NiftiHeader | None:
+    """The header of a single-file NIfTI; None if ``header`` is not one."""
     if len(header) < 4:
         return None
     for endian in "<>":
         (sizeof_hdr,) = struct.unpack(endian + "i", header[:4])
         if sizeof_hdr == _NIFTI1_HEADER and len(header) >= _NIFTI1_HEADER:
             dims = struct.unpack(endian + "8h", header[40:56])
-            (bitpix,) = struct.unpack(endian + "h", header[72:74])
+            datatype, bitpix = struct.unpack(endian + "hh", header[70:74])
+            pixdim = struct.unpack(endian + "8f", header[76:108])
             (vox_offset,) = struct.unpack(endian + "f", header[108:112])
+            qform, sform = struct.unpack(endian + "hh", header[252:256])
             start = max(int(vox_offset), 352)
             break
         if sizeof_hdr == _NIFTI2_HEADER and len(header) >= _NIFTI2_HEADER:
-            (bitpix,) = struct.unpack(endian + "h", header[14:16])
+            datatype, bitpix = struct.unpack(endian + "hh", header[12:16])
             dims = struct.unpack(endian + "8q", header[16:80])
+            pixdim = struct.unpack(endian + "8d", header[104:168])
             (vox_offset,) = struct.unpack(endian + "q", header[168:176])
+            qform, sform = struct.unpack(endian + "ii", header[344:352])
             start = max(int(vox_offset), 544)
             break
     else:
@@ -55,11 +78,40 @@ def _expected_payload(header: bytes) -> int | None:
     n = 1
     for d in dims[1 : ndim + 1]:
         n *= max(int(d), 1)
-    return start + n * bitpix // 8
+    return NiftiHeader(start + n * bitpix // 8, start, int(datatype), int(bitpix), endian,
+                       tuple(int(d) for d in dims[1 : ndim + 1]), tuple(float(v) for v in pixdim[1 : ndim + 1]),
+                       int(qform), int(sform))
 
 
-def check_nifti_file(path: str | os.PathLike) -> None:
-    """Raise :class:`DataError` if ``path`` is missing, empty or visibly truncated.
+def _expected_payload(header: bytes) -> int | None:
+    """Bytes of a single-file NIfTI (header + extensions + voxels) described by ``header``."""
+    parsed = _parse_header(header)
+    return None if parsed is None else parsed.expected
+
+
+def _unreadable(p: Path, err: OSError | EOFError | struct.error) -> DataError:
+    named = os_error(p, err) if isinstance(err, OSError) else None
+    return named or DataError(f"NIfTI file {p} is corrupt or not gzip-compressed ({err}); re-download it.")
+
+
+def read_header(path: str | os.PathLike) -> NiftiHeader:
+    """The header of the NIfTI file ``path``; DataError naming the file if it cannot be read or parsed."""
+    p = Path(path)
+    try:
+        opener = gzip.open if p.name.endswith(".gz") else open
+        with opener(p, "rb") as f:
+            header = f.read(_NIFTI2_HEADER)
+    except (OSError, EOFError, struct.error) as err:
+        raise _unreadable(p, err) from err
+    parsed = _parse_header(header)
+    if parsed is None:
+        raise DataError(f"NIfTI file {p} has no valid NIfTI-1/2 header; re-download it.")
+    return parsed
+
+
+def check_nifti_file(path: str | os.PathLike) -> NiftiHeader:
+    """Raise :class:`DataError` if ``path`` is missing, unreadable, empty or visibly truncated; else
+    return its header.
 
     SimpleITK reads a truncated ``.nii.gz`` *without an error* (the missing voxels come back as
     zeros), so completeness is checked here: the gzip trailer stores the uncompressed length, which
@@ -72,22 +124,17 @@ def check_nifti_file(path: str | os.PathLike) -> None:
     if size == 0:
         raise DataError(f"NIfTI file {p} is empty (0 bytes); re-download it.")
     gz = p.name.endswith(".gz")
+    parsed = read_header(p)
     try:
         if gz:
-            with gzip.open(p, "rb") as f:
-                header = f.read(_NIFTI2_HEADER)
             with open(p, "rb") as f:
                 f.seek(-4, os.SEEK_END)
                 (stored_len,) = struct.unpack("<I", f.read(4))
         else:
-            with open(p, "rb") as f:
-                header = f.read(_NIFTI2_HEADER)
             stored_len = size
     except (OSError, EOFError, struct.error) as err:
-        raise DataError(f"NIfTI file {p} is corrupt or not gzip-compressed ({err}); re-download it.") from err
-    expected = _expected_payload(header)
-    if expected is None:
-        raise DataError(f"NIfTI file {p} has no valid NIfTI-1/2 header; re-download it.")
+        raise _unreadable(p, err) from err
+    expected = parsed.expected
     if gz and stored_len != expected % (1 << 32):
         # The trailer describes only the last gzip member; a multi-member file (pigz, bgzip) is
         # valid, so decide by decompressing (this cost is paid only by unusual or broken files).
@@ -99,6 +146,7 @@ def check_nifti_file(path: str | os.PathLike) -> None:
             )
     if not gz and stored_len < expected:
         raise DataError(f"NIfTI file {p} is truncated: {stored_len} bytes on disk, {expected} expected.")
+    return parsed
 
 
 def _gunzipped_length(path: Path) -> tuple[int, str]:
@@ -113,15 +161,121 @@ def _gunzipped_length(path: Path) -> tuple[int, str]:
     return total, ""
 
 
-def read_image(path: str | os.PathLike, check: bool = True) -> sitk.Image:
-    """Read a NIfTI file with SimpleITK, raising :class:`DataError` naming the file on failure."""
+def check_finite_voxels(path: str | os.PathLike, header: NiftiHeader | None = None) -> None:
+    """Raise :class:`DataError` if a floating-point NIfTI file holds NaN or infinite voxels.
+
+    ITK's NIfTI reader turns NaN voxels into 0 without a word (which a rescale then turns into,
+    e.g., -1024 HU), so the stored voxels are checked here, streamed. Integer files cannot hold
+    NaN and cost nothing; float files are decompressed once more.
+    """
+    p = Path(path)
+    h = header or read_header(p)
+    code = _FLOAT_TYPES.get(h.datatype)
+    if code is None:
+        return
+    dtype = np.dtype(h.endian + code)
+    bad, first, seen = 0, -1, 0
+    opener = gzip.open if p.name.endswith(".gz") else open
+    chunk = dtype.itemsize * (1 << 20)
+    try:
+        with opener(p, "rb") as f:
+            f.read(h.start)
+            total = (h.expected - h.start) // dtype.itemsize
+            while seen < total:
+                buf = f.read(min(chunk, (total - seen) * dtype.itemsize))
+                if not buf:
+                    break
+                vals = np.frombuffer(buf[: len(buf) - len(buf) % dtype.itemsize], dtype=dtype)
+                finite = np.isfinite(vals)
+                if not finite.all():
+                    if first < 0:
+                        first = seen + int(np.argmin(finite))
+                    bad += int(vals.size - np.count_nonzero(finite))
+                seen += vals.size
+    except (OSError, EOFError, zlib.error) as err:
+        raise _unreadable(p, err) from err
+    if bad:
+        per_voxel = 2 if h.datatype in (32, 1792) else 1  # complex: two numbers per voxel
+        index = np.unravel_index(first // per_voxel, tuple(max(d, 1) for d in h.dims), order="F")
+        where = ", ".join(str(int(i)) for i in index)
+        raise DataError(
+            f"NIfTI file {p} holds {bad} non-finite voxel value(s) (NaN or inf; the first at voxel (x, y, z) = "
+            f"({where})); SimpleITK would read them as 0. Expected finite intensities: re-export the volume, "
+            f"or list it in data.exclude."
+        )
+
+
+def check_header_spacing(path: str | os.PathLike, header: NiftiHeader | None = None) -> None:
+    """Raise :class:`DataError` if the header gives a zero or non-finite voxel size (pixdim) for a
+    spatial axis and no sform: SimpleITK would silently read it as 1 mm."""
+    h = header or read_header(path)
+    if h.sform_code > 0:
+        return
+    for axis, (size, step) in enumerate(zip(h.dims[:3], h.pixdim[:3])):
+        if not np.isfinite(step) or step == 0:
+            raise DataError(
+                f"NIfTI file {path}: the header gives voxel spacing {step} along {'xyz'[axis]} (pixdim[{axis + 1}], "
+                f"{size} voxels) and no sform; a volume needs a positive spacing (SimpleITK would assume 1 mm). "
+                f"Fix the header, or take the spacing from the dataset's metadata."
+            )
+
+
+def read_image(path: str | os.PathLike, check: bool = True, header_geometry: bool = True) -> sitk.Image:
+    """Read a NIfTI file with SimpleITK, raising :class:`DataError` naming the file on failure.
+
+    With ``check`` the file is first checked (:func:`check_nifti_file`: missing, permission,
+    truncated; :func:`check_finite_voxels`: NaN / inf in a float file; and with
+    ``header_geometry``, i.e. when the header's spacing is used, :func:`check_header_spacing`).
+    """
     if check:
-        check_nifti_file(path)
+        header = check_nifti_file(path)
+        check_finite_voxels(path, header)
+        if header_geometry:
+            check_header_spacing(path, header)
+    else:
+        check_readable(path)
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as err:
         detail = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise DataError(f"NIfTI file {path} could not be read: {detail}") from err
+
+
+def check_finite(arr: np.ndarray, path: str | os.PathLike, what: str = "voxel") -> None:
+    """Raise :class:`DataError` naming ``path`` if ``arr`` holds NaN or infinite values."""
+    if arr.dtype.kind not in "fc":
+        return
+    finite = np.isfinite(arr)
+    if finite.all():
+        return
+    first = tuple(int(i) for i in np.unravel_index(int(np.argmin(finite)), arr.shape))
+    raise DataError(f"{path}: {arr.size - int(np.count_nonzero(finite))} non-finite {what} value(s) (NaN or inf; "
+                    f"the first at {first}, array order); expected finite intensities. Re-export the file, or "
+                    f"list it in data.exclude.")
+
+
+MIN_SLICES = 2
+
+
+def check_volume_geometry(img: sitk.Image, path: str | os.PathLike) -> None:
+    """Raise :class:`DataError` naming ``path`` if ``img`` is not a usable 3D volume: fewer than
+    :data:`MIN_SLICES` voxels along an axis (a single-slice scout, a 2D image), or a spacing that
+    is not a positive finite number."""
+    size_zyx = tuple(reversed(img.GetSize()))
+    spacing = spacing_zyx(img) if img.GetDimension() == 3 else tuple(reversed(img.GetSpacing()))
+    if img.GetDimension() != 3:
+        raise DataError(f"{path}: a {img.GetDimension()}-D image of shape {size_zyx}; expected a 3-D volume "
+                        f"(z, y, x).")
+    if size_zyx[0] < MIN_SLICES:
+        raise DataError(f"{path}: a single-slice volume (shape {size_zyx}, z, y, x); a CT volume needs at least "
+                        f"{MIN_SLICES} slices. It is probably a scout / localizer image or a truncated export; "
+                        f"list it in data.exclude.")
+    if min(size_zyx[1:]) < MIN_SLICES:
+        raise DataError(f"{path}: a degenerate volume (shape {size_zyx}, z, y, x); each slice needs at least "
+                        f"{MIN_SLICES} x {MIN_SLICES} pixels.")
+    if not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise DataError(f"{path}: voxel spacing {tuple(float(s) for s in spacing)} mm (z, y, x); every spacing "
+                        f"must be a positive number.")
 
 
 def direction_from_iop(iop: Sequence[float]) -> tuple[float, ...]:
