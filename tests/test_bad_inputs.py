@@ -20,7 +20,10 @@ from __future__ import annotations
 import builtins
 import io
 import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -612,3 +615,43 @@ def test_dropped_csv_lists_build_and_load_time_items_once(ct, tmp_path):
 
 # ======================================================================================== ---- config
 # (configuration cases go here)
+CONFIG_CASES = {
+    # case: (command-line overrides, what the message must say)
+    "unknown key": (["data.batch_sise=8"], r"Unknown config key 'data.batch_sise'.*Did you mean 'data.batch_size'"),
+    "unknown section": (["datta.root=/x"], r"Unknown config section 'datta'.*Did you mean 'data'"),
+    "wrong type": (["trainer.max_steps=many"], r"Config key 'trainer.max_steps'.*expects type int"),
+    "value for a section": (["method.text_encoder=/some/dir"],
+                            r"Config key 'method.text_encoder'.*is a section.*got the single value '/some/dir'.*"
+                            r"method.text_encoder.model=/some/dir"),
+    "negative batch size": (["data.batch_size=-1"], r"Config key 'data.batch_size' = -1 is out of range: expected > 0"),
+    "negative learning rate": (["optim.lr=-1"], r"Config key 'optim.lr' = -1.0 is out of range: expected > 0"),
+    "zero embedding size": (["method.embed_dim=0"], r"Config key 'method.embed_dim' = 0 is out of range: expected > 0"),
+    "unknown choice": (["data.on_error=ignore"], r"Config key 'data.on_error'.*expected one of \['raise', 'skip'\]"),
+    "fraction above one": (["data.label_fraction=1.5"], r"'data.label_fraction' = 1.5 is out of range: expected > 0 and <= 1"),
+    "list item out of range": (["method.image_encoder.img_size=[0]"], r"'method.image_encoder.img_size' = \[0\].*for every item"),
+    "no key=value": (["trainer.max_steps"], r"Override 'trainer.max_steps' is not of the form key=value"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_CASES))
+def test_config_error_names_the_key(case, capsys, tmp_path):
+    """A bad config value stops ``medvlp fit`` with one line naming the key, the value and what is expected,
+    before anything is built or written (no run directory)."""
+    from medvlp.cli import main
+
+    overrides, expected = CONFIG_CASES[case]
+    assert main(["fit", "--method", "clip", f"run.out_dir={tmp_path}", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert re.search(expected, err, re.S), err
+    assert "Traceback" not in err and not any(tmp_path.iterdir())
+
+
+def test_range_and_choice_checks_come_before_torch():
+    """The data / trainer / optimiser / run fields are checked before torch is imported (within a second or
+    two of typing the command)."""
+    code = ("import sys\nfrom medvlp.cli import main\n"
+            "codes = [main(['fit', '--method', 'clip', o]) for o in "
+            "('data.batch_size=-1', 'optim.lr=-1', 'data.on_error=ignore', 'trainer.max_steps=-5')]\n"
+            "print(codes, 'torch' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.stdout.split("]")[-1].strip() == "False" and res.stdout.startswith("[2, 2, 2, 2]"), res.stdout + res.stderr

@@ -115,3 +115,46 @@ def test_zeroshot_and_retrieve_on_run(runs, capsys):
     assert main(["retrieve", "--run", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "R@5" in out and "image to text" in out
+
+
+class Payload:
+    """Unpickling this creates ``marker``: what a planted checkpoint could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture
+def planted(runs, tmp_path):
+    """A copy of the finished run whose ``last.ckpt`` holds the real weights plus a pickled payload."""
+    import shutil
+
+    src, run_dir = runs[0], tmp_path / "planted"
+    shutil.copytree(src, run_dir, ignore=shutil.ignore_patterns("checkpoints", "downstream", "tb"))
+    state = torch.load(src / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    state["extra"] = Payload(tmp_path / "ran")
+    (run_dir / "checkpoints").mkdir()
+    torch.save(state, run_dir / "checkpoints" / "last.ckpt")
+    return run_dir, tmp_path / "ran"
+
+
+@pytest.mark.parametrize("command", ["zeroshot", "retrieve", "downstream", "explain", "resume"])
+def test_a_planted_checkpoint_is_refused_by_every_command(planted, command, capsys):
+    from medvlp.cli import main
+
+    run_dir, marker = planted
+    argv = {"zeroshot": ["zeroshot", "--run", str(run_dir)],
+            "retrieve": ["retrieve", "--run", str(run_dir)],
+            "downstream": ["downstream", "--task", "classification", "--data", "demo_chexpert", "--run", str(run_dir)],
+            "explain": ["explain", "--run", str(run_dir)],
+            "resume": ["fit", "--resume", str(run_dir)]}[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Refusing to load" in err and "last.ckpt" in err and "Nothing in it was run" in err, err
+    assert not marker.exists()
+    if command == "resume":  # the control: the file does run code when unpickled in full
+        torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+        assert marker.exists()

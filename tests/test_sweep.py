@@ -242,7 +242,8 @@ def test_a_killed_sweep_completes_only_what_is_missing(tmp_path, monkeypatch, in
     assert (out.computed, out.skipped) == (1, 2) and calls["evaluate"] == 2 and calls["downstream"] == [0.1, 1.0, 1.0]
     assert json.loads(path.read_text())["zeroshot"]["mean_auroc"] == out.rows[2].value
 
-    # pre-training: a run without its marker continues from its checkpoint; one without a checkpoint starts again
+    # pre-training: a run without its marker continues from its checkpoint; one without a checkpoint starts
+    # again in place from step 0, and nothing it wrote is deleted
     (run_dir / S.DONE).unlink()
     assert S.ensure_pretrained(cfg, "clip") == run_dir and calls["fit"] == [None, run_dir]
     assert json.loads((run_dir / S.DONE).read_text())["resumed_from"].endswith(".ckpt")
@@ -250,8 +251,9 @@ def test_a_killed_sweep_completes_only_what_is_missing(tmp_path, monkeypatch, in
     for ckpt in (run_dir / api.CKPT_DIR).glob("*.ckpt"):
         ckpt.unlink()
     S.ensure_pretrained(cfg, "clip")
-    assert calls["fit"] == [None, run_dir, None] and (run_dir / S.REQUEST).is_file()
-    assert not (run_dir / "downstream").exists()  # the old run and its results are gone with it
+    assert calls["fit"] == [None, run_dir, run_dir] and (run_dir / S.REQUEST).is_file()
+    assert json.loads((run_dir / S.DONE).read_text())["resumed_from"] == "step 0"
+    assert (run_dir / "downstream").is_dir() and (run_dir / api.CKPT_DIR / "last.ckpt").is_file()
 
 
 @pytest.mark.slow

@@ -246,11 +246,11 @@ def test_cli_fit_on_tiny_demo_then_reload_and_export(tmp_path):
     run = tmp_path / "smoke"
     method, cfg = api.load_run(run)
     assert cfg.method.name == "g2d" and isinstance(method, G2D)
-    exp = torch.load(run / "export" / "unet.pt", weights_only=False)
+    exp = torch.load(run / "export" / "unet.pt", weights_only=True)
     unet = smp.Unet(exp["encoder_name"], encoder_depth=exp["encoder_depth"], encoder_weights=None,
                     decoder_channels=exp["decoder_channels"], in_channels=exp["in_channels"], classes=exp["classes"])
     unet.load_state_dict(exp["state_dict"])
-    enc = torch.load(run / "export" / "encoder.pt", weights_only=False)
+    enc = torch.load(run / "export" / "encoder.pt", weights_only=True)
     method.image_encoder.model.load_state_dict(enc["state_dict"])
 
 

@@ -281,7 +281,7 @@ def test_smoke_fit_on_tiny_demo(tmp_path):
     assert all(r["train/loss_cpa_step"] for r in steps)
     for col in ("train/loss_cta_word_step", "train/loss_cta_patch_step", "train/inbatch_acc1_step", "val/loss_cpa"):
         assert col in header
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     L.seed_everything(cfg.run.seed, verbose=False)
     init = api.build_method(cfg)  # the same initial weights as the run
     assert not torch.allclose(state["img_global.0.weight"], init.img_global[0].weight)
