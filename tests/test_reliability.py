@@ -1,6 +1,7 @@
 """Failure paths of runs: a forgotten data.root, run directories under concurrency and DDP, checkpoints
 that are cut short, corrupt or unsafe."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "medvlp.cli"]
 
 
+@functools.cache
 def real_data_configs() -> dict[str, str]:
     """``configs/data`` files of real datasets (``data.root`` must be given) -> their datamodule."""
     out = {}
@@ -109,9 +111,11 @@ def complete(run_dir: Path) -> bool:
                                                        "checkpoints/last.ckpt", "metrics.csv"))
 
 
-def test_two_fits_started_together_get_two_complete_run_directories(tmp_path):
-    """Two ``medvlp fit`` started at once into one folder, where the names of the coming minutes are taken:
-    both race for the same next names and end in two different, complete directories."""
+def test_fits_started_together_get_their_own_complete_run_directories(tmp_path):
+    """A ``medvlp fit`` and a two-process DDP ``medvlp fit`` (gloo on CPU) started at once into one folder,
+    where the names of the coming minutes are already taken: they race for the same next names and end in
+    two different, complete directories; the DDP run has one (rank 0 names it, the other process uses it,
+    only rank 0 writes the config, run info and text encoder files)."""
     cfg = C.compose("clip")
     api.resolve_data_root(cfg)
     stem = f"clip-{Path(cfg.data.root).name}-"
@@ -120,26 +124,16 @@ def test_two_fits_started_together_get_two_complete_run_directories(tmp_path):
     for name in taken:
         (tmp_path / name).mkdir()
     args = [*CLI, "fit", "--method", "clip", "trainer.max_steps=2", "trainer.enable_progress_bar=false",
-            "data.limit_train=64", f"run.out_dir={tmp_path}"]
-    procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
+            "data.limit_train=128", f"run.out_dir={tmp_path}"]
+    ddp = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+    procs = [subprocess.Popen(a, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for a in (args, [*args, *ddp])]
+    outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     made = sorted(p for p in tmp_path.iterdir() if p.name not in taken)
     assert len(made) == 2 and all(p.name.rsplit("-", 1)[0] in taken for p in made), made
     assert all(complete(p) for p in made)
     assert {out.split("run directory: ")[1].split()[0] for out, _ in outs} == {str(p) for p in made}
-
-
-def test_ddp_fit_on_two_processes_makes_one_run_directory(tmp_path):
-    """``trainer.devices=2 trainer.strategy=ddp`` (gloo on CPU): rank 0 names and creates the run directory,
-    the second process uses it; only rank 0 writes the config, run info and text encoder files."""
-    res = subprocess.run([*CLI, "fit", "--method", "clip", "trainer.accelerator=cpu", "trainer.devices=2",
-                          "trainer.strategy=ddp", "trainer.max_steps=2", "trainer.enable_progress_bar=false",
-                          "data.limit_train=128", f"run.out_dir={tmp_path}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    made = list(tmp_path.iterdir())
-    assert len(made) == 1 and complete(made[0]), made
     assert api.RUN_DIR_ENV not in os.environ
 
 

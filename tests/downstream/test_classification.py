@@ -63,6 +63,7 @@ def test_linear_probe_and_finetune_beat_chance_for_every_2d_method(runs, method,
     assert lin["protocol"] == "linear" and lin["n_train"] == 540 and set(lin["auroc"]) == set(lin["labels"])
     assert lin["mean_auroc"] > 0.7, lin["auroc"]
     assert json.loads((tmp_path / "lin" / "result.json").read_text())["mean_auroc"] == lin["mean_auroc"]
+    assert lin["dropped"] == {"count": 0, "by_split": {}, "file": None}  # no study left out of the demo set
     assert (tmp_path / "lin" / "roc.png").stat().st_size > 1000
     ft = api.downstream("classification", "demo_rsna", runs[method], protocol="finetune", out=tmp_path / "ft",
                         max_steps=30, max_epochs=5)
