@@ -73,13 +73,42 @@ def _run_info(cfg: DictConfig) -> dict[str, Any]:
 RUN_DIR_ENV = "MEDVLP_RUN_DIR"  # set by the first process of a run for the processes Lightning launches for it
 
 
-def _global_rank() -> tuple[int, int]:
-    """``(rank, world size)`` as a launcher set them in the environment (``(0, 1)`` without one)."""
-    for rank_var, size_var in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
-        if os.environ.get(rank_var, "").isdigit():
-            return int(os.environ[rank_var]), int(os.environ.get(size_var, "1") or 1)
+def _process_role() -> str:
+    """``"first"`` for the process that owns the run directory (global rank 0, or no launcher), ``"launched"``
+    for a process Lightning's launcher started for a run of this machine (it inherits the directory in
+    ``$MEDVLP_RUN_DIR``), ``"other"`` for a further process started by an external launcher (torchrun,
+    SLURM, a second node)."""
     local = os.environ.get("LOCAL_RANK", "")
-    return (int(local), int(os.environ.get("WORLD_SIZE", "1") or 1)) if local.isdigit() else (0, 1)
+    if os.environ.get(RUN_DIR_ENV) and local.isdigit() and int(local) > 0:
+        return "launched"
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return "first" if int(os.environ[var]) == 0 else "other"
+    for var in ("NODE_RANK", "GROUP_RANK"):
+        if os.environ.get(var, "").isdigit() and int(os.environ[var]) > 0:
+            return "other"
+    return "first" if not local.isdigit() or int(local) == 0 else "other"
+
+
+def _lock_run(run_dir: Path):
+    """Hold ``<run>/.lock`` while this process trains the run (the kernel releases it when the process
+    ends, however it ends): a second ``fit --resume`` of a run still training stops with a clear error."""
+    import fcntl
+
+    fh = open(run_dir / ".lock", "a+")  # noqa: SIM115 - held until the run ends
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        owner = fh.read().strip() or "another process"
+        fh.close()
+        raise C.ConfigError(f"Run {run_dir} is being trained by {owner}; wait for it to end (or stop it) "
+                            f"before continuing it.") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"process {os.getpid()} on {platform.node()}\n")
+    fh.flush()
+    return fh
 
 
 def _claim_config(cfg: DictConfig, run_dir: Path) -> None:
@@ -87,11 +116,18 @@ def _claim_config(cfg: DictConfig, run_dir: Path) -> None:
     appears complete or not at all, and of two processes claiming the directory one wins)."""
     tmp = run_dir / f".{CONFIG_NAME}.{os.getpid()}.tmp"
     C.save(cfg, tmp)
+    taken = C.ConfigError(f"Run directory {run_dir} already holds a run; resume it with "
+                          f"`medvlp fit --resume {run_dir}` or choose another run.name.")
     try:
         os.link(tmp, run_dir / CONFIG_NAME)
     except FileExistsError:
-        raise C.ConfigError(f"Run directory {run_dir} already holds a run; resume it with "
-                            f"`medvlp fit --resume {run_dir}` or choose another run.name.") from None
+        raise taken from None
+    except OSError:  # a file system without hard links: exclusive creation, then the content
+        try:
+            with open(run_dir / CONFIG_NAME, "x", encoding="utf-8") as fh:
+                fh.write(tmp.read_text(encoding="utf-8"))
+        except FileExistsError:
+            raise taken from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -154,7 +190,7 @@ def _trainer(cfg: DictConfig, run_dir: Path, callbacks: list[Any], resumed_step:
     t = cfg.trainer
     ckpt = RunCheckpoints(run_dir / CKPT_DIR, every_n_steps=t.checkpoint_every_n_steps, keep=t.keep_checkpoints)
     # TensorBoard drops the events of steps the resumed run logs again (purge_step); its files stay.
-    tb = TensorBoardLogger(run_dir, name="tb", version="", **({"purge_step": resumed_step} if resumed_step else {}))
+    tb = TensorBoardLogger(run_dir, name="tb", version="", **({"purge_step": resumed_step} if resumed_step is not None else {}))
     return L.Trainer(
         default_root_dir=run_dir,
         max_epochs=t.max_epochs,
@@ -217,9 +253,8 @@ def fit(cfg: DictConfig, resume: str | Path | None = None) -> Path:
 
     from medvlp.resume import ExactResume, rewind_metrics
 
-    rank, size = _global_rank()
-    inherited = os.environ.get(RUN_DIR_ENV, "")
-    primary = rank == 0 and not (inherited and os.environ.get("LOCAL_RANK", "0") != "0")
+    role = _process_role()
+    primary = role == "first"
     ckpt_path, resumed_step = None, 0
     if resume is not None:
         run_dir = Path(resume).resolve()
@@ -235,34 +270,52 @@ def fit(cfg: DictConfig, resume: str | Path | None = None) -> Path:
     dm = build_datamodule(cfg, tokenizer=method.tokenizer)
     train_loader = dm.resumable_train_dataloader()  # reads the records: bad data fails before the run directory exists
     val_loader = dm.val_dataloader()
+    lock = None
     if resume is not None:
         if primary:
+            lock = _lock_run(run_dir)
             rewind_metrics(run_dir / "metrics.csv", resumed_step)
-            if not (run_dir / TEXT_DIR / "config.json").is_file():
-                method.text_encoder.save_pretrained_parts(run_dir / TEXT_DIR)
+            if not (run_dir / TEXT_DIR).is_dir():
+                _save_text_encoder(method, run_dir)
             _record_resume(run_dir, ckpt_path, resumed_step)
-    elif inherited and not primary:
-        run_dir = Path(inherited)
-    elif not primary and size > 1:
+    elif role == "launched":
+        run_dir = Path(os.environ[RUN_DIR_ENV])
+    elif role == "other":
         run_dir = _wait_for_run_dir(cfg)
     else:
         run_dir = new_run_dir(cfg)
-        method.text_encoder.save_pretrained_parts(run_dir / TEXT_DIR)
+        lock = _lock_run(run_dir)
+        _save_text_encoder(method, run_dir)
         write_atomic(run_dir / "run_info.json", json.dumps(_run_info(cfg), indent=2))
     from medvlp.datamodules.dropped import DroppedItems
 
     callbacks = [ExactResume(train_loader.sampler, batch_size=int(cfg.data.batch_size)), DroppedItems(dm, run_dir)]
-    trainer = _trainer(cfg, run_dir, callbacks, resumed_step=resumed_step or None)
-    set_here = primary and not inherited
-    if set_here:
+    trainer = _trainer(cfg, run_dir, callbacks, resumed_step=resumed_step if resume is not None else None)
+    before = os.environ.get(RUN_DIR_ENV)
+    if primary:
         os.environ[RUN_DIR_ENV] = str(run_dir)  # for the processes the Trainer launches (they inherit it)
     try:
         trainer.fit(method, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path,
                     weights_only=True)
     finally:
-        if set_here:
-            os.environ.pop(RUN_DIR_ENV, None)
+        if primary:
+            if before is None:
+                os.environ.pop(RUN_DIR_ENV, None)
+            else:
+                os.environ[RUN_DIR_ENV] = before
+        if lock is not None:
+            lock.close()
     return run_dir
+
+
+def _save_text_encoder(method: Any, run_dir: Path) -> None:
+    """``<run>/text_encoder``: written beside it, then renamed into place (complete or absent)."""
+    import shutil
+
+    tmp = run_dir / f".{TEXT_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a write cut short
+    method.text_encoder.save_pretrained_parts(tmp)
+    os.replace(tmp, run_dir / TEXT_DIR)
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
@@ -299,7 +352,10 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None):
         state = read_checkpoint(checkpoint)
     else:
         _, state = load_latest(run_dir)
-    method.load_state_dict(state["state_dict"])
+    weights = state["state_dict"]
+    if any("._orig_mod." in k for k in weights):  # trained with trainer.compile=true
+        weights = {k.replace("._orig_mod.", "."): v for k, v in weights.items()}
+    method.load_state_dict(weights)
     method.eval()
     return method, cfg
 

@@ -98,8 +98,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 def candidates(run_dir: str | Path) -> list[Path]:
     """The run's checkpoint files, newest first."""
     ckdir = Path(run_dir) / CKPT_DIR
-    files = [p for p in ckdir.glob("*.ckpt") if p.is_file()]
-    return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), reverse=True)
+    stamped = []
+    for path in ckdir.glob("*.ckpt"):
+        try:  # a running run may remove an old checkpoint meanwhile
+            if path.is_file():
+                stamped.append((path.stat().st_mtime_ns, path.name == "last.ckpt", path))
+        except FileNotFoundError:
+            continue
+    return [p for *_, p in sorted(stamped, key=lambda t: t[:2], reverse=True)]
 
 
 def load_latest(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:

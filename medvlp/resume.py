@@ -34,6 +34,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from torch.utils.data import DistributedSampler
 
 log = logging.getLogger(__name__)
@@ -187,9 +188,15 @@ class RunCheckpoints(Callback):
         self._due = False
         self._before_batch = False
         self._saved_step = -1
+        self._step_at_start = -1
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._saved_step = trainer.global_step  # a resumed run does not write its checkpoint again
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every and trainer.global_step % self.every == 0 and trainer.global_step != self._saved_step:
+        # only after an optimiser step (with gradient accumulation, the batches between steps keep the step)
+        stepped = trainer.global_step != self._step_at_start
+        if self.every and stepped and trainer.global_step % self.every == 0 and trainer.global_step != self._saved_step:
             self._due = True
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -197,6 +204,7 @@ class RunCheckpoints(Callback):
             self._due = True
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step_at_start = trainer.global_step
         if self._due:
             self._before_batch = True
             try:
@@ -205,9 +213,10 @@ class RunCheckpoints(Callback):
                 self._before_batch = False
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        if self._before_batch:
-            # Lightning counts a checkpoint taken before a batch as one taken inside the previous batch and
-            # adds the logging step of that batch on restart: take it off here, so that the resumed run
+        if self._before_batch and not trainer.fit_loop.epoch_loop._should_accumulate():
+            # Lightning counts a checkpoint taken before a batch as one taken inside the previous batch and,
+            # on restart, adds the logging step of that batch unless it would accumulate (the test it makes
+            # then, on these same counters, is the one above): take it off here, so that the resumed run
             # logs its first batch at the step the uninterrupted run logs it.
             loop = checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]
             loop["_batches_that_stepped"] = int(loop["_batches_that_stepped"]) - 1
@@ -264,8 +273,9 @@ class ExactResume(Callback):
         epoch, done = trainer.current_epoch, self.done
         if done >= trainer.num_training_batches:
             epoch, done = epoch + 1, 0
-        checkpoint[STATE_KEY] = {"epoch": int(epoch), "batches": int(done), "rng": rng_state(),
-                                 "epoch_sums": _epoch_sums(trainer) if done else {}}
+        # every process's generators and sums (the file is written by rank 0 alone; each rank takes its own)
+        per_rank = _gather({"rng": rng_state(), "epoch_sums": _epoch_sums(trainer) if done else {}})
+        checkpoint[STATE_KEY] = {"epoch": int(epoch), "batches": int(done), "ranks": per_rank}
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get(STATE_KEY)
@@ -273,10 +283,42 @@ class ExactResume(Callback):
             log.warning("the checkpoint holds no data position or random state (written by an older medvlp): "
                         "the run continues, but not exactly as the uninterrupted one would")
             return
+        from medvlp.distributed import world
+
+        rank, size = world()
+        ranks = state["ranks"]
+        if len(ranks) != size:
+            log.warning("the checkpoint was written by %d process(es) and the run continues on %d: each process "
+                        "takes the random state of rank %s", len(ranks), size, "0" if len(ranks) < size else "r")
+        mine = ranks[rank] if rank < len(ranks) else ranks[0]
         self.sampler.resume(state["epoch"], state["batches"] * self.batch_size)
         self.done = int(state["batches"])
-        self._pending = state["rng"]
-        self._sums = state.get("epoch_sums") or None
+        self._pending = mine["rng"]
+        self._sums = mine.get("epoch_sums") or None
+
+
+def _gather(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` (``[obj]`` on one process)."""
+    import torch.distributed as dist
+
+    from medvlp.distributed import world
+
+    _, size = world()
+    if size == 1:
+        return [obj]
+    out: list[Any] = [None] * size
+    dist.all_gather_object(out, obj)
+    return [_to_cpu(o) for o in out]
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 def _epoch_sums(trainer) -> dict[str, list[Any]]:
@@ -314,13 +356,20 @@ def _add_epoch_sums(trainer, sums: dict[str, list[Any]]) -> None:
 
 # --------------------------------------------------------------------------- loss history
 class _ContinuingWriter(ExperimentWriter):
-    """Lightning's CSV writer, but an existing ``metrics.csv`` is continued instead of deleted."""
+    """Lightning's CSV writer, but an existing ``metrics.csv`` is continued instead of deleted, and a new
+    column rewrites the file atomically (a kill at that moment loses nothing)."""
 
     def _check_log_dir_exists(self) -> None:
         path = Path(self.metrics_file_path)
         if path.is_file():
             with open(path, newline="", encoding="utf-8") as fh:
                 self.metrics_keys = list(csv.DictReader(fh).fieldnames or [])
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        path = Path(self.metrics_file_path)
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        _write_rows(path, fieldnames, rows)
 
 
 class ResumableCSVLogger(CSVLogger):
@@ -330,6 +379,7 @@ class ResumableCSVLogger(CSVLogger):
         super().__init__(run_dir, name="", version="", flush_logs_every_n_steps=1)
 
     @property
+    @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
@@ -353,20 +403,22 @@ def rewind_metrics(path: str | os.PathLike, step: int) -> int:
         (keep if row.get("step", "") in ("", None) or int(float(row["step"])) < step else moved).append(row)
     if not moved:
         return 0
+    _write_rows(path.with_name(f"{path.stem}.after-step{step}.csv"), fields, moved)
+    _write_rows(path, fields, keep)
+    return len(moved)
+
+
+def _write_rows(path: Path, fields: list[str], rows: list[dict[str, str]]) -> None:
+    """A CSV file with ``fields`` and ``rows``, written atomically (complete or not at all)."""
+    import io
+
     from medvlp.cache import write_atomic
 
-    def text(items: list[dict[str, str]]) -> str:
-        import io
-
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(items)
-        return buf.getvalue()
-
-    write_atomic(path.with_name(f"{path.stem}.after-step{step}.csv"), text(moved))
-    write_atomic(path, text(keep))
-    return len(moved)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)  # \r\n, as Lightning writes the rows it appends
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, buf.getvalue())
 
 
 __all__ = ["EpochSampler", "SeededItems", "ExactResume", "RunCheckpoints", "ResumableCSVLogger", "rewind_metrics", "item_seed",

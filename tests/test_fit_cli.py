@@ -39,20 +39,28 @@ def logged_step(run_dir: Path) -> int:
     return max(steps, default=-1)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """An uninterrupted ``medvlp fit`` and the same run killed with SIGKILL at three random steps, each
-    time continued with ``medvlp fit --resume`` (to its end after the third):
-    ``(uninterrupted run, resumed run, the kill points)``."""
+def killed_and_resumed(out: Path, fit: list[str], kills: list[int]) -> tuple[Path, Path]:
+    """``fit`` run whole (in this process) and the same run killed with SIGKILL once it has logged each
+    step of ``kills``, each time continued with ``medvlp fit --resume`` (to its end after the last):
+    ``(uninterrupted run, resumed run)``."""
+    import logging
+
+    logger = logging.getLogger("medvlp")  # main() sets up the command line's logging: undone at the end
+    handlers, propagate, level = list(logger.handlers), logger.propagate, logger.level
+    try:
+        return _killed_and_resumed(out, fit, kills)
+    finally:
+        logger.handlers[:] = handlers
+        logger.propagate, logger.level = propagate, level
+
+
+def _killed_and_resumed(out: Path, fit: list[str], kills: list[int]) -> tuple[Path, Path]:
     from medvlp.cli import main
 
-    out = tmp_path_factory.mktemp("runs")
-    assert main([*FIT, f"run.out_dir={out}", "run.name=whole"]) == 0  # in this process: no start-up to pay
-    rng = random.Random()
-    kills = [rng.randint(4, 5), rng.randint(7, 8), rng.randint(10, 11)]  # after checkpoints 3, 6 and 9
+    assert main([*fit, f"run.out_dir={out}", "run.name=whole"]) == 0  # in this process: no start-up to pay
     chain = out / "killed"
     for i, at in enumerate(kills):
-        args = [*FIT, f"run.out_dir={out}", "run.name=killed"] if i == 0 else ["fit", "--resume", str(chain)]
+        args = [*fit, f"run.out_dir={out}", "run.name=killed"] if i == 0 else ["fit", "--resume", str(chain)]
         proc = subprocess.Popen([*CLI, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
         deadline = time.time() + 300
@@ -65,7 +73,28 @@ def runs(tmp_path_factory):
             proc.wait()
     assert main(["fit", "--resume", str(chain)]) == 0
     torch.use_deterministic_algorithms(False)  # trainer.deterministic set it for this process
-    return out / "whole", chain, kills
+    return out / "whole", chain
+
+
+def assert_same_run(whole: Path, chain: Path, note: str) -> None:
+    """The same final weights and optimiser state, bit for bit, and the same metrics.csv."""
+    a = torch.load(whole / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    b = torch.load(chain / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert a["global_step"] == b["global_step"] and a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), f"{key} differs ({note})"
+    for group_a, group_b in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        assert all(torch.equal(group_a[k], group_b[k]) for k in group_a), note
+    assert (chain / "metrics.csv").read_text() == (whole / "metrics.csv").read_text(), note
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The run of :data:`FIT` whole and killed at three random steps: ``(whole, resumed, kill points)``."""
+    rng = random.Random()
+    kills = [rng.randint(4, 5), rng.randint(7, 8), rng.randint(10, 11)]  # after checkpoints 3, 6 and 9
+    whole, chain = killed_and_resumed(tmp_path_factory.mktemp("runs"), FIT, kills)
+    return whole, chain, kills
 
 
 def test_killed_and_resumed_run_is_bit_identical(runs):
@@ -73,14 +102,7 @@ def test_killed_and_resumed_run_is_bit_identical(runs):
     per-step losses and one row per logged step in metrics.csv (deterministic mode, CPU)."""
     whole, chain, kills = runs
     assert final_step(chain) == final_step(whole) == STEPS
-    a = torch.load(whole / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    b = torch.load(chain / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    for key, value in a["state_dict"].items():
-        assert torch.equal(value, b["state_dict"][key]), f"{key} differs after kills at {kills}"
-    for group_a, group_b in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
-        assert all(torch.equal(group_a[k], group_b[k]) for k in group_a)
-    assert (chain / "metrics.csv").read_text() == (whole / "metrics.csv").read_text(), f"kills at {kills}"
+    assert_same_run(whole, chain, f"kills at {kills}")
     with open(chain / "metrics.csv", newline="") as fh:
         steps = [int(r["step"]) for r in csv.DictReader(fh) if r.get("train/loss_step")]
     assert steps == list(range(STEPS))
@@ -115,6 +137,20 @@ def test_zeroshot_and_retrieve_on_run(runs, capsys):
     assert main(["retrieve", "--run", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "R@5" in out and "image to text" in out
+
+
+@pytest.mark.slow
+def test_resume_is_exact_with_accumulation_workers_and_mid_epoch_validation(tmp_path):
+    """The same with gradient accumulation over 2 batches, two persistent DataLoader workers, validation
+    twice an epoch and a checkpoint every 2 optimiser steps (12 batches an epoch, 6 steps)."""
+    fit = [*FIT[:3], "trainer.max_steps=14", "trainer.checkpoint_every_n_steps=2", "trainer.accumulate_grad_batches=2",
+           "trainer.val_check_interval=0.5", "data.num_workers=2", "data.persistent_workers=true",
+           *[a for a in FIT[5:] if not a.startswith("data.batch_size")], "data.batch_size=16"]
+    rng = random.Random()
+    kills = [rng.randint(3, 4), rng.randint(7, 8), rng.randint(10, 11)]
+    whole, chain = killed_and_resumed(tmp_path, fit, kills)
+    assert final_step(chain) == 14
+    assert_same_run(whole, chain, f"kills at {kills}")
 
 
 class Payload:

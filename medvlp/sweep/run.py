@@ -98,11 +98,12 @@ def ensure_pretrained(cfg: SweepConfig, method: str) -> Path:
     if (run_dir / api.CONFIG_NAME).is_file():
         # an interrupted run continues from its newest complete checkpoint, exactly as it would have gone
         # on (medvlp.resume); one killed before its first checkpoint starts again in place from step 0
-        try:
-            resumed = str(api.latest_checkpoint(run_dir))
-        except FileNotFoundError:
-            resumed = "step 0"
-        log.info("%s: continuing the interrupted pre-training run %s from %s", method, run_dir, Path(resumed).name)
+        from medvlp.checkpoints import candidates
+
+        found = candidates(run_dir)  # which one is complete, fit --resume decides (and says)
+        resumed = str(found[0]) if found else "step 0"
+        log.info("%s: continuing the interrupted pre-training run %s (newest checkpoint: %s)", method, run_dir,
+                 Path(resumed).name)
         execute(medvlp_command("fit", "--resume", str(run_dir)), run_dir / LOG)
     else:
         compose_pretrain(cfg, method)  # fails here, with the config error, before a process starts
