@@ -215,6 +215,25 @@ def _trainer(cfg: DictConfig, run_dir: Path, callbacks: list[Any], resumed_step:
     )
 
 
+def check_trainer_choices(cfg: DictConfig) -> None:
+    """``trainer.precision`` / ``accelerator`` / ``strategy`` are among the values this Lightning accepts
+    (checked before anything is built or written; the lists come from Lightning itself)."""
+    from typing import get_args
+
+    from lightning.fabric.connector import _PRECISION_INPUT
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    precisions = [str(v) for lit in get_args(_PRECISION_INPUT) for v in get_args(lit)]
+    choices = {"precision": precisions,
+               "accelerator": ["auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())],
+               "strategy": ["auto", *StrategyRegistry.available_strategies()]}
+    for key, allowed in choices.items():
+        value = str(cfg.trainer[key])
+        if value not in allowed:
+            raise C.ConfigError(f"Config key 'trainer.{key}' = {value!r} is not one of {', '.join(allowed)}.")
+
+
 def _resume_point(run_dir: Path) -> tuple[str | None, int]:
     """``(checkpoint path or None, the step the resumed run logs first)``: the newest checkpoint that
     reads back (broken ones are passed over and named); none at all restarts the run from step 0."""
@@ -263,6 +282,7 @@ def fit(cfg: DictConfig, resume: str | Path | None = None) -> Path:
     else:
         resolve_data_root(cfg)
         C.resolve(cfg)
+    check_trainer_choices(cfg)
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     method = build_method(cfg)
     if cfg.trainer.compile:

@@ -54,6 +54,10 @@ _BOUND_TEXT = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 _BOUND_OK = {"gt": lambda v, b: v > b, "ge": lambda v, b: v >= b, "lt": lambda v, b: v < b, "le": lambda v, b: v <= b}
 
 
+def _number(b: float) -> str:
+    return str(int(b)) if float(b).is_integer() else f"{b:g}"
+
+
 def check_values(cfg: DictConfig, prefix: str = "") -> None:
     """Check every value against the bounds declared on its schema field (:func:`bounded`).
 
@@ -81,9 +85,9 @@ def check_values(cfg: DictConfig, prefix: str = "") -> None:
         for item in items:
             if isinstance(item, bool) or not isinstance(item, int | float):
                 continue
-            bad = [f"{_BOUND_TEXT[k]} {b:g}" for k, b in bounds.items() if not _BOUND_OK[k](item, b)]
+            bad = [k for k, b in bounds.items() if not _BOUND_OK[k](item, b)]
             if bad:
-                allowed = " and ".join(f"{_BOUND_TEXT[k]} {b:g}" for k, b in bounds.items())
+                allowed = " and ".join(f"{_BOUND_TEXT[k]} {_number(b)}" for k, b in bounds.items())
                 shown = list(value) if meta.get("each") else value
                 raise ConfigError(f"Config key '{path}' = {shown} is out of range: expected {allowed}"
                                   f"{' for every item' if meta.get('each') else ''}.")
@@ -255,7 +259,7 @@ class RunConfig:
 
     out_dir: str = "runs"
     name: str = ""  # "" = <method>-<data>-<timestamp>
-    seed: int = 0
+    seed: int = bounded(0, ge=0, le=2**32 - 1)
 
 
 # --------------------------------------------------------------------------- files

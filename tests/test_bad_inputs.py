@@ -630,6 +630,10 @@ CONFIG_CASES = {
     "fraction above one": (["data.label_fraction=1.5"], r"'data.label_fraction' = 1.5 is out of range: expected > 0 and <= 1"),
     "list item out of range": (["method.image_encoder.img_size=[0]"], r"'method.image_encoder.img_size' = \[0\].*for every item"),
     "no key=value": (["trainer.max_steps"], r"Override 'trainer.max_steps' is not of the form key=value"),
+    "negative seed": (["run.seed=-1"], r"'run.seed' = -1 is out of range: expected >= 0 and <= 4294967295"),
+    "augmentation out of range": (["data.aug_translate=2"], r"'data.aug_translate' = 2.0 is out of range: expected >= 0 and < 1"),
+    "zero temperature": (["method.temperature=0"], r"'method.temperature' = 0.0 is out of range: expected > 0"),
+    "unknown precision": (["trainer.precision=bf17-mixed"], r"'trainer.precision' = 'bf17-mixed' is not one of .*bf16-mixed"),
 }
 
 

@@ -69,11 +69,11 @@ class DataConfig:
     # train-time report augmentation: none | shuffle (sentence order) | sample
     text_augment: Literal["none", "shuffle", "sample"] = "none"
     text_keep: float = bounded(0.5, gt=0, le=1)  # sample: fraction of the sentences kept (at least one), in random order
-    seed: int = 0
+    seed: int = bounded(0, ge=0, le=2**32 - 1)
     worker_mmap_threshold_kb: int = bounded(128, ge=0)  # DataLoader workers (glibc): buffers above this go to mmap; 0 = glibc default
     limit_train: int = bounded(0, ge=0)  # 0 = all records; >0 keeps the first N (debugging)
     label_fraction: float = bounded(1.0, gt=0, le=1)  # fraction of the train studies used (1 %, 10 %: fine-tuning benchmarks)
-    fraction_seed: int = 42  # MGCA's random_state for data_pct
+    fraction_seed: int = bounded(42, ge=0, le=2**32 - 1)  # MGCA's random_state for data_pct
     fraction_sampling: Literal["mgca", "stratified"] = "mgca"  # mgca (pandas df.sample replica) | stratified (per label pattern)
     fraction_file: str = ""  # "" = <cache>/label_fractions/...; the file every method reads (fractions.py)
     eval_labels: list[str] = field(default_factory=list)  # labels scored by zeroshot; [] = all

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from medvlp.config import bounded
 from medvlp.datamodules.base import (
     DataConfig,
     DataError,
@@ -67,21 +68,21 @@ class BrainMRIConfig(DataConfig):
     train_file: str = "train.json"  # study index per split, relative to data.root (or absolute)
     val_file: str = "valid.json"  # absent file: data.val_fraction of the train studies (by study id)
     test_file: str = ""  # "" = the validation studies
-    val_fraction: float = 0.05
+    val_fraction: float = bounded(0.05, ge=0, lt=1)
     labels_file: str = "labels.csv"  # optional study,<label>,... CSV (0/1); absent file = no labels
     text_prefix: str = "This MRI study shows: "
     report_mode: str = "report"  # report (all sentences, shuffled in training) | sentence (one, in training)
-    scale: float = 255.0  # stored values / scale -> [0, 1]
-    num_slices: int = 48  # through-plane size after resizing (training)
-    eval_num_slices: int = 0  # at evaluation; 0 = num_slices (HLIP evaluates at 144)
+    scale: float = bounded(255.0, gt=0)  # stored values / scale -> [0, 1]
+    num_slices: int = bounded(48, gt=0)  # through-plane size after resizing (training)
+    eval_num_slices: int = bounded(0, ge=0)  # at evaluation; 0 = num_slices (HLIP evaluates at 144)
     slice_mode: str = "nearest-exact"  # interpolation of the through-plane resize
-    resize: int = 256  # in-plane size after padding to a square
-    image_size: int = 224  # centre crop
+    resize: int = bounded(256, gt=0)  # in-plane size after padding to a square
+    image_size: int = bounded(224, gt=0)  # centre crop
     mean: float = 0.449
-    std: float = 0.226
-    num_scans: int = 10  # scans per study in training (repeat: exactly; pad: at most, 0 = all)
+    std: float = bounded(0.226, gt=0)
+    num_scans: int = bounded(10, ge=0)  # scans per study in training (repeat: exactly; pad: at most, 0 = all)
     scan_sampling: str = "repeat"  # repeat (HLIP: shuffle, repeat, truncate) | pad (scan_mask in the batch)
-    eval_max_scans: int = 0  # > 0: at most this many series per study at evaluation
+    eval_max_scans: int = bounded(0, ge=0)  # > 0: at most this many series per study at evaluation
     batch_size: int = 8
     eval_batch_size: int = 8
     max_length: int = 256

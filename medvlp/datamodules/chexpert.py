@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medvlp.config import bounded
 from medvlp.datamodules.base import DataConfig, DataError, DataRootError, Record
 from medvlp.datamodules.radiograph import (
     RadiographConfig,
@@ -107,9 +108,9 @@ class CheXpertConfig(RadiographConfig):
     labels: Any = "competition"  # competition (5) | all (14) | an explicit list of CheXpert labels
     uncertain: str = "mgca"  # mgca | zeros | ones | ignore (see the module docstring)
     split_protocol: str = "mgca"  # mgca (val from train, valid.csv = test) | official (valid.csv = val = test)
-    val_size: int = 5000  # mgca: rows of train.csv (minus 5x200) drawn as val
-    val_seed: int = 0  # mgca: seed of that draw (MGCA: np.random.seed(0))
-    per_class: int = 200  # 5x200: images per competition class
+    val_size: int = bounded(5000, ge=0)  # mgca: rows of train.csv (minus 5x200) drawn as val
+    val_seed: int = bounded(0, ge=0, le=2**32 - 1)  # mgca: seed of that draw (MGCA: np.random.seed(0))
+    per_class: int = bounded(200, gt=0)  # 5x200: images per competition class
     csv_5x200: str = ""  # 5x200 CSV: read if it exists, else built and written there; "" = see csv_path_5x200()
 
 

@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from medvlp.config import bounded
 from medvlp.datamodules.base import DataConfig, DataError, DataRootError, Record
 from medvlp.datamodules.radiograph import RadiographConfig, RadiographDataModule, read_gray, shuffle_split
 from medvlp.registry import register_datamodule
@@ -67,8 +68,8 @@ class COVIDxConfig(RadiographConfig):
 
     name: str = "covidx"
     version: str = "auto"  # auto | kaggle (train.txt, ...) | a label-file version: COVIDx9A, 9A, COVIDx, ...
-    val_fraction: float = 0.2  # share of train held out as val when the release has no val file (MGCA: 0.2)
-    val_seed: int = 0  # seed of that holdout (MGCA: random_state=0)
+    val_fraction: float = bounded(0.2, ge=0, lt=1)  # share of train held out as val when the release has no val file (MGCA: 0.2)
+    val_seed: int = bounded(0, ge=0, le=2**32 - 1)  # seed of that holdout (MGCA: random_state=0)
 
 
 def parse_line(line: str, path: Path, lineno: int) -> tuple[str, str, str, str] | None:

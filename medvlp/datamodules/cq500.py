@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from medvlp.config import bounded
 from medvlp.datamodules.base import DataConfig, DataError, DataRootError, Record
 from medvlp.datamodules.volume import VolumeConfig, VolumeDataModule
 from medvlp.registry import register_datamodule
@@ -49,10 +50,10 @@ class CQ500Config(VolumeConfig):
 
     name: str = "cq500"
     series: str = "thinnest"  # thinnest | all | a substring of the series folder name (case-insensitive)
-    spacing_tolerance: float = 0.1  # relative deviation of a slice step from the median that is an error
+    spacing_tolerance: float = bounded(0.1, gt=0)  # relative deviation of a slice step from the median that is an error
     hu_sanity_check: bool = False  # the chest-CT air/lung check does not apply to heads
-    spacing: list[float] = field(default_factory=lambda: [5.0, 1.0, 1.0])
-    size: list[int] = field(default_factory=lambda: [32, 224, 224])
+    spacing: list[float] = bounded(default_factory=lambda: [5.0, 1.0, 1.0], gt=0, each=True)
+    size: list[int] = bounded(default_factory=lambda: [32, 224, 224], gt=0, each=True)
     window: list[float] = field(default_factory=lambda: [0.0, 80.0])  # brain window (centre 40, width 80)
     batch_size: int = 8
     eval_batch_size: int = 8

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from medvlp.config import bounded
 from medvlp.datamodules.base import (
     DataConfig,
     DataError,
@@ -102,8 +103,8 @@ class CTRateConfig(VolumeConfig):
     organ_findings_file: str = "desc_info.json"  # text=organ: fVLM's per-organ findings {scan: {organ: str}}
     organ_impressions_file: str = "conc_info.json"  # text=organ: fVLM's per-organ impressions
     exclude: list[str] = field(default_factory=lambda: list(UNREADABLE))  # VolumeNames left out
-    val_fraction: float = 0.05  # patients of official train held out as the val split
-    val_seed: int = 0  # seed of that holdout (independent of data.seed, so runs share one val split)
+    val_fraction: float = bounded(0.05, ge=0, lt=1)  # patients of official train held out as the val split
+    val_seed: int = bounded(0, ge=0, le=2**32 - 1)  # seed of that holdout (independent of data.seed, so runs share one val split)
 
 
 def dataset_dir(root: str | os.PathLike) -> Path | None:

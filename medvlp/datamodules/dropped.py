@@ -127,7 +127,8 @@ def _make_callback() -> type:
             self.dm.write_dropped(self.path)
             n = len(self.dm.dropped)
             if n and n != self._reported:
-                log.warning("%d item(s) were dropped or skipped (data.on_error=skip); listed in %s", n, self.path)
+                log.warning("%d stud(ies) left out (by the dataset's rules, e.g. an empty or too short report, or "
+                            "unreadable with data.on_error=skip); each is listed with its reason in %s", n, self.path)
             self._reported = n
 
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from medvlp.config import bounded
 from medvlp.datamodules.base import (
     DataConfig,
     DataError,
@@ -62,12 +63,12 @@ class MedBLIPMRIConfig(DataConfig):
     image_root: str = ""  # base of relative image paths; "" = <root>
     train_lists: list[str] = field(default_factory=lambda: ["ADNI-train", "NACC-train", "OASIS2-train"])
     test_lists: list[str] = field(default_factory=lambda: ["ADNI-test"])
-    val_fraction: float = 0.1  # of the train subjects
-    split_seed: int = 0
+    val_fraction: float = bounded(0.1, ge=0, lt=1)  # of the train subjects
+    split_seed: int = bounded(0, ge=0, le=2**32 - 1)
     subject_pattern: str = r"(\d{3}_S_\d{4}|OAS\d_\d{4}|sub-[A-Za-z0-9]+)"  # ADNI PTID, OASIS, BIDS; else the parent folder
-    size: int = 224
+    size: int = bounded(224, gt=0)
     orientation: str = ""  # "" = the stored axes (official); e.g. RAS
-    clip_percentiles: list[float] = field(default_factory=list)  # [] (official) or [low, high] before min-max
+    clip_percentiles: list[float] = bounded(default_factory=list, ge=0, le=100, each=True)  # [] (official) or [low, high] before min-max
     batch_size: int = 4
     eval_batch_size: int = 4
     max_length: int = 256

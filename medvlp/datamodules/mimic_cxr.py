@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medvlp.config import bounded
 from medvlp.datamodules.base import DataConfig, DataError, DataRootError, Record
 from medvlp.datamodules.formats.reports import get_sectioner, mgca_text
 from medvlp.datamodules.radiograph import (
@@ -72,7 +73,7 @@ class MimicCXRConfig(RadiographConfig):
     views: list[str] = field(default_factory=lambda: ["PA", "AP"])  # ViewPosition kept; [] = every view
     sections: list[str] = field(default_factory=lambda: ["impression", "findings"])  # joined in order
     sectioner: str = "mimic"  # mimic (MIT-LCP rules) | chexzero | package.module:function
-    min_tokens: int = 3  # studies whose text has fewer \w+ tokens are dropped (MGCA)
+    min_tokens: int = bounded(3, ge=0)  # studies whose text has fewer \w+ tokens are dropped (MGCA)
     images_per_study: str = "all"  # all: one sample per image (MGCA) | one: one per study
     label_source: str = "auto"  # auto | chexpert | negbio | test_set (see MimicCXRDataModule)
     uncertain: str = "ignore"  # policy for -1 labels: ignore (NaN) | zero | one

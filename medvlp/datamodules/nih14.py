@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medvlp.config import bounded
 from medvlp.datamodules.base import DataConfig, DataError, DataRootError, Record
 from medvlp.datamodules.radiograph import (
     RadiographConfig,
@@ -93,9 +94,9 @@ class NIH14Config(RadiographConfig):
     views: list[str] = field(default_factory=lambda: ["PA", "AP"])  # View Position kept; [] = every view
     split_protocol: str = "official"  # official | lists | random (see NIH14DataModule)
     split_dir: str = ""  # lists: folder holding train.txt / val.txt / test.txt; "" = data.root
-    val_fraction: float = 0.1  # official / random: share of patients held out as val
-    test_fraction: float = 0.2  # random: share of patients in test
-    val_seed: int = 0  # seed of the patient holdouts (independent of data.seed)
+    val_fraction: float = bounded(0.1, ge=0, lt=1)  # official / random: share of patients held out as val
+    test_fraction: float = bounded(0.2, ge=0, lt=1)  # random: share of patients in test
+    val_seed: int = bounded(0, ge=0, le=2**32 - 1)  # seed of the patient holdouts (independent of data.seed)
     boxes_only: bool = False  # keep only the images listed in BBox_List_2017.csv
 
 

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medvlp.config import bounded
 from medvlp.datamodules.base import DataConfig, DataError, DataRootError, Record
 from medvlp.datamodules.radiograph import (
     RadiographConfig,
@@ -80,7 +81,7 @@ class ObjectCXRConfig(RadiographConfig):
     name: str = "object_cxr"
     task: str = "detection"  # detection (boxes) | segmentation (mask) | classification (label only)
     split_protocol: str = "mgca"  # mgca: train.csv 90/10 -> train/val, dev.csv -> test | official: train/dev/test.csv
-    split_seed: int = 0  # random_state of the mgca 90/10 split (MGCA: 0)
+    split_seed: int = bounded(0, ge=0, le=2**32 - 1)  # random_state of the mgca 90/10 split (MGCA: 0)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from medvlp.config import bounded
 from medvlp.datamodules.base import DataConfig, DataError, DataRootError, Record, VLPDataModule
 from medvlp.datamodules.errors import os_error
 from medvlp.registry import register_datamodule
@@ -45,12 +46,12 @@ class PubBrain5Config(DataConfig):
     subset: str = "all"  # all (pub_brain_5.csv) | gt (pub_brain_5_gt.csv)
     list_file: str = ""  # the study list; "" = <root>/<the subset's file>
     path_prefix: str = "/data/pub_brain_5"  # prefix of the listed study paths, replaced by data.root
-    num_slices: int = 144  # through-plane size after nearest resizing (HLIP at test time)
-    resize: int = 256  # in-plane size after padding to a square
-    image_size: int = 224  # centre crop
+    num_slices: int = bounded(144, gt=0)  # through-plane size after nearest resizing (HLIP at test time)
+    resize: int = bounded(256, gt=0)  # in-plane size after padding to a square
+    image_size: int = bounded(224, gt=0)  # centre crop
     mean: float = 0.449
-    std: float = 0.226
-    max_scans: int = 0  # > 0: at most this many series per study
+    std: float = bounded(0.226, gt=0)
+    max_scans: int = bounded(0, ge=0)  # > 0: at most this many series per study
     batch_size: int = 4
     eval_batch_size: int = 4
     max_length: int = 64

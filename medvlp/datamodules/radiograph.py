@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from medvlp.config import bounded
 from medvlp.datamodules.base import DataConfig, DataError, PreprocessedCacheMixin, Record, VLPDataModule
 from medvlp.datamodules.errors import os_error
 
@@ -54,12 +55,12 @@ log = logging.getLogger(__name__)
 class RadiographConfig(DataConfig):
     """``data.*`` keys shared by every 2D radiograph dataset."""
 
-    image_size: int = 224
-    channels: int = 3  # 1 or 3 (gray repeated)
+    image_size: int = bounded(224, gt=0)
+    channels: int = bounded(3, ge=1, le=3)  # 1 or 3 (gray repeated)
     augment: bool = True  # train-time random affine (image, boxes and masks alike)
-    aug_degrees: float = 10.0
-    aug_translate: float = 0.05  # fraction of the image size
-    aug_scale: list[float] = field(default_factory=lambda: [0.9, 1.1])
+    aug_degrees: float = bounded(10.0, ge=0, le=180)
+    aug_translate: float = bounded(0.05, ge=0, lt=1)  # fraction of the image size
+    aug_scale: list[float] = bounded(default_factory=lambda: [0.9, 1.1], gt=0, each=True)
     preprocessed_dir: str = ""  # cache written by `medvlp preprocess`; "" = <cache_dir>/preprocessed/<name>-<digest>
     use_preprocessed: str = "auto"  # auto (use the cache when its manifest matches) | true (require it) | false
 

@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medvlp.config import bounded
 from medvlp.datamodules.base import DataConfig, DataError, Record
 from medvlp.datamodules.radiograph import (
     RadiographConfig,
@@ -92,7 +93,7 @@ class RSNAConfig(RadiographConfig):
     name: str = "rsna_pneumonia"
     task: str = "classification"  # classification | detection | segmentation (targets returned)
     split_protocol: str = "auto"  # auto | mgca_cls (70/15/15) | mgca_det (MGCA's detection hold-out)
-    split_seed: int = 0  # random_state of the splits (MGCA: 0)
+    split_seed: int = bounded(0, ge=0, le=2**32 - 1)  # random_state of the splits (MGCA: 0)
     voi: str = "auto"  # DICOM VOI LUT / window: auto (apply when present) | none
 
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from medvlp.config import bounded
 from medvlp.datamodules.base import DataConfig, DataError, Record, stable_fraction
 from medvlp.datamodules.volume import VolumeConfig, VolumeDataModule
 from medvlp.registry import register_datamodule
@@ -53,14 +54,14 @@ class RSNAICHConfig(VolumeConfig):
 
     name: str = "rsna_ich"
     exclude: list[str] = field(default_factory=lambda: list(CORRUPT))  # image ids left out
-    val_fraction: float = 0.1  # of the studies
-    test_fraction: float = 0.1
-    split_seed: int = 0
-    index_workers: int = 0  # processes reading the DICOM headers once (0 = data.num_workers or the CPU count)
-    spacing_tolerance: float = 0.1
+    val_fraction: float = bounded(0.1, ge=0, lt=1)  # of the studies
+    test_fraction: float = bounded(0.1, ge=0, lt=1)
+    split_seed: int = bounded(0, ge=0, le=2**32 - 1)
+    index_workers: int = bounded(0, ge=0)  # processes reading the DICOM headers once (0 = data.num_workers or the CPU count)
+    spacing_tolerance: float = bounded(0.1, gt=0)
     hu_sanity_check: bool = False  # the chest-CT air/lung check does not apply to heads
-    spacing: list[float] = field(default_factory=lambda: [5.0, 1.0, 1.0])
-    size: list[int] = field(default_factory=lambda: [32, 224, 224])
+    spacing: list[float] = bounded(default_factory=lambda: [5.0, 1.0, 1.0], gt=0, each=True)
+    size: list[int] = bounded(default_factory=lambda: [32, 224, 224], gt=0, each=True)
     window: list[float] = field(default_factory=lambda: [0.0, 80.0])
     batch_size: int = 8
     eval_batch_size: int = 8

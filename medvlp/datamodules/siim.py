@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medvlp.config import bounded
 from medvlp.datamodules.base import DataConfig, DataError, DataRootError, Record
 from medvlp.datamodules.radiograph import RadiographConfig, RadiographDataModule, check_choice, read_table
 from medvlp.datamodules.rsna import mgca_split
@@ -81,9 +82,9 @@ class SIIMConfig(RadiographConfig):
     name: str = "siim_pneumothorax"
     task: str = "segmentation"  # segmentation (label + union mask) | classification (label only)
     layout: str = "auto"  # auto (stage2 when stage_2_train.csv exists, else stage1) | stage1 | stage2
-    split_seed: int = 0  # random_state of the 70/15/15 image split (MGCA: 0)
+    split_seed: int = bounded(0, ge=0, le=2**32 - 1)  # random_state of the 70/15/15 image split (MGCA: 0)
     balance_train: bool = True  # train: all positives + as many negatives (MGCA segmentation)
-    balance_seed: int = 42  # seed of the negatives drawn by balance_train (MGCA: np.random.seed(42))
+    balance_seed: int = bounded(42, ge=0, le=2**32 - 1)  # seed of the negatives drawn by balance_train (MGCA: np.random.seed(42))
     voi: str = "auto"  # DICOM VOI LUT / window: auto (apply when present) | none
 
 

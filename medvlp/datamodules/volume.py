@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from medvlp.config import bounded
 from medvlp.datamodules.base import DataConfig, DataError, PreprocessedCacheMixin, Record, VLPDataModule
 
 if TYPE_CHECKING:
@@ -38,17 +39,17 @@ class VolumeConfig(DataConfig):
 
     hu_sanity_check: bool = True  # raise if the air/lung region of a converted volume is not plausible
     hu_check_range: list[float] = field(default_factory=lambda: [-1100.0, -500.0])
-    spacing: list[float] = field(default_factory=lambda: [3.0, 1.0, 1.0])  # target (z, y, x) mm; [] = keep
-    size: list[int] = field(default_factory=lambda: [112, 336, 336])  # (D, H, W) centre pad/crop; [] = keep
+    spacing: list[float] = bounded(default_factory=lambda: [3.0, 1.0, 1.0], gt=0, each=True)  # target (z, y, x) mm; [] = keep
+    size: list[int] = bounded(default_factory=lambda: [112, 336, 336], gt=0, each=True)  # (D, H, W) centre pad/crop; [] = keep
     window: list[float] = field(default_factory=lambda: [-1150.0, 350.0])  # HU -> [0, 1]
     mean: float = 0.449
-    std: float = 0.226
-    flip_prob: float = 0.0  # train-time flip of each axis (fVLM: 0.2)
-    intensity_scale: float = 0.0  # train-time contrast jitter: x * (1 + U(-s, s)) on the windowed [0, 1] values
-    intensity_shift: float = 0.0  # train-time brightness jitter: + U(-t, t)
-    max_shift: list[int] = field(default_factory=lambda: [0, 0, 0])  # train-time translation, voxels (d, h, w)
+    std: float = bounded(0.226, gt=0)
+    flip_prob: float = bounded(0.0, ge=0, le=1)  # train-time flip of each axis (fVLM: 0.2)
+    intensity_scale: float = bounded(0.0, ge=0)  # train-time contrast jitter: x * (1 + U(-s, s)) on the windowed [0, 1] values
+    intensity_shift: float = bounded(0.0, ge=0)  # train-time brightness jitter: + U(-t, t)
+    max_shift: list[int] = bounded(default_factory=lambda: [0, 0, 0], ge=0, each=True)  # train-time translation, voxels (d, h, w)
     orientation: str = "LPS"  # canonical frame of the arrays; "" = stored order
-    cache_size: int = 0  # finished volumes kept in memory per process (0 = none)
+    cache_size: int = bounded(0, ge=0)  # finished volumes kept in memory per process (0 = none)
     preprocessed_dir: str = ""  # cache written by `medvlp preprocess`; "" = <cache_dir>/preprocessed/<name>-<digest>
     use_preprocessed: str = "auto"  # auto (use the cache when its manifest matches) | true (require it) | false
     anatomy_dir: str = ""  # TotalSegmentator output per volume (see anatomy_file); "" = no anatomy masks

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medvlp.batch import ImageTextBatch
-from medvlp.config import MethodConfig
+from medvlp.config import MethodConfig, bounded
 from medvlp.encoders.heads import PROJECTIONS, projection_head
 from medvlp.losses import clip_loss
 from medvlp.methods.base import VLPMethod
@@ -32,9 +32,9 @@ class CLIPConfig(MethodConfig):
     name: str = "clip"
     embed_dim: int = 512
     projection: str = "linear"  # linear (CLIP) | mlp (ConVIRT: Linear-ReLU-Linear)
-    temperature: float = 0.07  # initial tau
+    temperature: float = bounded(0.07, gt=0)  # initial tau
     learnable_temperature: bool = True
-    max_logit_scale: float = 100.0  # clamp of 1 / tau (CLIP)
+    max_logit_scale: float = bounded(100.0, gt=0)  # clamp of 1 / tau (CLIP)
     gather_distributed: bool = True  # negatives from every GPU
 
 

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medvlp.batch import ImageTextBatch
-from medvlp.config import ImageEncoderConfig, MethodConfig, TextEncoderConfig, TimmEncoderConfig
+from medvlp.config import ImageEncoderConfig, MethodConfig, TextEncoderConfig, TimmEncoderConfig, bounded
 from medvlp.distributed import world
 from medvlp.encoders.image2d import smp_encoder_name
 from medvlp.losses.contrastive import clip_loss
@@ -79,15 +79,15 @@ class G2DConfig(MethodConfig):
                                                   freeze_layers=9, pool="cls")
     )
     embed_dim: int = 128  # d of the projectors and the attention pool
-    pool_heads: int = 4  # heads of the attention pool (must divide embed_dim; the code uses 4)
-    temperature: float = 0.07  # sigma of VLA (fixed)
+    pool_heads: int = bounded(4, gt=0)  # heads of the attention pool (must divide embed_dim; the code uses 4)
+    temperature: float = bounded(0.07, gt=0)  # sigma of VLA (fixed)
     vla_directions: str = "both"  # both (symmetric) | i2t (the paper's Eq. 1 literally)
     vla_reduction: str = "mean"  # mean of the two directions | sum (official clip_loss)
     gather_negatives: bool = False  # negatives from every GPU (official: per-GPU batch only)
-    encoder_depth: int = 5  # encoder stages used (U-Net depth); the pool runs on the last one
-    decoder_channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32, 16])
+    encoder_depth: int = bounded(5, ge=1, le=5)  # encoder stages used (U-Net depth); the pool runs on the last one
+    decoder_channels: list[int] = bounded(default_factory=lambda: [256, 128, 64, 32, 16], gt=0, each=True)
     pa_form: str = "paper"  # paper: 0.5 (Dice + BCE) on probabilities | code: (1 - Dice on logits) + 0.2 BCE
-    pa_start_step: int = 0  # optimiser steps with VLA only before PA joins (official: 200)
+    pa_start_step: int = bounded(0, ge=0)  # optimiser steps with VLA only before PA joins (official: 200)
     text_bn_all_tokens: bool = False  # text projector BatchNorm over every token position (official, Q14)
     pseudo_mask: PseudoMaskConfig = field(default_factory=PseudoMaskConfig)
     loss_weights: dict[str, float] = field(default_factory=lambda: {"vla": 1.0, "pa": 1.0})

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medvlp.batch import ImageTextBatch
-from medvlp.config import MethodConfig
+from medvlp.config import MethodConfig, bounded
 from medvlp.losses import clip_loss, siglip_loss
 from medvlp.methods.base import VLPMethod
 from medvlp.registry import register_method
@@ -41,9 +41,9 @@ class HLIPConfig(MethodConfig):
     name: str = "hlip"
     embed_dim: int = 512
     loss: str = "clip"  # clip (the paper) | siglip
-    temperature: float = 0.07  # CLIP: theta = ln(1 / temperature)
-    max_logit_scale: float = 100.0  # theta is clamped to [0, ln(max_logit_scale)] after every step
-    siglip_scale: float = 10.0  # SigLIP: initial scale (theta = ln 10) ...
+    temperature: float = bounded(0.07, gt=0)  # CLIP: theta = ln(1 / temperature)
+    max_logit_scale: float = bounded(100.0, gt=0)  # theta is clamped to [0, ln(max_logit_scale)] after every step
+    siglip_scale: float = bounded(10.0, gt=0)  # SigLIP: initial scale (theta = ln 10) ...
     siglip_bias: float = -10.0  # ... and bias
     lock_text: bool = False  # freeze the text transformer except its LayerNorms (CT-RATE recipe)
     lock_text_layer_norm: bool = False  # with lock_text, freeze the LayerNorms too

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medvlp.batch import ImageTextBatch, TokenAlignment
-from medvlp.config import ImageEncoderConfig, MethodConfig, TextEncoderConfig, TimmEncoderConfig
+from medvlp.config import ImageEncoderConfig, MethodConfig, TextEncoderConfig, TimmEncoderConfig, bounded
 from medvlp.distributed import world
 from medvlp.encoders.text import LastTextAttentionRecorder
 from medvlp.encoders.text import last_self_attention as text_last_self_attention
@@ -91,21 +91,21 @@ class MGCAConfig(MethodConfig):
                                                   num_layers=6, pool="cls")
     )
     embed_dim: int = 128  # d of the global and local embeddings
-    proj_hidden_dim: int = 2048  # hidden width of the four projection heads
-    ita_temperature: float = 0.07  # tau1 (fixed)
-    cta_temperature: float = 0.1  # tau2: token attention and token contrast
-    cpa_temperature: float = 0.2  # tau3: prototype predictions
-    num_prototypes: int = 500  # K
-    sinkhorn_epsilon: float = 0.05
-    sinkhorn_iterations: int = 3
-    freeze_prototypes_epochs: int = 1  # prototype gradients dropped while current_epoch < this
-    ita_start_epoch: int = 0  # first epoch in which each term is computed (official: all 0)
-    cta_start_epoch: int = 0
-    cpa_start_epoch: int = 0
+    proj_hidden_dim: int = bounded(2048, gt=0)  # hidden width of the four projection heads
+    ita_temperature: float = bounded(0.07, gt=0)  # tau1 (fixed)
+    cta_temperature: float = bounded(0.1, gt=0)  # tau2: token attention and token contrast
+    cpa_temperature: float = bounded(0.2, gt=0)  # tau3: prototype predictions
+    num_prototypes: int = bounded(500, gt=0)  # K
+    sinkhorn_epsilon: float = bounded(0.05, gt=0)
+    sinkhorn_iterations: int = bounded(3, ge=1)
+    freeze_prototypes_epochs: int = bounded(1, ge=0)  # prototype gradients dropped while current_epoch < this
+    ita_start_epoch: int = bounded(0, ge=0)  # first epoch in which each term is computed (official: all 0)
+    cta_start_epoch: int = bounded(0, ge=0)
+    cpa_start_epoch: int = bounded(0, ge=0)
     bidirectional: bool = True  # CTA = word term + patch term (False: word term only)
-    token_weight_percentiles: list[float] = field(default_factory=lambda: [0.1, 0.9])  # clip range of token weights
+    token_weight_percentiles: list[float] = bounded(default_factory=lambda: [0.1, 0.9], ge=0, le=1, each=True)  # clip range of token weights
     cnn_local_layer: str = "layer3"  # CNN local features: a timm feature_info module name; "" = last feature map
-    cnn_input_size: int = 0  # CNNs: resize inputs to this size inside the method (official ResNet: 299); 0 = off
+    cnn_input_size: int = bounded(0, ge=0)  # CNNs: resize inputs to this size inside the method (official ResNet: 299); 0 = off
     # Parity flags (spec section 11): all off = the official behaviour.
     ita_reduction: str = "sum"  # sum (official) | mean (the paper's formula)
     gather_negatives: bool = False  # ITA negatives from every GPU
@@ -115,7 +115,7 @@ class MGCAConfig(MethodConfig):
     mask_pad_candidates: bool = False  # padding word slots are no candidates in the word loss
     exclude_sep_word: bool = False  # [SEP] is not a word
     learnable_token_attention: bool = False  # the paper's cross-attention with learned projections
-    token_attention_heads: int = 1
+    token_attention_heads: int = bounded(1, gt=0)
     loss_weights: dict[str, float] = field(default_factory=lambda: {"ita": 1.0, "cta": 1.0, "cpa": 1.0})
 
 

@@ -50,7 +50,7 @@ def test_callback_in_a_lightning_fit_lists_build_and_load_time_drops(tmp_path, c
     rows = read_dropped(tmp_path / "run" / "dropped.csv")
     assert [(r.split, r.study_id) for r in rows] == [("train", "train_3_a_1"), ("train", "train_2_a")]
     assert "no usable impressions+findings text" in rows[0].reason and "is truncated" in rows[1].reason
-    assert "2 item(s) were dropped or skipped" in caplog.text and "dropped.csv" in caplog.text
+    assert "2 stud(ies) left out" in caplog.text and "dropped.csv" in caplog.text
     assert dm.dropped_summary()["count"] == 2
     fresh = DroppedItems(CTRateDataModule(CTRateConfig(root=str(tmp_path / "c"))), tmp_path / "run")
     assert type(pickle.loads(pickle.dumps(fresh))) is DroppedItems  # a module-level class (spawned workers, DDP)
