@@ -260,6 +260,7 @@ def _rank_losses(rank: int, world: int, init: str, names: list[str], plugin: str
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # 17 s; tests/losses/test_distributed.py checks the gather itself in the default suite
 @pytest.mark.distributed
 def test_gathered_loss_of_two_processes_equals_one_process_on_the_whole_batch(plugin_path, tmp_path):
     """Each method's losses with its ``global_batch_keys`` on, in eval mode (batch norm on running
