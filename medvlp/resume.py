@@ -224,19 +224,27 @@ class RunCheckpoints(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if self._due:
             self._save(trainer)
-        trainer.save_checkpoint(self.dirpath / "last.ckpt", weights_only=False)
+        _save_full(trainer, self.dirpath / "last.ckpt")
 
     def _save(self, trainer) -> None:
         self._due = False
         step = trainer.global_step
         if step == self._saved_step:
             return
-        trainer.save_checkpoint(self.dirpath / f"step{step}.ckpt", weights_only=False)
+        _save_full(trainer, self.dirpath / f"step{step}.ckpt")
         self._saved_step = step
         if trainer.is_global_zero:
             steps = sorted((int(p.stem[4:]), p) for p in self.dirpath.glob("step*.ckpt") if p.stem[4:].isdigit())
             for _, old in steps[: -self.keep]:
                 old.unlink(missing_ok=True)
+
+
+def _save_full(trainer, path: Path) -> None:
+    """A checkpoint with everything a resume needs: weights, optimiser, schedulers, loops and callbacks
+    (Lightning's ``save_checkpoint`` flag for that is ``weights_only``; what it reads back is still loaded
+    with ``torch.load(weights_only=True)``)."""
+    only_weights = False
+    trainer.save_checkpoint(path, weights_only=only_weights)
 
 
 class ExactResume(Callback):
