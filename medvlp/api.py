@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from medvlp import config as C
 from medvlp.cache import write_atomic
-from medvlp.checkpoints import CKPT_DIR
+from medvlp.checkpoints import CKPT_DIR, latest_checkpoint  # noqa: F401 - part of this module's API
 from medvlp.datamodules.base import DEMO_ROOT, DataRootError
 from medvlp.registry import DATAMODULES, METHODS
 
@@ -336,14 +336,6 @@ def _save_text_encoder(method: Any, run_dir: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a write cut short
     method.text_encoder.save_pretrained_parts(tmp)
     os.replace(tmp, run_dir / TEXT_DIR)
-
-
-def latest_checkpoint(run_dir: Path) -> Path:
-    """The newest checkpoint of the run that reads back completely; a file cut short, corrupt or
-    unreadable is passed over (named in a warning), an unsafe one is refused (:mod:`medvlp.checkpoints`)."""
-    from medvlp.checkpoints import latest_checkpoint as latest
-
-    return latest(run_dir)
 
 
 def load_config(run_dir: str | Path) -> DictConfig:
