@@ -24,7 +24,10 @@ class ImageTextBatch:
         labels: ``[B, K]`` float, 1 positive, 0 negative, NaN unknown (``label_names`` order of the
             datamodule).
         scan_mask: ``[B, S]`` bool, True = real scan (multi-scan studies only).
-        anatomy_masks: ``[B, 1, D, H, W]`` int64 label map aligned to ``images`` (fVLM).
+        anatomy_masks: ``[B, 1, D, H, W]`` int64 label map aligned to ``images`` (fVLM): 0 background,
+            ``k`` the ``k``-th anatomy of the datamodule's ``anatomy_names``.
+        anatomy_texts: anatomy name -> ``B`` texts, each sample's report about that anatomy (fVLM).
+        anatomy_abnormal: ``[B, A]`` bool, True where the report calls that anatomy abnormal (fVLM).
         boxes / box_labels: per image ``[N_i, 4]`` float ``(x1, y1, x2, y2)`` in the pixels of
             ``images`` and ``[N_i]`` int64 classes (detection datasets).
         masks: ``[B, H, W]`` uint8 {0, 1} aligned to ``images`` (segmentation datasets).
@@ -43,6 +46,7 @@ class ImageTextBatch:
     scan_mask: Tensor | None = None
     anatomy_masks: Tensor | None = None
     anatomy_texts: dict[str, list[str]] | None = None
+    anatomy_abnormal: Tensor | None = None
     prompts: list[str] | None = None
     boxes: list[Tensor] | None = None
     box_labels: list[Tensor] | None = None
@@ -71,12 +75,15 @@ class ImageFeatures:
         grid: the spatial shape of ``tokens`` (``(h, w)`` or ``(d, h, w)``); ``prod(grid) == N``.
         attentions: ``[B, heads, 1 + N, 1 + N]`` self-attention probabilities of the last block
             (ViTs only, and only when requested).
+        levels: token tensors ``[B, N, D_local]`` of several depths of the encoder, the last being
+            ``tokens`` (encoders that expose them, e.g. ``fvlm_vit``; else None).
     """
 
     pooled: Tensor
     tokens: Tensor
     grid: tuple[int, ...]
     attentions: Tensor | None = None
+    levels: list[Tensor] | None = None
 
 
 @dataclass

@@ -98,7 +98,8 @@ def check_values(cfg: DictConfig, prefix: str = "") -> None:
 class ImageEncoderConfig:
     """``method.image_encoder``: the fields every image encoder shares. ``name`` picks a registered encoder,
     and its ``Config`` (a subclass of this one) is the schema of the block: :class:`TimmEncoderConfig`
-    (``timm``), :class:`ViT3DEncoderConfig` (``vit3d``), :class:`HierarchicalViTConfig` (``hlip_vit``).
+    (``timm``), :class:`ViT3DEncoderConfig` (``vit3d``), :class:`HierarchicalViTConfig` (``hlip_vit``),
+    :class:`AnatomyViTConfig` (``fvlm_vit``).
     ``configs/encoder/*.yaml`` hold ready-made blocks."""
 
     name: str = "timm"
@@ -145,6 +146,22 @@ class HierarchicalViTConfig(ViT3DEncoderConfig):
     max_scans: int = bounded(40, ge=1)  # rows of the fixed sequence (scan index) table
     sequence_pos_embed: bool = False  # add the scan-index table (HLIP's multi-scan models)
     patch_dropout: float = bounded(0.0, ge=0, lt=1)  # training: drop this fraction of the tokens of every window
+
+
+@dataclass
+class AnatomyViTConfig(ViT3DEncoderConfig):
+    """``fvlm_vit``: fVLM's 3D ViT (MONAI layout): no [CLS], learned positions, dropout, and the raw residual
+    stream of some blocks returned beside the final normalised tokens (the anatomy pooling reads all)."""
+
+    name: str = "fvlm_vit"
+    in_chans: int = bounded(1, gt=0)
+    img_size: list[int] = bounded(default_factory=lambda: [112, 256, 352], gt=0, each=True)
+    patch_size: list[int] = bounded(default_factory=lambda: [16, 16, 32], gt=0, each=True)
+    global_pool: Literal["cls", "mean"] = "mean"  # no [CLS]: the pooled feature is the mean token
+    out_blocks: list[int] = bounded(default_factory=lambda: [4, 7, 10], gt=0, each=True)  # 1-indexed blocks also returned
+    dropout: float = bounded(0.1, ge=0, lt=1)  # after the positions, on attention probabilities, projections, MLP
+    norm_eps: float = bounded(1e-5, gt=0)  # LayerNorm eps (MONAI: PyTorch's default)
+    pos_init: Literal["mae_sincos", "random"] = "mae_sincos"  # MAE's 2D sin-cos table resized to (h, w), tiled over d
 
 
 @dataclass
@@ -220,8 +237,9 @@ class OptimConfig:
     eps: float = bounded(1e-8, gt=0)
     warmup_steps: int = bounded(0, ge=0)
     warmup_ratio: float = bounded(0.0, ge=0, lt=1)  # used when warmup_steps == 0: fraction of the total steps
-    # cosine | constant | cosine_restarts (SGDR: cosine over every restart_steps)
-    schedule: Literal["cosine", "constant", "cosine_restarts"] = "cosine"
+    warmup_start_ratio: float = bounded(0.0, ge=0, lt=1)  # > 0: the warm-up rises linearly from lr * this (LAVIS / fVLM: 0.01)
+    # cosine | constant | cosine_restarts (SGDR: cosine over every restart_steps) | cosine_epoch (one value per epoch, LAVIS / fVLM)
+    schedule: Literal["cosine", "constant", "cosine_restarts", "cosine_epoch"] = "cosine"
     restart_steps: int = bounded(0, ge=0)  # cosine_restarts: period in optimiser steps (G2D's code: 200)
     min_lr_ratio: float = bounded(0.0, ge=0, le=1)  # final lr = lr * min_lr_ratio
     no_decay_norm_bias: bool = True  # no weight decay on norms, biases and 1-d parameters

@@ -31,3 +31,42 @@ def gather(x: Tensor, with_grad: bool = True) -> Tensor:
     dist.all_gather(parts, x.contiguous())
     parts[rank] = x
     return torch.cat(parts, dim=0)
+
+
+def gather_rows(x: Tensor, with_grad: bool = False) -> tuple[Tensor, int]:
+    """All-gather ``x`` ``[n_rank, ...]`` whose row count differs per rank: each rank pads its rows to
+    the largest count, the padded tensors are gathered, and the valid rows are kept (rank order).
+
+    Returns:
+        ``(rows of every rank [sum n, ...], offset of this rank's rows)``. With ``with_grad`` the
+        gradient flows back to every rank's rows; otherwise only this rank's rows carry a gradient
+        (the others are constants: the "plain gather" of CLIP-style losses).
+    """
+    rank, size = world()
+    if size == 1:
+        return x, 0
+    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
+    counts = [torch.zeros_like(n) for _ in range(size)]
+    dist.all_gather(counts, n)
+    sizes = [int(c) for c in counts]
+    longest = max(max(sizes), 1)
+    padded = torch.cat([x, x.new_zeros(longest - x.shape[0], *x.shape[1:])]) if x.shape[0] < longest else x
+    if with_grad:
+        from torch.distributed.nn.functional import all_gather
+
+        parts = list(all_gather(padded))
+    else:
+        parts = [torch.empty_like(padded) for _ in range(size)]
+        dist.all_gather(parts, padded.contiguous())
+        parts[rank] = padded
+    rows = torch.cat([p[:s] for p, s in zip(parts, sizes)], dim=0)
+    return rows, sum(sizes[:rank])
+
+
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """The sum of ``x`` over every rank (``x`` itself on one process); no gradient."""
+    if world()[1] == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x

@@ -339,6 +339,10 @@ class VLPDataModule:
             targets["masks"] = torch.stack([it["mask"] for it in kept])
         if "anatomy" in kept[0]:
             targets["anatomy_masks"] = torch.stack([it["anatomy"] for it in kept])
+        if "anatomy_texts" in kept[0]["meta"]:  # per-anatomy reports (fVLM): {anatomy: [B texts]}, [B, A] flags
+            names = list(kept[0]["meta"]["anatomy_texts"])
+            targets["anatomy_texts"] = {n: [it["meta"]["anatomy_texts"][n] for it in kept] for n in names}
+            targets["anatomy_abnormal"] = torch.tensor([it["meta"]["anatomy_abnormal"] for it in kept], dtype=torch.bool)
         images, scan_mask = stack_images([it["image"] for it in kept], self.multi_scan)
         if scan_mask is not None:
             targets["scan_mask"] = scan_mask

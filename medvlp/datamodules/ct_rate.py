@@ -102,6 +102,7 @@ class CTRateConfig(VolumeConfig):
     text: str = "impressions+findings"  # impressions+findings (HLIP) | findings | impressions | organ (HLIP organ-wise)
     organ_findings_file: str = "desc_info.json"  # text=organ: fVLM's per-organ findings {scan: {organ: str}}
     organ_impressions_file: str = "conc_info.json"  # text=organ: fVLM's per-organ impressions
+    anatomy_text: str = "none"  # none | fvlm: each item also carries fVLM's per-anatomy report texts (from the two files above)
     exclude: list[str] = field(default_factory=lambda: list(UNREADABLE))  # VolumeNames left out
     val_fraction: float = bounded(0.05, ge=0, lt=1)  # patients of official train held out as the val split
     val_seed: int = bounded(0, ge=0, le=2**32 - 1)  # seed of that holdout (independent of data.seed, so runs share one val split)
@@ -170,6 +171,35 @@ def report_text(findings: Any, impressions: Any, mode: str = "impressions+findin
 
 def _period(text: str) -> str:
     return text if text.endswith(".") else text + "."
+
+
+ANATOMY_TEXTS = ("none", "fvlm")
+FVLM_TEMPLATE = "{anatomy} shows no significant abnormalities."
+_FVLM_STRIP = str.maketrans("", "", "\"'()")
+
+
+def fvlm_anatomy_texts(findings: dict[str, Any] | None, impressions: dict[str, Any] | None,
+                       anatomies: tuple[str, ...] = ORGANS) -> tuple[dict[str, str], list[bool]]:
+    """fVLM's per-anatomy report of one scan (spec §3.2, the released ``caption_datasets.py``), and
+    which anatomies it calls abnormal.
+
+    For each anatomy: ``conc`` = its impression text with a final "." added if missing, or - when the
+    impression does not mention it - the normal template ``"<anatomy> shows no significant
+    abnormalities."``; ``desc`` = its findings text with a final "." added, or ""; text = ``conc + desc``
+    with no separator, every ``"``, ``'``, ``(`` and ``)`` removed. Abnormal iff the text does not start
+    with the template (the impression mentions the anatomy). Texts are used as given (no stripping).
+    """
+    texts, abnormal = {}, []
+    for name in anatomies:
+        template = FVLM_TEMPLATE.format(anatomy=name)
+        parts = []
+        for table in (impressions, findings):
+            value = (table or {}).get(name)
+            parts.append("" if value is None else _period(str(value)))
+        conc = parts[0] or template
+        texts[name] = (conc + parts[1]).translate(_FVLM_STRIP)
+        abnormal.append(not texts[name].startswith(template))
+    return texts, abnormal
 
 
 def organ_texts(findings: dict[str, Any] | None, impressions: dict[str, Any] | None) -> list[str]:
@@ -256,6 +286,7 @@ class CTRateDataModule(VolumeDataModule):
         if cfg.eval_reconstructions:
             _choice("data.eval_reconstructions", cfg.eval_reconstructions, RECONSTRUCTIONS)
         _choice("data.text", cfg.text, TEXTS)
+        _choice("data.anatomy_text", cfg.anatomy_text, ANATOMY_TEXTS)
         self.rescale_mode = _rescale_mode(cfg.apply_metadata_rescale)
         if not 0.0 <= float(cfg.val_fraction) < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
@@ -481,11 +512,16 @@ class CTRateDataModule(VolumeDataModule):
             scans.setdefault(scan_of(n), []).append(n)
         records: list[Record] = []
         no_text: list[str] = []
-        organ = self.organ_annotations() if self.cfg.text == "organ" else None
+        organ = self.organ_annotations() if self.cfg.text == "organ" or self.cfg.anatomy_text == "fvlm" else None
+        by_anatomy = self.cfg.anatomy_text == "fvlm"
+        unmentioned = 0
         mode = self.cfg.reconstructions if split == "train" or not self.cfg.eval_reconstructions else self.cfg.eval_reconstructions
         for scan, vols in scans.items():
             extra: dict[str, Any] = {}
-            if organ is not None:  # fVLM's organ texts are per scan
+            if by_anatomy:  # fVLM's per-anatomy texts are per scan; a scan in neither file is normal everywhere
+                unmentioned += scan not in organ[0] and scan not in organ[1]
+                extra["anatomy_texts"], extra["anatomy_abnormal"] = fvlm_anatomy_texts(organ[0].get(scan), organ[1].get(scan))
+            if self.cfg.text == "organ":  # HLIP's organ-wise text, from fVLM's per-scan files
                 if scan not in organ[0] and scan not in organ[1]:
                     for v in vols:
                         self.note_dropped(split, v, f"scan {scan} has no entry in data.organ_findings_file / "
@@ -515,6 +551,10 @@ class CTRateDataModule(VolumeDataModule):
             else:
                 for v, s in zip(kept, vol_specs, strict=True):
                     records.append(Record(scan, s.path, texts[v], labels[v].copy(), {**meta, "volumes": [s]}))
+        if unmentioned:
+            log.info("ct_rate %s: %d scans have no entry in %s or %s; fVLM's code (and data.anatomy_text=fvlm) reads "
+                     "them as normal in every anatomy.", split, unmentioned, self.cfg.organ_findings_file,
+                     self.cfg.organ_impressions_file)
         if no_text:
             shown = ", ".join(no_text[:5]) + (f", ... ({len(no_text)} in all)" if len(no_text) > 5 else "")
             log.warning("ct_rate %s: left out %d reconstruction(s) whose %s text is empty or 'Not given.' (listed in "
@@ -536,7 +576,8 @@ class CTRateDataModule(VolumeDataModule):
         return {"text": self.item_text(one, train), "labels": record.meta["volume_labels"][i]}
 
     def organ_annotations(self) -> tuple[dict[str, dict], dict[str, dict]]:
-        """fVLM's per-organ findings and impressions ``({scan: {organ: text}}, ...)`` for ``data.text=organ``."""
+        """fVLM's per-organ findings and impressions ``({scan: {organ: text}}, ...)`` for ``data.text=organ`` and
+        ``data.anatomy_text=fvlm``."""
         out = []
         for key in ("organ_findings_file", "organ_impressions_file"):
             path = Path(getattr(self.cfg, key))
@@ -544,7 +585,8 @@ class CTRateDataModule(VolumeDataModule):
             try:
                 table = json.loads(path.read_text(encoding="utf-8"))
             except FileNotFoundError:
-                raise DataError(f"data.text=organ needs data.{key} ({path} does not exist): fVLM's per-organ "
+                need = "data.text=organ" if self.cfg.text == "organ" else "data.anatomy_text=fvlm"
+                raise DataError(f"{need} needs data.{key} ({path} does not exist): fVLM's per-organ "
                                 f"report file {{scan: {{lung|heart|esophagus|aorta: text}}}}.") from None
             except OSError as err:
                 raise (os_error(path, err) or DataError(f"data.{key}: {path} could not be read: {err}")) from err
@@ -552,6 +594,10 @@ class CTRateDataModule(VolumeDataModule):
                 raise DataError(f"data.{key}: {path} is not readable JSON: {err}") from err
             if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
                 raise DataError(f"data.{key}: {path} must map each scan (e.g. train_1_a) to {{organ: text}}.")
+            for scan, organs in table.items():
+                bad = {o: v for o, v in organs.items() if not isinstance(v, str)}
+                if bad:
+                    raise DataError(f"data.{key}: {path}, scan {scan}: {bad} - each organ's text must be a string.")
             out.append({volume_key(k): v for k, v in table.items()})
         return out[0], out[1]
 

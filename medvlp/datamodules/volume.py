@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from medvlp.config import bounded
-from medvlp.datamodules.base import DataConfig, DataError, PreprocessedCacheMixin, Record, VLPDataModule
+from medvlp.datamodules.base import DataConfig, DataError, DataRootError, PreprocessedCacheMixin, Record, VLPDataModule
 
 if TYPE_CHECKING:
     import torch
@@ -52,8 +52,12 @@ class VolumeConfig(DataConfig):
     cache_size: int = bounded(0, ge=0)  # finished volumes kept in memory per process (0 = none)
     preprocessed_dir: str = ""  # cache written by `medvlp preprocess`; "" = <cache_dir>/preprocessed/<name>-<digest>
     use_preprocessed: str = "auto"  # auto (use the cache when its manifest matches) | true (require it) | false
-    anatomy_dir: str = ""  # TotalSegmentator output per volume (see anatomy_file); "" = no anatomy masks
+    anatomy_dir: str = ""  # TotalSegmentator output per volume (see anatomy_file; relative to data.root); "" = none
     anatomy_groups: str = "none"  # none (TotalSegmentator v2 ids as they are) | fvlm4 (1 lung, 2 heart, 3 esophagus, 4 aorta)
+    # with anatomy masks: center (pad / crop the volume's centre to data.size) | anatomy (fVLM: the box of every
+    # labelled voxel grown by crop_margin, padded to at least data.size, then a random crop in training, the centre else)
+    crop: str = "center"
+    crop_margin: list[int] = bounded(default_factory=lambda: [5, 20, 20], ge=0, each=True)  # (d, h, w) voxels around the box
 
 
 # TotalSegmentator v2 ``total`` ids of the structures the groupings use (specs/methods/fvlm.md §3.1).
@@ -96,6 +100,10 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
             validate_orientation(cfg.orientation)
         except ValueError as err:
             raise ValueError(f"data.orientation: {err}") from err
+        if cfg.crop not in ("center", "anatomy") or (cfg.crop == "anatomy" and not cfg.anatomy_dir):
+            raise ValueError(f"data.crop='{cfg.crop}': choose center, or anatomy together with data.anatomy_dir.")
+        if len(cfg.crop_margin) != 3:
+            raise ValueError(f"data.crop_margin must be 3 voxel counts (d, h, w), got {list(cfg.crop_margin)}")
         if cfg.anatomy_groups not in ("none", *ANATOMY_GROUPS):
             raise ValueError(f"data.anatomy_groups='{cfg.anatomy_groups}': choose none or one of {list(ANATOMY_GROUPS)}.")
         self.init_preprocessed(cfg)
@@ -115,6 +123,18 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
                 intensity_scale=float(cfg.intensity_scale), intensity_shift=float(cfg.intensity_shift),
                 max_shift=[int(v) for v in cfg.max_shift])
         return self._transform
+
+    @classmethod
+    def check_root(cls, cfg: DataConfig) -> None:
+        super().check_root(cfg)
+        if getattr(cfg, "anatomy_dir", ""):
+            top = Path(cfg.anatomy_dir)
+            top = top if top.is_absolute() else Path(cfg.root) / top
+            if not top.is_dir():
+                raise DataRootError(f"data.anatomy_dir: {top} does not exist or is not a folder. It should hold the "
+                                    f"anatomy label map of every volume (TotalSegmentator output: <VolumeName>.nii.gz, "
+                                    f"or a folder <VolumeName>/ of per-structure masks, at any depth below it); a "
+                                    f"relative path is taken from data.root.")
 
     # ------------------------------------------------------------------ to implement
     def hu_image(self, path: str, source: Any) -> Any:  # pragma: no cover - abstract
@@ -147,6 +167,19 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
             nifti.check_hu(hu, path, [float(v) for v in cfg.hu_check_range])
         return hu, img
 
+    def hu_resampled(self, path: str, source: Any = None) -> np.ndarray:
+        """HU ``[D, H, W]`` after orientation and resampling (before any crop): from the preprocessed
+        cache when it holds the file, else decoded."""
+        cache = self.preprocessed()
+        if cache is not None:
+            hit = cache.read(path)
+            if hit is not None:
+                return hit[0]
+            if self.use_preprocessed == "true":
+                raise DataError(f"Volume {path} is not in the preprocessed cache {cache.directory}; complete it "
+                                f"with:\n  {cache.command}")
+        return self.hu_volume(path, source)[0]
+
     def load_volume(self, path: str, source: Any = None) -> np.ndarray:
         """Windowed, resampled, cropped volume ``[D, H, W]`` in ``[0, 1]`` (kept in memory if
         ``data.cache_size``). Reads the preprocessed cache when it holds the file (memory-mapped:
@@ -158,17 +191,7 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
             self._cache.move_to_end(path)
             return cached
         cfg = self.cfg
-        hu = None
-        cache = self.preprocessed()
-        if cache is not None:
-            hit = cache.read(path)
-            if hit is not None:
-                hu = hit[0]
-            elif self.use_preprocessed == "true":
-                raise DataError(f"Volume {path} is not in the preprocessed cache {cache.directory}; complete it "
-                                f"with:\n  {cache.command}")
-        if hu is None:
-            hu = self.hu_volume(path, source)[0]
+        hu = self.hu_resampled(path, source)
         low, high = float(cfg.window[0]), float(cfg.window[1])
         if list(cfg.size):  # crop first (reads only that part of a memory-mapped volume), pad with the window floor
             hu = nifti.center_crop_or_pad(hu, [int(s) for s in cfg.size], pad_value=low)
@@ -196,6 +219,11 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
         return self.transform(self.load_volume(path, source), train=train)
 
     # ------------------------------------------------------------------ anatomy masks (TotalSegmentator)
+    def anatomy_root(self) -> Path:
+        """``data.anatomy_dir``, relative to ``data.root`` unless absolute."""
+        top = Path(self.cfg.anatomy_dir)
+        return top if top.is_absolute() else Path(self.cfg.root) / top
+
     def anatomy_file(self, path: str) -> str:
         """The TotalSegmentator output for the volume at ``path`` under ``data.anatomy_dir``, found by the
         volume's file name anywhere below it: a multi-label NIfTI ``<name>.nii.gz`` (``--ml``) or a
@@ -204,7 +232,12 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
             import os
 
             index: dict[str, str] = {}
-            for dirpath, dirnames, filenames in os.walk(self.cfg.anatomy_dir):
+            top = self.anatomy_root()
+            if not top.is_dir():
+                raise DataError(f"data.anatomy_dir: {top} is not a folder. It should hold the anatomy label map of "
+                                f"every volume (TotalSegmentator output: <VolumeName>.nii.gz or a folder <VolumeName>/ "
+                                f"of per-structure masks, at any depth).")
+            for dirpath, dirnames, filenames in os.walk(top):
                 for f in filenames:
                     if f.endswith((".nii.gz", ".nii")):
                         index.setdefault(f, os.path.join(dirpath, f))
@@ -266,32 +299,100 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
         """Hook: give the mask the volume's true geometry (default: as stored)."""
         return img
 
-    def load_anatomy(self, path: str, source: Any = None) -> np.ndarray:
-        """int64 ``[D, H, W]`` label map aligned with :meth:`load_volume` (orient, nearest resampling, the
-        same crop / pad with 0)."""
+    def load_anatomy(self, path: str, source: Any = None, crop: bool = True) -> np.ndarray:
+        """``[D, H, W]`` label map aligned with :meth:`load_volume` (orient, nearest resampling, the same crop /
+        pad with 0; ``crop=False``: the whole resampled map): uint8 with a grouping (``data.anatomy_groups``),
+        else int64; kept in memory with the volumes (``data.cache_size``)."""
         import SimpleITK as sitk
 
         from medvlp.datamodules.formats import nifti
 
         cfg = self.cfg
+        key = f"anatomy:{int(crop)}:{path}"
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            return cached
         img = nifti.orient(self.anatomy_image(path, source), cfg.orientation)
         if list(cfg.spacing):
             img = nifti.resample(img, [float(s) for s in cfg.spacing], label=True, default_value=0.0)
-        arr = sitk.GetArrayFromImage(img).astype(np.int64)
-        if list(cfg.size):
+        arr = sitk.GetArrayFromImage(img).astype(np.uint8 if len(ANATOMY_GROUPS.get(cfg.anatomy_groups, {})) else np.int64)
+        if list(cfg.size) and crop:
             arr = nifti.center_crop_or_pad(arr, [int(s) for s in cfg.size], pad_value=0)
-        return np.ascontiguousarray(arr)
+        arr = np.ascontiguousarray(arr)
+        if cfg.cache_size > 0 and crop:  # kept with the volumes (data.cache_size)
+            self._cache[key] = arr
+            while len(self._cache) > cfg.cache_size:
+                self._cache.popitem(last=False)
+        return arr
+
+    def anatomy_box(self, path: str, source: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """fVLM's preprocessing (spec §3.3 steps 6-7): ``(windowed volume in [0, 1], label map)``, both cut to the
+        box of every labelled voxel grown by ``data.crop_margin`` (clamped to the volume) and padded
+        symmetrically to at least ``data.size`` (the image with the window floor, the map with 0); larger
+        axes are kept. Kept in memory like :meth:`load_volume` (``data.cache_size``)."""
+        from medvlp.datamodules.formats import nifti
+
+        key = "anatomy-box:" + path
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            return cached
+        cfg = self.cfg
+        hu = self.hu_resampled(path, source)
+        labels = self.load_anatomy(path, source, crop=False)
+        if labels.shape != hu.shape:
+            raise DataError(f"The anatomy mask of {path} comes out {labels.shape}, its volume {hu.shape}: their "
+                            f"geometries differ.")
+        where = np.nonzero(labels.reshape(labels.shape[0], -1).any(1))[0], np.nonzero(labels.any((0, 2)))[0], \
+            np.nonzero(labels.any((0, 1)))[0]
+        if not len(where[0]):
+            raise DataError(f"The anatomy mask of {path} ({self.anatomy_file(path)}) labels no voxel of "
+                            f"data.anatomy_groups={cfg.anatomy_groups}; data.crop=anatomy needs at least one.")
+        box = tuple(slice(max(int(w[0]) - m, 0), min(int(w[-1]) + 1 + m, n))
+                    for w, m, n in zip(where, (int(v) for v in cfg.crop_margin), hu.shape))
+        low, high = float(cfg.window[0]), float(cfg.window[1])
+        size = [max(int(s), n.stop - n.start) for s, n in zip(cfg.size or [0, 0, 0], box)]
+        vol = nifti.window(nifti.center_crop_or_pad(np.asarray(hu[box]), size, pad_value=low), low, high)
+        lab = nifti.center_crop_or_pad(labels[box], size, pad_value=0)
+        out = (np.ascontiguousarray(vol), np.ascontiguousarray(lab))
+        if cfg.cache_size > 0:
+            self._cache[key] = out
+            while len(self._cache) > cfg.cache_size:
+                self._cache.popitem(last=False)
+        return out
+
+    def anatomy_crop(self, path: str, source: Any, train: bool) -> tuple[np.ndarray, np.ndarray]:
+        """``data.crop=anatomy``: the :meth:`anatomy_box` volume and map cut to ``data.size`` - at a random
+        position in training (fVLM's ``RandSpatialCrop``), at the centre otherwise."""
+        import torch
+
+        from medvlp.datamodules.formats import nifti
+
+        vol, lab = self.anatomy_box(path, source)
+        size = [int(s) for s in self.cfg.size] or list(vol.shape)
+        if not train:
+            return nifti.center_crop_or_pad(vol, size), nifti.center_crop_or_pad(lab, size)
+        starts = [int(torch.randint(n - s + 1, ()).item()) for n, s in zip(vol.shape, size)]
+        box = tuple(slice(a, a + s) for a, s in zip(starts, size))
+        return vol[box], lab[box]
 
     def load_sample(self, record: Record, train: bool) -> dict[str, Any]:
         """``{"image": [1, D, H, W]}`` plus, with ``data.anatomy_dir``, ``"anatomy"`` ``[1, D, H, W]`` int64
         moved and flipped together with the image."""
         path, source = self.pick(record, train)
-        volume = self.load_volume(path, source)
         if not self.cfg.anatomy_dir:
+            volume = self.load_volume(path, source)
             return {"image": self.transform(volume, train=train), **self.picked(record, path, train)}
         import torch
 
-        anatomy = torch.from_numpy(self.load_anatomy(path, source))[None]
+        if self.cfg.crop == "anatomy":
+            volume, labels = self.anatomy_crop(path, source, train)
+            image, anatomy = self.transform(np.ascontiguousarray(volume), train=train,
+                                            mask=torch.from_numpy(labels.astype(np.int64))[None])
+            return {"image": image, "anatomy": anatomy, **self.picked(record, path, train)}
+        volume = self.load_volume(path, source)
+        anatomy = torch.from_numpy(self.load_anatomy(path, source).astype(np.int64))[None]
         if tuple(anatomy.shape[1:]) != tuple(volume.shape):
             raise DataError(f"The anatomy mask of {path} comes out {tuple(anatomy.shape[1:])}, its volume "
                             f"{tuple(volume.shape)}: their geometries differ.")

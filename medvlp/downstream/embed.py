@@ -22,9 +22,18 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def to_device(batch, device: torch.device):
+    """A copy of a batch dataclass with its tensors on ``device``."""
+    import dataclasses
+
+    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)
+                                        if isinstance(getattr(batch, f.name), torch.Tensor)})
+
+
 @torch.no_grad()
 def extract(method, loader, device: torch.device | None = None) -> Embeddings:
-    """Run ``method.embed_images`` (with the batch's ``scan_mask``) / ``embed_text`` over ``loader`` in eval mode."""
+    """Run ``method.embed_batch`` (images, with the batch's ``scan_mask`` / anatomy maps) and ``embed_text``
+    over ``loader`` in eval mode."""
     device = device or default_device()
     was_training = method.training
     method.eval().to(device)
@@ -32,8 +41,7 @@ def extract(method, loader, device: torch.device | None = None) -> Embeddings:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     with autocast:
         for batch in loader:
-            mask = batch.scan_mask.to(device) if batch.scan_mask is not None else None
-            imgs.append(method.embed_images(batch.images.to(device), mask).float().cpu())
+            imgs.append(method.embed_batch(to_device(batch, device)).float().cpu())
             txts.append(method.embed_text(batch.input_ids.to(device), batch.attention_mask.to(device)).float().cpu())
             ids.extend(batch.study_ids)
             labels.append(batch.labels)

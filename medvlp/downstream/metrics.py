@@ -56,19 +56,22 @@ def roc_curve(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.n
     return np.r_[0.0, fps / n_neg], np.r_[0.0, tps / n_pos]
 
 
-def youden_like_threshold(probs: np.ndarray, targets: np.ndarray, grid: int = 100) -> float:
+def youden_like_threshold(probs: np.ndarray, targets: np.ndarray, grid: int = 100, strict: bool = False) -> float:
     """The threshold in ``linspace(0, 1, grid)`` closest to the ROC's ideal corner: the minimum of
-    ``sqrt((1 - TPR)^2 + FPR^2)`` (fVLM / HLIP, chosen on the evaluated set itself); first one on ties."""
+    ``sqrt((1 - TPR)^2 + FPR^2)`` (fVLM / HLIP, chosen on the evaluated set itself).
+
+    ``strict=False``: positive iff ``p >= t``, the first threshold on ties; ``strict=True`` (fVLM's
+    ``calc_metrics.py``): positive iff ``p > t``, the last threshold on ties (``<=`` while scanning up)."""
     probs, targets = np.asarray(probs, np.float64), np.asarray(targets, np.float64)
     keep = ~np.isnan(targets)
     probs, y = probs[keep], targets[keep] > 0.5
-    best, best_t = np.inf, 0.5
+    best, best_t = np.inf, 0.5 if not strict else 0.0
     for t in np.linspace(0.0, 1.0, grid):
-        pred = probs >= t
+        pred = probs > t if strict else probs >= t
         tpr = (pred & y).sum() / max(int(y.sum()), 1)
         fpr = (pred & ~y).sum() / max(int((~y).sum()), 1)
         d = float(np.hypot(1.0 - tpr, fpr))
-        if d < best - 1e-12:
+        if d < best - 1e-12 or (strict and d <= best):
             best, best_t = d, float(t)
     return best_t
 

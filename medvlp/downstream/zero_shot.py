@@ -13,6 +13,10 @@ Besides AUROC, each label gets HLIP's / fVLM's thresholded report (``thresholded
 ``sigma(s * score)`` with the method's logit scale ``s``, the threshold on ``linspace(0, 1, 100)``
 closest to the ROC corner (chosen on the evaluated set, H11), and accuracy, precision, recall and
 weighted F1 there; their means over the labels are ``mean_accuracy`` etc.
+
+A prompt entry may name the ``anatomy`` it is about (fVLM scores each finding with the embedding of
+its anatomy); file-level ``_threshold`` and ``_missing`` choose the threshold rule and what happens to
+an image the method cannot score for a label (:func:`load_options`; ``unscored`` counts them).
 """
 
 from __future__ import annotations
@@ -44,7 +48,29 @@ def load_prompts(path: str | Path) -> dict[str, dict[str, list[str]]]:
         if not isinstance(sides, dict) or not sides.get("positive") or not sides.get("negative"):
             raise DataError(f"Prompt file {path}: label '{label}' needs non-empty 'positive' and 'negative' lists.")
         out[str(label)] = {"positive": list(sides["positive"]), "negative": list(sides["negative"])}
+        if sides.get("anatomy"):
+            out[str(label)]["anatomy"] = str(sides["anatomy"])
     return out
+
+
+def load_options(path: str | Path) -> dict[str, str]:
+    """The file-level scoring options of a prompt file, checked: ``_threshold`` (``hlip``: ``p >= t``, first
+    best threshold; ``fvlm``: ``p > t``, last best, as fVLM's ``calc_metrics.py``) and ``_missing`` (an image
+    the method cannot score for a label, e.g. fVLM without the anatomy: ``zero`` = probability 0, fVLM's
+    rule; ``exclude`` = left out of that label's metrics)."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(OmegaConf.load(path))
+    raw = raw if isinstance(raw, dict) else {}
+    out = {"threshold": str(raw.get("_threshold", "hlip")), "missing": str(raw.get("_missing", "zero"))}
+    if out["threshold"] not in THRESHOLD_RULES or out["missing"] not in MISSING_RULES:
+        raise DataError(f"Prompt file {path}: _threshold must be one of {list(THRESHOLD_RULES)} and _missing one of "
+                        f"{list(MISSING_RULES)}, got {out['threshold']!r} and {out['missing']!r}.")
+    return out
+
+
+THRESHOLD_RULES = ("hlip", "fvlm")
+MISSING_RULES = ("zero", "exclude")
 
 
 def load_merges(path: str | Path) -> dict[str, list[str]]:
@@ -68,7 +94,7 @@ def merge_scores(scores: list[np.ndarray]) -> np.ndarray:
 
 def zero_shot_auc(method, emb: Embeddings, label_names: list[str], eval_labels: list[str],
                   prompts: dict[str, dict[str, list[str]]], max_length: int,
-                  merges: dict[str, list[str]] | None = None) -> dict[str, Any]:
+                  merges: dict[str, list[str]] | None = None, options: dict[str, str] | None = None) -> dict[str, Any]:
     """Per-label and mean AUROC of prompt-pair zero-shot scores.
 
     Args:
@@ -77,7 +103,9 @@ def zero_shot_auc(method, emb: Embeddings, label_names: list[str], eval_labels: 
         eval_labels: the labels to score (each needs an entry in ``prompts``).
         merges: ``{merged: [sources]}``: the sources among ``eval_labels`` are scored, merged with
             :func:`merge_scores` and reported as one label.
+        options: :func:`load_options` (threshold rule, unscored images).
     """
+    options = options or {"threshold": "hlip", "missing": "zero"}
     if emb.labels is None:
         raise DataError("Zero-shot evaluation needs labels, but this split has none.")
     missing = [lab for lab in eval_labels if lab not in prompts]
@@ -88,8 +116,9 @@ def zero_shot_auc(method, emb: Embeddings, label_names: list[str], eval_labels: 
     for lab in eval_labels:
         pos = embed_prompts(method, prompts[lab]["positive"], max_length)
         neg = embed_prompts(method, prompts[lab]["negative"], max_length)
+        where = {"anatomy": prompts[lab]["anatomy"]} if "anatomy" in prompts[lab] else {}
         with torch.no_grad():
-            sims = method.similarity(emb.images.to(pos.device), torch.stack([pos, neg]).to(emb.images.dtype)).float()
+            sims = method.similarity(emb.images.to(pos.device), torch.stack([pos, neg]).to(emb.images.dtype), **where).float()
         scores[lab] = (sims[:, 0] - sims[:, 1]).cpu().numpy()
     columns = {lab: lab for lab in eval_labels}
     for merged, sources in (merges or {}).items():
@@ -103,15 +132,22 @@ def zero_shot_auc(method, emb: Embeddings, label_names: list[str], eval_labels: 
     scale = 1.0 / float(method.temperature())
     result["logit_scale"] = scale
     result["thresholded"] = {}
+    result["unscored"] = {}
+    strict = options["threshold"] == "fvlm"
     for lab in columns:
-        score = scores[lab]
-        y = emb.labels[:, label_names.index(columns[lab])].numpy()
-        result["auroc"][lab] = auroc(score, y)
+        score = scores[lab].astype(np.float64)
+        y = emb.labels[:, label_names.index(columns[lab])].numpy().astype(np.float64)
+        unscored = np.isnan(score)
+        result["unscored"][lab] = int(unscored.sum())
+        if options["missing"] == "exclude":
+            y = np.where(unscored, np.nan, y)
+        probs = np.where(unscored, 0.0, 1.0 / (1.0 + np.exp(-scale * np.nan_to_num(score))))  # positive softmax entry
+        floor = float(score[~unscored].min()) - 1.0 if (~unscored).any() else 0.0
+        result["auroc"][lab] = auroc(np.where(unscored, floor, score), y)  # unscored = probability 0: ranked last
         result["positives"][lab] = int(np.nansum(y > 0.5))
         result["negatives"][lab] = int(np.sum(y < 0.5))
-        probs = 1.0 / (1.0 + np.exp(-scale * score))  # the two-way softmax's positive entry
-        t = youden_like_threshold(probs, y)
-        result["thresholded"][lab] = {"threshold": t, **binary_report(probs >= t, y)}
+        t = youden_like_threshold(probs, y, strict=strict)
+        result["thresholded"][lab] = {"threshold": t, **binary_report(probs > t if strict else probs >= t, y)}
     vals = [v for v in result["auroc"].values() if not np.isnan(v)]
     result["mean_auroc"] = float(np.mean(vals)) if vals else float("nan")
     for key in ("accuracy", "f1_weighted", "precision", "recall"):
@@ -126,7 +162,7 @@ class ZeroShotTask(Task):
     def evaluate(self, method: Any, dm: Any, emb: Embeddings, cfg: Any) -> dict[str, Any]:
         prompts = load_prompts(dm.prompt_file())
         return zero_shot_auc(method, emb, list(dm.label_names), dm.eval_label_names(), prompts, cfg.data.max_length,
-                             merges=load_merges(dm.prompt_file()))
+                             merges=load_merges(dm.prompt_file()), options=load_options(dm.prompt_file()))
 
     def rows(self, res: dict[str, Any]) -> tuple[str, list[tuple[str, str]], tuple[str, str]]:
         z = res["zeroshot"]

@@ -4,7 +4,8 @@ A method declares ``Config`` (its ``method.*`` schema) and ``terms`` (the names 
 it may return), and writes ``build()`` (its heads, prototypes, decoders), ``losses(batch)`` (a dict
 of named terms), ``embed_image`` / ``embed_text`` (the retrieval / zero-shot embeddings) and
 ``temperature()``. Optional hooks: ``validate_config`` (config checks before anything is built),
-``similarity``, ``embed_images`` (studies of several scans), ``param_groups``; optional
+``similarity``, ``embed_images`` (studies of several scans), ``embed_batch`` (evaluation embeddings
+that need more of the batch than its images), ``param_groups``; optional
 capabilities, ``None`` unless a method implements them and asked for explicitly through
 :meth:`VLPMethod.supports`: ``token_alignment`` (``medvlp explain``), ``dense_outputs``,
 ``export_decoder`` (transfer), ``generate`` (generative methods).
@@ -90,11 +91,15 @@ class VLPMethod(L.LightningModule):
         global_batch_keys: the boolean ``method.*`` keys that, all true, make every term under DDP the
             loss of the global batch (negatives / codes gathered from every process); the contract
             suite checks that 2 processes then equal 1 process on the whole batch.
+        may_skip_batches: :meth:`losses` may return no term for a batch that holds nothing to learn
+            from (fVLM: no anatomy with an abnormal sample); the step is then skipped - no backward,
+            no optimiser step - and counted in ``train/skipped_batches``. All processes must agree.
     """
 
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     terms: ClassVar[tuple[str, ...]] = ()
     global_batch_keys: ClassVar[tuple[str, ...]] = ()
+    may_skip_batches: ClassVar[bool] = False
 
     def __init__(self, cfg: Any, optim: Any = None) -> None:
         super().__init__()
@@ -173,8 +178,17 @@ class VLPMethod(L.LightningModule):
         mean = (full.view(b, s, -1) * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
         return torch.nn.functional.normalize(mean, dim=-1)
 
-    def similarity(self, img_emb: Tensor, txt_emb: Tensor) -> Tensor:
-        """Scores ``[B_img, B_txt]`` used by every zero-shot and retrieval evaluation (cosine)."""
+    def embed_batch(self, batch: ImageTextBatch) -> Tensor:
+        """The image embeddings of a batch as the evaluation loaders give it (zero-shot, retrieval):
+        :meth:`embed_images` of ``images`` and ``scan_mask``. A method that needs more of the batch
+        overrides it (fVLM: the anatomy label map)."""
+        return self.embed_images(batch.images, batch.scan_mask)
+
+    def similarity(self, img_emb: Tensor, txt_emb: Tensor, anatomy: str | None = None) -> Tensor:
+        """Scores ``[B_img, B_txt]`` used by every zero-shot and retrieval evaluation (cosine).
+
+        ``anatomy``: the anatomy a zero-shot prompt is about, when its prompt file names one; methods with
+        one embedding per anatomy (fVLM) score that anatomy's, the others ignore it."""
         return img_emb @ txt_emb.T
 
     def temperature(self) -> float:
@@ -255,10 +269,14 @@ class VLPMethod(L.LightningModule):
             self.log(f"{stage}/{k}", v, batch_size=batch_size, on_step=self.training, on_epoch=True,
                      sync_dist=not self.training)
 
-    def _step(self, batch: ImageTextBatch, stage: str) -> Tensor:
+    def _step(self, batch: ImageTextBatch, stage: str) -> Tensor | None:
         terms = self.losses(batch)
         if not terms:
-            raise RuntimeError(f"{type(self).__name__}.losses returned no terms")
+            if not self.may_skip_batches:
+                raise RuntimeError(f"{type(self).__name__}.losses returned no terms")
+            if stage == "train":
+                self.log("train/skipped_batches", 1.0, batch_size=len(batch), on_step=False, on_epoch=True, reduce_fx="sum")
+            return None  # Lightning skips the backward and the optimiser step
         undeclared = sorted(set(terms) - set(self.terms))
         if undeclared:
             raise RuntimeError(f"{type(self).__name__}.losses returned {undeclared}, which are not in its terms "
@@ -275,11 +293,11 @@ class VLPMethod(L.LightningModule):
         self._skipped += batch.skipped
         self._skipped_ids += [i for i in getattr(batch, "skipped_ids", ()) if i not in self._skipped_ids]
 
-    def training_step(self, batch: ImageTextBatch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: ImageTextBatch, batch_idx: int) -> Tensor | None:
         self._count_skipped(batch)
         return self._step(batch, "train")
 
-    def validation_step(self, batch: ImageTextBatch, batch_idx: int) -> Tensor:
+    def validation_step(self, batch: ImageTextBatch, batch_idx: int) -> Tensor | None:
         self._count_skipped(batch)
         return self._step(batch, "val")
 
@@ -320,25 +338,37 @@ class VLPMethod(L.LightningModule):
         period = int(o.restart_steps)
         if o.schedule == "cosine_restarts" and period <= 0:
             raise ValueError(f"optim.schedule=cosine_restarts needs optim.restart_steps > 0, got {o.restart_steps}.")
+        if o.schedule == "cosine_epoch":  # the length of an epoch in optimiser steps
+            period = max(1, total // max(1, int(self.trainer.max_epochs or 1)))
+        start = float(o.warmup_start_ratio)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: lr_factor(step, warmup, total, o.schedule, o.min_lr_ratio, period))
+            opt, lambda step: lr_factor(step, warmup, total, o.schedule, o.min_lr_ratio, period, start))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float, period: int = 0) -> float:
+def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float, period: int = 0,
+              warmup_start: float = 0.0) -> float:
     """Linear warm-up to 1 over ``warmup`` steps, then cosine (or constant) down to ``min_ratio``.
 
-    ``cosine_restarts`` restarts the cosine every ``period`` steps after the warm-up (PyTorch's
-    ``CosineAnnealingWarmRestarts`` with ``T_0 = period``, ``T_mult = 1``).
+    The warm-up gives ``(step + 1) / warmup``, or with ``warmup_start`` > 0 rises from it:
+    ``warmup_start + (1 - warmup_start) * step / warmup`` (LAVIS). ``cosine_restarts`` restarts the
+    cosine every ``period`` steps after the warm-up (PyTorch's ``CosineAnnealingWarmRestarts`` with
+    ``T_0 = period``, ``T_mult = 1``). ``cosine_epoch`` (LAVIS, fVLM) holds one value per epoch of
+    ``period`` steps: epoch ``e`` of ``E = total / period`` gets ``min + (1 - min) (1 + cos(pi e / E)) / 2``,
+    the warm-up running over the first steps of epoch 0.
     """
     if step < warmup:
-        return (step + 1) / warmup
+        return warmup_start + (1 - warmup_start) * step / warmup if warmup_start > 0 else (step + 1) / warmup
     if schedule == "constant":
         return 1.0
+    if schedule == "cosine_epoch":
+        epochs = max(1, round(total / max(period, 1)))
+        epoch = min(step // max(period, 1), epochs)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
     if schedule == "cosine_restarts":
         progress = ((step - warmup) % period) / period
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     if schedule != "cosine":
-        raise ValueError(f"optim.schedule must be 'cosine', 'constant' or 'cosine_restarts', got '{schedule}'")
+        raise ValueError(f"optim.schedule must be 'cosine', 'constant', 'cosine_restarts' or 'cosine_epoch', got '{schedule}'")
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

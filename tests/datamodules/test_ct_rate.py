@@ -387,8 +387,48 @@ def test_anatomy_masks_align_with_the_volume_and_flip_with_it(tmp_path, tiny_tok
     assert torch.allclose(flipped["image"], torch.flip(image, [1, 2, 3]))
     batch = dm.collate([dm.dataset("train")[0], dm.dataset("train")[1]])
     assert batch.anatomy_masks.shape == (2, 1, 32, 64, 64)
+    (tmp_path / "elsewhere").mkdir()
     with pytest.raises(DataError, match="No anatomy mask"):
         make(root, anatomy_dir=str(tmp_path / "elsewhere"), size=[32, 64, 64]).load_sample(rec, train=False)
+
+
+def test_fvlm_anatomy_texts_crop_and_a_missing_mask_folder(tmp_path, tiny_tokenizer):
+    """data.anatomy_text=fvlm: every item carries fVLM's four anatomy texts and abnormal flags (from the demo's
+    desc_info.json / conc_info.json); data.crop=anatomy cuts the anatomy box, pads it and crops data.size from
+    it; a mask folder that does not exist is named before anything is read."""
+    import json
+
+    from medvlp.datamodules.ct_rate import fvlm_anatomy_texts
+    from medvlp.datamodules.demo import write_ct_demo
+
+    root = write_ct_demo(tmp_path / "ct", size="tiny", seed=0)
+    kw = dict(anatomy_dir="anatomy_masks", anatomy_groups="fvlm4", anatomy_text="fvlm", spacing=[10.0, 6.0, 6.0])
+    dm = make(root, size=[32, 64, 64], **kw)
+    dm.set_tokenizer(tiny_tokenizer)
+    desc, conc = (json.loads((root / f).read_text()) for f in ("desc_info.json", "conc_info.json"))
+    batch = dm.collate([dm.dataset("train")[i] for i in range(3)])
+    assert list(batch.anatomy_texts) == ["lung", "heart", "esophagus", "aorta"] and batch.anatomy_abnormal.shape == (3, 4)
+    for i, rec in enumerate(dm.records("train")[:3]):
+        texts, abnormal = fvlm_anatomy_texts(desc.get(rec.study_id), conc.get(rec.study_id))
+        assert [batch.anatomy_texts[a][i] for a in texts] == list(texts.values())
+        assert batch.anatomy_abnormal[i].tolist() == abnormal
+        assert abnormal == [a in conc.get(rec.study_id, {}) for a in texts]
+    boxed = make(root, size=[16, 48, 48], crop="anatomy", crop_margin=[1, 2, 2], **kw)
+    rec = dm.records("train")[0]
+    path, source = rec.image_path[0], boxed.cache_source(dataclasses.replace(rec, image_path=rec.image_path[0]))
+    vol, lab = boxed.anatomy_box(path, source)
+    full = boxed.load_anatomy(path, source, crop=False)
+    where = np.nonzero(full)
+    box = tuple(slice(max(int(w.min()) - m, 0), min(int(w.max()) + 1 + m, n)) for w, m, n in zip(where, (1, 2, 2), full.shape))
+    cut = full[box]
+    pads = [(max(s - n, 0) // 2, max(s - n, 0) - max(s - n, 0) // 2) for n, s in zip(cut.shape, (16, 48, 48))]
+    assert np.array_equal(lab, np.pad(cut, pads)) and vol.shape == lab.shape and 0 <= vol.min() and vol.max() <= 1
+    sample = boxed.load_sample(rec, train=True)
+    assert sample["image"].shape == (1, 16, 48, 48) and sample["anatomy"].shape == (1, 16, 48, 48)
+    with pytest.raises(DataRootError, match=r"data.anatomy_dir: .*no_masks does not exist"):
+        CTRateDataModule.check_root(CTRateConfig(root=str(root), anatomy_dir="no_masks"))
+    with pytest.raises(ValueError, match="data.crop='anatomy'"):
+        make(root, crop="anatomy")
 
 
 def test_reports_are_per_reconstruction(tmp_path, tiny_tokenizer):

@@ -25,7 +25,9 @@ CXR_KEYWORDS = {"Cardiomegaly": ("cardiomegaly", "enlarged"), "Pleural Effusion"
                 "Consolidation": ("consolidation",), "Pneumothorax": ("pneumothorax",), "Lung Lesion": ("nodul",)}  # fmt: skip
 CT_KEYWORDS = {"Cardiomegaly": ("cardiomegaly", "enlarged"), "Pleural effusion": ("pleural effusion",),
                "Lung nodule": ("nodule",), "Consolidation": ("consolidation",), "Emphysema": ("emphysema",),
-               "Arterial wall calcification": ("calcif",)}  # fmt: skip
+               "Arterial wall calcification": ("calcif",), "Hiatal hernia": ("hiatal hernia",)}  # fmt: skip
+CT_ANATOMY = {"Cardiomegaly": "heart", "Pleural effusion": "lung", "Lung nodule": "lung", "Consolidation": "lung",
+              "Emphysema": "lung", "Arterial wall calcification": "aorta", "Hiatal hernia": "esophagus"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -266,11 +268,96 @@ def test_ct_labels_follow_reports(worlds: dict[str, Path]) -> None:
     for i in range(200):
         rng = rng_for(3, i)
         f = ct.sample_findings(rng)
+        f.hernia = bool(rng_for(4, i).random() < 0.25)
         findings, impression = ct.compose_report(f, rng)
+        assert len(f.labels()) == len(ct.CT_FINDINGS) == 7
         for finding, flag in f.labels().items():
             if flag:
                 assert any(k in findings.lower() for k in CT_KEYWORDS[finding])
                 assert any(k in impression.lower() for k in CT_KEYWORDS[finding])
+
+
+def test_ct_hernia_is_drawn_from_its_own_stream(worlds: dict[str, Path]) -> None:
+    root = worlds["ct"]
+    scans = ct.plan_scans(demo.SIZES["tiny"].ct_patients, 0)
+    for scan in scans:  # the other findings do not depend on the hernia draw
+        redrawn = ct.sample_findings(rng_for(0, ct._SCAN_STREAM, *scan.stream))
+        redrawn.hernia = scan.findings.hernia
+        assert scan.findings == redrawn
+    hernia = {s.name for s in scans if s.findings.hernia}
+    assert hernia  # the tiny world has at least one, so every fVLM anatomy has an abnormal scan
+    labels = pd.concat([pd.read_csv(root / "multi_abnormality_labels" / f"{split}_predicted_labels.csv")
+                        for split in ("train", "valid")])  # fmt: skip
+    flagged = set(labels[labels["Hiatal hernia"] == 1].VolumeName.str.rsplit("_", n=1).str[0])
+    assert flagged == hernia
+    counts = {}
+    for path in (root / "anatomy_masks").glob("*/*.nii.gz"):
+        eso = sitk.GetArrayFromImage(sitk.ReadImage(str(path))) == 15
+        counts[path.name.rsplit("_", 1)[0]] = (int(eso.sum()), int(eso.sum(axis=(1, 2)).max()))
+    normal = [c for scan, c in counts.items() if scan not in hernia]
+    for scan in hernia:  # the hernia sac is labelled esophagus: a wide bulge above the diaphragm
+        assert counts[scan][0] > 1.5 * np.median([c[0] for c in normal])
+        assert counts[scan][1] > 3 * max(c[1] for c in normal)
+
+
+def _anatomies(names: list[str] | set[str]) -> set[str]:
+    return {CT_ANATOMY[n] for n in names}
+
+
+def test_ct_anatomy_report_files(worlds: dict[str, Path]) -> None:
+    """fVLM's desc_info.json / conc_info.json: {scan: {anatomy: sentences}} taken from the report row."""
+    root = worlds["ct"]
+    desc = json.loads((root / "desc_info.json").read_text())
+    conc = json.loads((root / "conc_info.json").read_text())
+    truth = _read(root / "demo_truth" / "ct_findings.csv")
+    reports = pd.concat([_read(root / "radiology_text_reports" / f"{w}_reports.csv") for w in ("train", "validation")])
+    reports = reports.assign(scan=reports.VolumeName.str.rsplit("_", n=1).str[0]).drop_duplicates("scan").set_index("scan")
+    assert set(desc) <= set(reports.index) and set(conc) <= set(reports.index)
+    assert {s.split("_")[0] for s in desc} == {"train", "valid"}
+    for table, column in ((desc, "Findings_EN"), (conc, "Impressions_EN")):
+        for scan, organs in table.items():
+            assert organs and set(organs) <= set(ct.FVLM_ANATOMIES), (scan, organs)
+            assert all(isinstance(t, str) and t and "  " not in t for t in organs.values())
+            cell = reports.loc[scan, column]
+            for text in organs.values():  # the anatomy's sentences, in report order
+                pos = 0
+                for sentence in re.findall(r"[^.]+\.(?= |$)", text):
+                    pos = cell.find(sentence.strip(), pos)
+                    assert pos >= 0, (scan, sentence)
+        assert set(table) <= {s for s in reports.index if reports.loc[s, column]}  # an empty cell has no entry
+    assert any("esophagus" in organs for organs in desc.values())  # "No hiatal hernia." is an esophagus sentence
+    for scan, rows in truth.assign(scan=truth.VolumeName.str.rsplit("_", n=1).str[0]).groupby("scan"):
+        present = [name for name in ct.CT_FINDINGS if rows[name].iloc[0] == "1"]
+        if not reports.loc[scan, "Impressions_EN"]:  # the emptied-impression trap: nothing to decompose
+            assert scan not in conc
+            continue
+        assert set(conc.get(scan, {})) == _anatomies(present), (scan, present)  # normal impressions: no entry
+    assert any(conc.values())
+
+
+def test_ct_anatomy_report_generator() -> None:
+    keywords = {"lung": ("lung", "pleural", "emphysema", "nodule", "consolidation", "atelectasis", "opacity", "fibrotic",
+                         "mosaic", "peribronchial", "bronchiectasis", "septal"),
+                "heart": ("heart", "cardiomegaly", "pericardial", "coronary"), "esophagus": ("hiatal",),
+                "aorta": ("aorta", "aortic", "arterial"),
+                "": ("trachea", "mediastin", "lymphadenopathy", "liver", "abdominal", "bone", "bony", "medical material", "pathology",
+                     "normal chest")}  # fmt: skip
+    for i in range(300):
+        f = ct.sample_findings(rng_for(5, i))
+        f.hernia = i % 3 == 0
+        row, desc, conc = ct.anatomy_report(f, rng_for(6, i), 6.0)
+        assert row == ct.report_row(f, rng_for(6, i), 6.0)
+        findings, impression = ct.compose_sentences(f, rng_for(6, i))
+        assert (row["Findings_EN"], row["Impressions_EN"]) == ct.compose_report(f, rng_for(6, i))
+        assert row["Findings_EN"] == " ".join(s for s, _ in findings)
+        assert (desc, conc) == (ct.anatomy_texts(findings), ct.anatomy_texts(impression))
+        for sentence, anatomy in findings + impression:
+            assert any(k in sentence.lower() for k in keywords[anatomy]), (sentence, anatomy)
+        present = [name for name, flag in f.labels().items() if flag]
+        assert set(conc) == _anatomies(present) and set(desc) <= set(ct.FVLM_ANATOMIES)
+        for name in present:
+            assert any(k in conc[CT_ANATOMY[name]].lower() for k in CT_KEYWORDS[name]), (name, conc)
+            assert any(k in desc[CT_ANATOMY[name]].lower() for k in CT_KEYWORDS[name]), (name, desc)
 
 
 def test_ct_findings_are_visible_in_hu() -> None:
@@ -296,6 +383,14 @@ def test_ct_findings_are_visible_in_hu() -> None:
     assert hu[core].mean() > -150 and hu0[core].mean() < -500
     hu, lab, truth = scene(ct.CtFindings(calcification=True))
     assert truth["calcified_plaques"] >= 5 and (hu[lab == 52] > 400).sum() >= 20 > (hu0[lab0 == 52] > 400).sum()
+    hu, lab, _ = scene(ct.CtFindings(hernia=True))
+    eso, eso0 = lab == 15, lab0 == 15
+    assert eso.sum() > 1.6 * eso0.sum() and (eso & ~eso0).any(axis=(1, 2)).sum() >= 4  # several 6 mm slices
+    assert (hu[eso] < -500).sum() >= 20 and (hu0[eso0] < -500).sum() == 0  # air pocket
+    assert ((hu[eso] > 0) & (hu[eso] < 40)).sum() >= 50  # fluid / soft tissue
+    changed = lab != lab0
+    assert (lab[changed] == 15).all() and not np.isin(lab0[changed], [10, 11, 12, 13, 14, 51, 52]).any()
+    assert (eso & ~eso0)[: round(0.1 * 40)].sum() == 0 and (eso & ~eso0)[round(0.35 * 40) :].sum() == 0  # above the diaphragm
 
 
 # ---------------------------------------------------------------------------------------------- determinism, cache, corpus

@@ -94,10 +94,13 @@ def plugin_path(tmp_path_factory):
 
 # --------------------------------------------------------------------------- per-method set-up (shared)
 def slice_batch(batch: Any, lo: int, hi: int) -> Any:
-    """Rows ``lo:hi`` of a batch dataclass (tensors and lists along dim 0; scalars kept)."""
+    """Rows ``lo:hi`` of a batch dataclass (tensors and lists along dim 0, dicts of per-row lists; scalars kept)."""
     values = {}
     for f in dataclasses.fields(batch):
         v = getattr(batch, f.name)
+        if isinstance(v, dict):
+            values[f.name] = {k: x[lo:hi] if isinstance(x, list) and len(x) == len(batch) else x for k, x in v.items()}
+            continue
         values[f.name] = v[lo:hi] if isinstance(v, torch.Tensor | list) and len(v) == len(batch) else v
     return type(batch)(**values)
 
@@ -294,9 +297,9 @@ def test_save_load_run_gives_identical_embeddings(setup):
     with torch.no_grad():
         for m in (r.trained, loaded):
             m.eval()
-        img = [m.embed_images(b.images, b.scan_mask) for m in (r.trained, loaded)]
+        img = [m.embed_batch(b) for m in (r.trained, loaded)]
         txt = [m.embed_text(b.input_ids, b.attention_mask) for m in (r.trained, loaded)]
-    assert torch.equal(img[0], img[1]) and torch.equal(txt[0], txt[1])
+    assert torch.equal(img[0].nan_to_num(), img[1].nan_to_num()) and torch.equal(txt[0], txt[1])
     assert r.trained.temperature() == pytest.approx(loaded.temperature())
 
 

@@ -58,7 +58,7 @@ __all__ = [
     "report_corpus", "write_brain_mri_demo", "write_ct_demo", "write_cxr_demo",
 ]  # fmt: skip
 
-GEN_VERSION = 1  # bump whenever the generated content changes, so cached copies are rebuilt
+GEN_VERSION = 2  # bump whenever the generated content changes, so cached copies are rebuilt
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,13 @@ Layers, kept apart:
 
 * **findings** - :class:`CtFindings`, the ground truth of one scan;
 * **reports** - :func:`compose_report` writes ``Findings_EN`` / ``Impressions_EN`` that state every
-  present finding (side / lobe) and negate a random subset of absent ones;
+  present finding (side / lobe) and negate a random subset of absent ones; :func:`anatomy_report`
+  splits the same sentences by fVLM anatomy (``desc_info.json`` / ``conc_info.json``);
 * **voxels** - :func:`render_scene` builds a chest in Hounsfield units with a TotalSegmentator-v2
   label map, :func:`reconstruct` adds kernel-dependent noise per reconstruction;
 * **dataset** - :func:`write_dataset` lays out patients / scans / reconstructions, v1 volumes (raw
-  stored values, default header), a few v2 ``*_fixed`` copies, every CSV, anatomy masks and truth.
+  stored values, default header), a few v2 ``*_fixed`` copies, every CSV, anatomy masks, fVLM's
+  per-anatomy report files and truth.
 
 Array order is SimpleITK's ``(z, y, x)``: x runs to the patient's left, y to posterior, z to
 superior (slice 0 is the lowest), matching an identity direction in LPS.
@@ -33,7 +35,10 @@ from medvlp.datamodules.demo._util import (
     write_json,
 )
 
-CT_FINDINGS = ["Cardiomegaly", "Pleural effusion", "Lung nodule", "Consolidation", "Emphysema", "Arterial wall calcification"]
+CT_FINDINGS = [
+    "Cardiomegaly", "Pleural effusion", "Lung nodule", "Consolidation", "Emphysema", "Arterial wall calcification",
+    "Hiatal hernia",
+]  # fmt: skip
 CT_RATE_LABELS = [
     "Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",
     "Coronary artery wall calcification", "Hiatal hernia", "Lymphadenopathy", "Emphysema", "Atelectasis",
@@ -56,6 +61,7 @@ TRUTH_COLUMNS = [
     "VolumeName", "split", *CT_FINDINGS, "effusion_side", "nodule_lobe", "nodule_x", "nodule_y", "nodule_z",
     "nodule_radius_mm", "nodule_count", "consolidation_lobe", "calcified_plaques", "heart_volume_ml",
 ]  # fmt: skip
+_GEOMETRY_COLUMNS = TRUTH_COLUMNS[2 + len(CT_FINDINGS) :]  # truth cells returned by render_scene
 # TotalSegmentator v2 ``total`` task ids of the structures the world draws (specs/methods/fvlm.md §3.1).
 ANATOMY_LABELS = {
     5: "liver", 10: "lung_upper_lobe_left", 11: "lung_lower_lobe_left", 12: "lung_upper_lobe_right",
@@ -63,8 +69,11 @@ ANATOMY_LABELS = {
     52: "aorta",
 }  # fmt: skip
 LOBES = {"right_upper": 12, "right_middle": 13, "right_lower": 14, "left_upper": 10, "left_lower": 11}
+# fVLM's four anatomies (specs/methods/fvlm.md §3.1), the keys of desc_info.json / conc_info.json.
+FVLM_ANATOMIES = ("lung", "heart", "esophagus", "aorta")
 IN_PLANE = 80  # Rows = Columns
-_SCAN_STREAM, _RECON_STREAM, _PLAN_STREAM, _TEXT_STREAM = 10, 11, 12, 13
+_SCAN_STREAM, _RECON_STREAM, _PLAN_STREAM, _TEXT_STREAM, _HERNIA_STREAM = 10, 11, 12, 13, 14
+HERNIA_P = 0.25  # drawn from its own stream, so the other draws of a scan do not depend on it
 
 # ---------------------------------------------------------------------------------------------- findings
 
@@ -82,15 +91,21 @@ class CtFindings:
     consolidation: str = ""  # "" or a LOBES key
     emphysema: bool = False
     calcification: bool = False
+    hernia: bool = False  # sliding hiatal hernia (distal oesophagus / stomach above the diaphragm)
 
     def labels(self) -> dict[str, int]:
-        """The six simulated CT-RATE labels as 0/1."""
-        flags = [self.cardiomegaly, self.effusion, self.nodule, self.consolidation, self.emphysema, self.calcification]
-        return {name: int(bool(flag)) for name, flag in zip(CT_FINDINGS, flags)}
+        """The seven simulated CT-RATE labels (``CT_FINDINGS``) as 0/1."""
+        flags = [self.cardiomegaly, self.effusion, self.nodule, self.consolidation, self.emphysema, self.calcification,
+                 self.hernia]  # fmt: skip
+        return {name: int(bool(flag)) for name, flag in zip(CT_FINDINGS, flags, strict=True)}
 
 
 def sample_findings(rng: np.random.Generator) -> CtFindings:
-    """Each of the six findings independently with p = 0.25 (location / size drawn uniformly)."""
+    """Each of the first six findings independently with p = 0.25 (location / size drawn uniformly).
+
+    The hiatal hernia is not drawn here: :func:`plan_scans` draws it (p = ``HERNIA_P``) from a stream
+    of its own.
+    """
     flags = rng.random(6) < 0.25
     f = CtFindings(cardiomegaly=bool(flags[0]), emphysema=bool(flags[4]), calcification=bool(flags[5]))
     if flags[1]:
@@ -120,6 +135,7 @@ _POS = {
     "Arterial wall calcification": ["Calcified atherosclerotic plaques are seen in the wall of the thoracic aorta.",
                                     "Arterial wall calcification is present in the aorta.",
                                     "There is calcification of the aortic wall."],
+    "Hiatal hernia": ["A hiatal hernia is present.", "There is a sliding hiatal hernia.", "Hiatal hernia is seen."],
 }  # fmt: skip
 _IMPR = {
     "Cardiomegaly": ["Cardiomegaly."],
@@ -130,6 +146,7 @@ _IMPR = {
     "Consolidation": ["Consolidation in the {clobe}.", "{clobe} consolidation, may represent pneumonia."],
     "Emphysema": ["Emphysema.", "Emphysematous changes in both lungs."],
     "Arterial wall calcification": ["Atherosclerotic calcification of the aorta.", "Arterial wall calcification."],
+    "Hiatal hernia": ["Hiatal hernia.", "Sliding hiatal hernia."],
 }
 _NEG = {
     "Cardiomegaly": ["Heart size is normal.", "No cardiomegaly.", "Cardiomegaly is not present.", "The heart is of normal size."],
@@ -140,12 +157,12 @@ _NEG = {
     "Arterial wall calcification": ["No arterial wall calcification.", "No calcified plaque in the aortic wall.",
                                     "The thoracic aorta is of normal caliber without wall calcification.",
                                     "Arterial wall calcification is not present."],
+    "Hiatal hernia": ["No hiatal hernia.", "Hiatal hernia is not present."],
     # CT-RATE labels the world never draws: negated only, so that every prompt word is in the corpus
     "Medical material": ["No medical material.", "Medical material is not present."],
     "Pericardial effusion": ["No pericardial effusion.", "Pericardial effusion is not present."],
     "Coronary artery wall calcification": ["No coronary artery wall calcification.",
                                            "Coronary artery wall calcification is not present."],
-    "Hiatal hernia": ["No hiatal hernia.", "Hiatal hernia is not present."],
     "Lymphadenopathy": ["No lymphadenopathy.", "No mediastinal or hilar lymphadenopathy."],
     "Atelectasis": ["No atelectasis.", "Atelectasis is not present."],
     "Lung opacity": ["No lung opacity.", "No ground glass opacity."],
@@ -164,6 +181,11 @@ _GROUPS = [
                "Mosaic attenuation pattern", "Peribronchial thickening", "Bronchiectasis", "Interlobular septal thickening"]),
     ("pleura", ["Pleural effusion"]), ("abdomen", []), ("bone", []),
 ]  # fmt: skip
+# report group -> fVLM anatomy of its sentences; airway, mediastinum, abdomen and bone sentences have none
+_GROUP_ANATOMY = {"lungs": "lung", "pleura": "lung", "heart": "heart", "esophagus": "esophagus", "aorta": "aorta"}
+# absent findings negated with p = 0.6, the other labels with p = 0.3; the hiatal hernia keeps the lower
+# rate of the labels that are never drawn, so a report without a hernia reads as it did before it was simulated
+_OFTEN_NEGATED = frozenset(CT_FINDINGS) - {"Hiatal hernia"}
 _FIXED = {
     "airway": ["Trachea and both main bronchi are patent.", "The trachea and main bronchi are open and of normal caliber."],
     "mediastinum": ["Mediastinal structures are unremarkable.", "No mass is seen in the mediastinum."],
@@ -185,15 +207,23 @@ def _lobe_words(key: str) -> str:
     return f"{side} {lobe} lobe"
 
 
-def compose_report(f: CtFindings, rng: np.random.Generator) -> tuple[str, str]:
-    """``(Findings_EN, Impressions_EN)`` for a scan: every present finding with side / lobe, random negations.
+Sentences = list[tuple[str, str]]  # (sentence, fVLM anatomy or "" for none)
+
+
+def compose_sentences(f: CtFindings, rng: np.random.Generator) -> tuple[Sentences, Sentences]:
+    """The findings and impression sentences of a scan, each with the fVLM anatomy it describes.
+
+    Findings: a few fixed normal statements, every present finding with side / lobe, random negations
+    of absent ones (a negation belongs to the anatomy of its label); impression: one line per present
+    finding, else a normal impression (no anatomy).
 
     Args:
         f: the scan's findings.
         rng: generator for the wording.
 
     Returns:
-        Two texts of full sentences separated by single spaces.
+        ``(findings, impression)``, lists of ``(sentence, anatomy)`` with anatomy one of
+        ``FVLM_ANATOMIES`` or ``""``.
     """
     fields = {
         "eside": f.effusion, "esize": f.effusion_size,
@@ -202,33 +232,72 @@ def compose_report(f: CtFindings, rng: np.random.Generator) -> tuple[str, str]:
         "clobe": _lobe_words(f.consolidation) if f.consolidation else "",
     }  # fmt: skip
     present = {k for k, v in f.labels().items() if v}
-    findings, impression = [], []
+    findings: Sentences = []
+    impression: Sentences = []
     for group, names in _GROUPS:
+        anatomy = _GROUP_ANATOMY.get(group, "")
         if group in _FIXED and rng.random() < 0.6:
-            findings.append(pick(rng, _FIXED[group]))
+            findings.append((pick(rng, _FIXED[group]), anatomy))
         for name in names:
             if name in present:
-                findings.append(cap(pick(rng, _POS[name]).format(**fields)))
+                findings.append((cap(pick(rng, _POS[name]).format(**fields)), anatomy))
                 several = name == "Lung nodule" and f.nodule_count > 1
                 if several:
-                    findings.append(pick(rng, _MORE_NODULES[f.nodule_count - 1]))
-                impression.append(cap(pick(rng, _IMPR["multiple nodules" if several else name]).format(**fields)))
-            elif rng.random() < (0.6 if name in CT_FINDINGS else 0.3):
-                findings.append(pick(rng, _NEG[name]))
+                    findings.append((pick(rng, _MORE_NODULES[f.nodule_count - 1]), anatomy))
+                line = cap(pick(rng, _IMPR["multiple nodules" if several else name]).format(**fields))
+                impression.append((line, anatomy))
+            elif rng.random() < (0.6 if name in _OFTEN_NEGATED else 0.3):
+                findings.append((pick(rng, _NEG[name]), anatomy))
     if not impression:
-        impression.append(pick(rng, _NORMAL_IMPRESSION))
-    return " ".join(findings), " ".join(impression)
+        impression.append((pick(rng, _NORMAL_IMPRESSION), ""))
+    return findings, impression
+
+
+def compose_report(f: CtFindings, rng: np.random.Generator) -> tuple[str, str]:
+    """``(Findings_EN, Impressions_EN)`` for a scan: every present finding with side / lobe, random negations.
+
+    Args:
+        f: the scan's findings.
+        rng: generator for the wording.
+
+    Returns:
+        Two texts of full sentences separated by single spaces (:func:`compose_sentences` joined).
+    """
+    findings, impression = compose_sentences(f, rng)
+    return " ".join(s for s, _ in findings), " ".join(s for s, _ in impression)
+
+
+def anatomy_texts(sentences: Sentences) -> dict[str, str]:
+    """``{anatomy: its sentences joined by single spaces}`` in ``FVLM_ANATOMIES`` order, mentioned anatomies only."""
+    out = {a: " ".join(s for s, x in sentences if x == a) for a in FVLM_ANATOMIES}
+    return {a: text for a, text in out.items() if text}
+
+
+def anatomy_report(f: CtFindings, rng: np.random.Generator, z_spacing: float) -> tuple[dict[str, str], ...]:
+    """A ``*_reports.csv`` row and its decomposition by fVLM anatomy (what ``desc_info.json`` /
+    ``conc_info.json`` hold for the scan).
+
+    Args:
+        f: the scan's findings.
+        rng: generator for the wording (consumed exactly as by :func:`report_row`).
+        z_spacing: slice thickness in mm, quoted in the technique.
+
+    Returns:
+        ``(row, findings by anatomy, impression by anatomy)``; ``row`` as :func:`report_row`.
+    """
+    findings, impression = compose_sentences(f, rng)
+    row = {
+        "ClinicalInformation_EN": "Not given." if rng.random() < 0.1 else pick(rng, _CLINICAL),
+        "Technique_EN": f"Non-contrast axial images of the thorax were obtained with {fmt_float(z_spacing)} mm slice thickness.",
+        "Findings_EN": " ".join(s for s, _ in findings),
+        "Impressions_EN": " ".join(s for s, _ in impression),
+    }
+    return row, anatomy_texts(findings), anatomy_texts(impression)
 
 
 def report_row(f: CtFindings, rng: np.random.Generator, z_spacing: float) -> dict[str, str]:
     """The four text cells of a ``*_reports.csv`` row (``Not given.`` for ~10 % of clinical fields)."""
-    findings, impression = compose_report(f, rng)
-    return {
-        "ClinicalInformation_EN": "Not given." if rng.random() < 0.1 else pick(rng, _CLINICAL),
-        "Technique_EN": f"Non-contrast axial images of the thorax were obtained with {fmt_float(z_spacing)} mm slice thickness.",
-        "Findings_EN": findings,
-        "Impressions_EN": impression,
-    }
+    return anatomy_report(f, rng, z_spacing)[0]
 
 
 # ---------------------------------------------------------------------------------------------- voxels
@@ -385,7 +454,8 @@ def _place_ball(g: _Grid, rng: np.random.Generator, where: np.ndarray, aerated: 
 
 
 def _draw_mediastinum(g: _Grid, f: CtFindings, c: _Chest, hu: np.ndarray, lab: np.ndarray) -> int:
-    """Heart, aorta (ascending, arch, descending; wall calcifications), trachea, bronchi, oesophagus.
+    """Heart, aorta (ascending, arch, descending; wall calcifications), trachea, bronchi, oesophagus
+    (with a hiatal hernia: a bulge of the distal oesophagus / stomach above the diaphragm).
 
     Returns:
         The number of calcified plaques drawn on the aortic wall.
@@ -417,7 +487,26 @@ def _draw_mediastinum(g: _Grid, f: CtFindings, c: _Chest, hu: np.ndarray, lab: n
         hu[(np.hypot(X - bx, Y) < 0.04) & (Z > 0.58) & (Z <= 0.68)] = -1000.0
     eso = (np.hypot(X - 0.05, Y - 0.19) < 0.04) & (Z > 0.12)
     hu[eso], lab[eso] = 35.0, 15
+    if f.hernia:
+        _draw_hernia(g, c, aorta, hu, lab)
     return plaques
+
+
+def _draw_hernia(g: _Grid, c: _Chest, aorta: np.ndarray, hu: np.ndarray, lab: np.ndarray) -> None:
+    """A sliding hiatal hernia: an ellipsoid sac around the distal oesophagus just above the diaphragm
+    (Z 0.12-0.32), a soft-tissue wall around fluid with an air pocket on top (anterior: the patient
+    lies supine), all labelled oesophagus (15). It pushes aside no heart, aorta, lung or vertebra
+    voxel, and draws nothing from the generator.
+    """
+    X, Y, Z = g.X, g.Y, g.Z
+    r, rz, centre = 0.12, 0.10, (0.05, 0.19, 0.22)  # normalised in-plane radius, Z half-height, (x, y, z)
+    e = ((X - centre[0]) / r) ** 2 + ((Y - centre[1]) / r) ** 2 + ((Z - centre[2]) / rz) ** 2
+    sac = (e < 1.0) & ~c.heart & ~aorta & ~c.lung & (np.hypot(X, Y - 0.40) >= 0.12)  # the vertebral body stays
+    lumen = sac & (e < 0.6)
+    air = lumen & (Y < centre[1] - 0.05 * r)
+    hu[sac], lab[sac] = 35.0, 15  # wall
+    hu[lumen & ~air] = 20.0  # fluid / food
+    hu[air] = -1000.0
 
 
 def _draw_bones(g: _Grid, c: _Chest, hu: np.ndarray) -> None:
@@ -492,6 +581,8 @@ class _CtScan:
     scanner: int  # index into _SCANNERS
     meta: dict[str, str] = field(default_factory=dict)  # scan-level metadata cells
     report: dict[str, str] = field(default_factory=dict)  # REPORT_COLUMNS[1:] texts
+    # Findings_EN / Impressions_EN -> {fVLM anatomy: sentences of that anatomy}
+    anatomy_text: dict[str, dict[str, str]] = field(default_factory=dict)
     fixed: bool = False  # also write a v2 copy of the first reconstruction
 
     @property
@@ -557,7 +648,7 @@ def _scan_meta(rng: np.random.Generator, scanner: int, nz: int, sp: float, dz: f
 
 
 def plan_scans(n_patients: int, seed: int) -> list[_CtScan]:
-    """Patients (~22 % valid), scans, reconstructions, geometry, metadata, reports and traps."""
+    """Patients (~22 % valid), scans, reconstructions, geometry, findings, metadata, reports and traps."""
     rng = rng_for(seed, _PLAN_STREAM)
     n_valid = max(2, round(n_patients * 2 / 9))
     scans = []
@@ -575,14 +666,17 @@ def plan_scans(n_patients: int, seed: int) -> list[_CtScan]:
                 scan = _CtScan(split, patient, letter, CtFindings(), recons, nz, (sp, dz), scanner,
                                fixed=forced.get("fixed", False) and letter == "a")  # fmt: skip
                 scan.findings = sample_findings(rng_for(seed, _SCAN_STREAM, *scan.stream))
+                scan.findings.hernia = bool(rng_for(seed, _HERNIA_STREAM, *scan.stream).random() < HERNIA_P)
                 scan.meta = _scan_meta(rng, scanner, nz, sp, dz)
                 if "age" in forced:
                     scan.meta["PatientAge"] = forced["age"]
-                scan.report = report_row(scan.findings, rng_for(seed, _TEXT_STREAM, *scan.stream), dz)
+                scan.report, desc, conc = anatomy_report(scan.findings, rng_for(seed, _TEXT_STREAM, *scan.stream), dz)
+                scan.anatomy_text = {"Findings_EN": desc, "Impressions_EN": conc}
                 if "clinical" in forced:
                     scan.report["ClinicalInformation_EN"] = forced["clinical"]
                 if "empty" in forced:
                     scan.report[forced["empty"]] = ""
+                    scan.anatomy_text[forced["empty"]] = {}  # nothing to decompose
                 scans.append(scan)
     return scans
 
@@ -607,6 +701,11 @@ def _write_nifti(array: np.ndarray, path: Path, scan: _CtScan | None = None) -> 
 
 def write_dataset(root: Path, n_patients: int, seed: int) -> dict[str, int]:
     """Write the whole CT-RATE demo with ``root`` as the ``dataset/`` folder.
+
+    Besides CT-RATE's own files it writes fVLM's per-anatomy reports (a separate download in the real
+    dataset): ``desc_info.json`` (findings) and ``conc_info.json`` (impression), each
+    ``{scan (train_1_a): {anatomy: sentences}}`` with the ``FVLM_ANATOMIES`` the text mentions; a scan
+    whose text mentions none of them (a normal impression, an empty cell) has no entry.
 
     Args:
         root: dataset root (created).
@@ -639,13 +738,15 @@ def write_dataset(root: Path, n_patients: int, seed: int) -> dict[str, int]:
             series = f"{'Lung' if kernel == 'lung' else 'Mediastinum'} {fmt_float(scan.spacing[1])} mm"
             cells = {**scan.meta, "VolumeName": name, "SeriesDescription": series, "ConvolutionKernel": kernel_cell}
             out["meta"].append([cells[c] for c in METADATA_COLUMNS])
-            out["truth"].append([name, scan.split, *(sim[c] for c in CT_FINDINGS), *(truth.get(c) for c in TRUTH_COLUMNS[8:])])
+            out["truth"].append([name, scan.split, *(sim[c] for c in CT_FINDINGS), *(truth.get(c) for c in _GEOMETRY_COLUMNS)])
     for split, word in (("train", "train"), ("valid", "validation")):
         out = per_split[split]
         write_csv(root / "radiology_text_reports" / f"{word}_reports.csv", REPORT_COLUMNS, out["report"])
         write_csv(root / "multi_abnormality_labels" / f"{split}_predicted_labels.csv", ["VolumeName", *CT_RATE_LABELS], out["label"])
         write_csv(root / "metadata" / f"{word}_metadata.csv", METADATA_COLUMNS, out["meta"])
     write_json(root / "anatomy_masks" / "labels.json", {str(k): v for k, v in ANATOMY_LABELS.items()})
+    for file, column in (("desc_info.json", "Findings_EN"), ("conc_info.json", "Impressions_EN")):
+        write_json(root / file, {scan.name: scan.anatomy_text[column] for scan in scans if scan.anatomy_text[column]})
     truth_rows = per_split["train"]["truth"] + per_split["valid"]["truth"]
     write_csv(root / "demo_truth" / "ct_findings.csv", TRUTH_COLUMNS, truth_rows)
     counts = {
