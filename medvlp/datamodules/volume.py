@@ -25,7 +25,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from medvlp.config import bounded
-from medvlp.datamodules.base import DataConfig, DataError, DataRootError, PreprocessedCacheMixin, Record, VLPDataModule
+from medvlp.datamodules.base import (
+    DataConfig,
+    DataError,
+    DataRootError,
+    PreprocessedCacheMixin,
+    Record,
+    VLPDataModule,
+)
 
 if TYPE_CHECKING:
     import torch

@@ -30,7 +30,6 @@ volume) and :meth:`similarity` scores a prompt against the anatomy its prompt fi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
