@@ -3,7 +3,9 @@
 3D volumes (a datamodule with ``cache_settings()`` and ``cache_item(record) -> (array, entry)``,
 e.g. ``ct_rate``) are stored as int16 HU after reading, rescale, reorientation and resampling
 (the expensive part), memory-mappable, with their spacing and origin in the index; windowing,
-crop / pad and normalisation still run per step. The rest of this docstring describes 2D images;
+crop / pad and normalisation still run per step. With ``data.anatomy_dir`` each volume's anatomy label
+map is stored beside it (``<hash>.anatomy.npy``, uint8, resampled with nearest neighbour onto the
+volume's grid), so that fVLM trains from the cache without reading the masks. The rest of this docstring describes 2D images;
 the folder layout, atomic writes, resumption, locking and manifest checks are the same for both.
 
 Decoding a full-size chest X-ray (a 2,500 x 3,000 px DICOM or JPEG) takes tens to hundreds of
@@ -72,6 +74,7 @@ from medvlp.datamodules.cache import (  # noqa: F401  (the reader, re-exported: 
     command,
     default_dir,
     differences,
+    extra_file,
     image_file,
     image_key,
     open_for_training,
@@ -131,7 +134,9 @@ def _process(task: tuple[str, Record]) -> tuple[str, list, str | None]:
     path = str(record.image_path)
     try:
         if hasattr(dm, "cache_item"):
-            array, meta = dm.cache_item(record)
+            array, meta, *more = dm.cache_item(record)
+            for name, extra in (more[0] if more else {}).items():  # e.g. the anatomy label map, before the volume
+                write_array(directory / extra_file(key, name), extra)
             write_array(directory / image_file(key), array)
             return key, [_plain(v) for v in meta], None
         pixels = dm.read_pixels(record, train=False)

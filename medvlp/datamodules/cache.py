@@ -49,6 +49,11 @@ def image_file(key: str) -> str:
     return f"{IMAGES}/{digest[:2]}/{digest}.npy"
 
 
+def extra_file(key: str, name: str) -> str:
+    """Path of a second array stored with an image (``images/<2 hex>/<32 hex>.<name>.npy``)."""
+    return image_file(key)[: -len(".npy")] + f".{name}.npy"
+
+
 def settings(dm: RadiographDataModule) -> dict[str, Any]:
     """What the cached arrays depend on (compared with ``manifest.json`` on every use).
 
@@ -120,7 +125,8 @@ def command(dm: RadiographDataModule, splits: Sequence[str] | None = None) -> st
         parts.append(f"--splits {','.join(splits)}")
     parts.append(f"data.root={settings(dm)['root']}")
     if hasattr(dm, "cache_settings"):  # volumes: the config keys the stored arrays depend on
-        for key in getattr(dm, "cache_keys", ()):
+        keys = (*getattr(dm, "cache_keys", ()), *(dm.cache_extra_keys() if hasattr(dm, "cache_extra_keys") else ()))
+        for key in keys:
             value = _plain(getattr(cfg, key))
             text = "[" + ",".join(str(v) for v in value) + "]" if isinstance(value, list | tuple) else str(value)
             parts.append(f"data.{key}={text}")
@@ -206,6 +212,27 @@ class PreprocessedImages:
             raise DataError(f"The preprocessed copy {file} of {path} holds {pixels.dtype} {pixels.shape}, not "
                             f"{self.dtype} with {self.ndim} axes; delete it and run:\n  {self.command}")
         return pixels, orig
+
+    def read_extra(self, path: str, name: str) -> np.ndarray | None:
+        """A second array stored with the file at ``path`` (e.g. ``anatomy``: the volume's label map on the
+        volume's grid, uint8), memory-mapped; None when the cache does not hold it.
+
+        Raises:
+            DataError: naming the cached file when it is unreadable.
+        """
+        key = image_key(path, self.root)
+        if key not in self.index:
+            return None
+        file = self.directory / extra_file(key, name)
+        try:
+            return np.load(file, allow_pickle=False, mmap_mode="r")
+        except FileNotFoundError:
+            return None
+        except PermissionError as err:
+            raise os_error(file, err) from err  # type: ignore[misc]
+        except (OSError, ValueError, EOFError) as err:
+            raise DataError(f"The preprocessed {name} of {path} ({file}) is unreadable ({err}); delete it and run:\n  "
+                            f"{self.command}") from err
 
     def missing(self, records: Iterable[Record]) -> list[str]:
         """Image paths of ``records`` the index does not hold."""

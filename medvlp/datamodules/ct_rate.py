@@ -625,7 +625,7 @@ class CTRateDataModule(VolumeDataModule):
             nifti.set_geometry(img, spec.spacing_zyx, spec.origin, spec.direction)
         return nifti.rescale(img, spec.slope, spec.intercept) if spec.rescale else nifti.rescale(img)
 
-    def fix_anatomy_geometry(self, img: Any, source: Any) -> Any:
+    def fix_anatomy_geometry(self, img: Any, source: Any, path: str = "") -> Any:
         """A mask stored without geometry (spacing 1, origin 0, as the v1 volumes are) gets its volume's:
         from the metadata for v1, from the volume file's header for v2."""
         import SimpleITK as sitk

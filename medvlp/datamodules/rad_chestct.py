@@ -247,5 +247,32 @@ class RadChestCTDataModule(VolumeDataModule):
     def volume_settings(self) -> dict[str, Any]:
         return {**super().volume_settings(), "implied_spacing_mm": SPACING_MM, "slice_order": "superior_to_inferior"}
 
+    def fix_anatomy_geometry(self, img: Any, source: Any, path: str = "") -> Any:
+        """An anatomy map segmented from the ``.npz`` array (the same array shape; a conversion to NIfTI
+        for TotalSegmentator keeps no trustworthy geometry) gets the volume's implied geometry: 0.8 mm,
+        slices from superior to inferior. A map of another shape is a clear error."""
+        import SimpleITK as sitk
+
+        shape = npz_shape(path) if path else None
+        got = tuple(sitk.GetArrayViewFromImage(img).shape)
+        if shape is not None and got != shape:
+            raise DataError(f"The anatomy mask of {path} has shape {got} (slices, rows, cols); its 'ct' array has "
+                            f"{shape}. Segment the .npz array itself (as a NIfTI of the same shape).")
+        img.SetSpacing((SPACING_MM, SPACING_MM, SPACING_MM))
+        img.SetOrigin((0.0, 0.0, 0.0))
+        img.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0))
+        return img
+
+
+def npz_shape(path: str) -> tuple[int, ...] | None:
+    """The shape of the ``ct`` array of a Rad-ChestCT ``.npz`` from its header alone (None if unreadable)."""
+    try:
+        with zipfile.ZipFile(path) as z, z.open("ct.npy") as f:
+            version = np.lib.format.read_magic(f)
+            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            return tuple(int(v) for v in reader(f)[0])
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+
 
 __all__ = ["RadChestCTConfig", "RadChestCTDataModule", "CT_RATE_CLASSES"]

@@ -65,6 +65,7 @@ class VolumeConfig(DataConfig):
     # labelled voxel grown by crop_margin, padded to at least data.size, then a random crop in training, the centre else)
     crop: str = "center"
     crop_margin: list[int] = bounded(default_factory=lambda: [5, 20, 20], ge=0, each=True)  # (d, h, w) voxels around the box
+    eval_crop: str = "center"  # crop=anatomy at evaluation: center (data.size from the box) | full (the whole box, fVLM's eval; batch 1)
 
 
 # TotalSegmentator v2 ``total`` ids of the structures the groupings use (specs/methods/fvlm.md §3.1).
@@ -109,6 +110,8 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
             raise ValueError(f"data.orientation: {err}") from err
         if cfg.crop not in ("center", "anatomy") or (cfg.crop == "anatomy" and not cfg.anatomy_dir):
             raise ValueError(f"data.crop='{cfg.crop}': choose center, or anatomy together with data.anatomy_dir.")
+        if cfg.eval_crop not in ("center", "full"):
+            raise ValueError(f"data.eval_crop='{cfg.eval_crop}': choose center or full.")
         if len(cfg.crop_margin) != 3:
             raise ValueError(f"data.crop_margin must be 3 voxel counts (d, h, w), got {list(cfg.crop_margin)}")
         if cfg.anatomy_groups not in ("none", *ANATOMY_GROUPS):
@@ -252,6 +255,8 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
                     index.setdefault(d + ".nii.gz", os.path.join(dirpath, d))
             self._anatomy_index = index
         name = Path(path).name
+        if name.endswith(".npz"):  # Rad-ChestCT: <id>.npz -> <id>.nii.gz
+            name = name[: -len(".npz")]
         if not name.endswith((".nii.gz", ".nii")):
             name = name + ".nii.gz"
         found = self._anatomy_index.get(name)
@@ -300,10 +305,10 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
             raise
         except Exception as err:  # noqa: BLE001 - unreadable mask file
             raise DataError(f"Anatomy mask {where} cannot be read: {type(err).__name__}: {err}") from err
-        return self.fix_anatomy_geometry(out, source)
+        return self.fix_anatomy_geometry(out, source, path)
 
-    def fix_anatomy_geometry(self, img: Any, source: Any) -> Any:
-        """Hook: give the mask the volume's true geometry (default: as stored)."""
+    def fix_anatomy_geometry(self, img: Any, source: Any, path: str = "") -> Any:
+        """Hook: give the mask of the volume at ``path`` the volume's true geometry (default: as stored)."""
         return img
 
     def load_anatomy(self, path: str, source: Any = None, crop: bool = True) -> np.ndarray:
@@ -320,10 +325,13 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
         if cached is not None:
             self._cache.move_to_end(key)
             return cached
-        img = nifti.orient(self.anatomy_image(path, source), cfg.orientation)
-        if list(cfg.spacing):
-            img = nifti.resample(img, [float(s) for s in cfg.spacing], label=True, default_value=0.0)
-        arr = sitk.GetArrayFromImage(img).astype(np.uint8 if len(ANATOMY_GROUPS.get(cfg.anatomy_groups, {})) else np.int64)
+        cache = self.preprocessed()
+        arr = cache.read_extra(path, "anatomy") if cache is not None else None
+        if arr is None:
+            img = nifti.orient(self.anatomy_image(path, source), cfg.orientation)
+            if list(cfg.spacing):
+                img = nifti.resample(img, [float(s) for s in cfg.spacing], label=True, default_value=0.0)
+            arr = sitk.GetArrayFromImage(img).astype(self.anatomy_dtype())
         if list(cfg.size) and crop:
             arr = nifti.center_crop_or_pad(arr, [int(s) for s in cfg.size], pad_value=0)
         arr = np.ascontiguousarray(arr)
@@ -332,6 +340,10 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
             while len(self._cache) > cfg.cache_size:
                 self._cache.popitem(last=False)
         return arr
+
+    def anatomy_dtype(self) -> type:
+        """uint8 with a grouping (a few labels), else int64 (TotalSegmentator ids as they are)."""
+        return np.uint8 if self.cfg.anatomy_groups in ANATOMY_GROUPS else np.int64
 
     def anatomy_box(self, path: str, source: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """fVLM's preprocessing (spec §3.3 steps 6-7): ``(windowed volume in [0, 1], label map)``, both cut to the
@@ -371,13 +383,16 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
 
     def anatomy_crop(self, path: str, source: Any, train: bool) -> tuple[np.ndarray, np.ndarray]:
         """``data.crop=anatomy``: the :meth:`anatomy_box` volume and map cut to ``data.size`` - at a random
-        position in training (fVLM's ``RandSpatialCrop``), at the centre otherwise."""
+        position in training (fVLM's ``RandSpatialCrop``), at the centre otherwise, or whole at evaluation with
+        ``data.eval_crop=full``."""
         import torch
 
         from medvlp.datamodules.formats import nifti
 
         vol, lab = self.anatomy_box(path, source)
         size = [int(s) for s in self.cfg.size] or list(vol.shape)
+        if not train and self.cfg.eval_crop == "full":
+            return vol, lab
         if not train:
             return nifti.center_crop_or_pad(vol, size), nifti.center_crop_or_pad(lab, size)
         starts = [int(torch.randint(n - s + 1, ()).item()) for n, s in zip(vol.shape, size)]
@@ -421,14 +436,25 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
 
     def cache_settings(self) -> dict[str, Any]:
         """What the cached volumes depend on (the manifest of ``medvlp preprocess``): everything up to
-        resampling. Window, crop size, normalisation and flips apply at read time."""
-        return {"dtype": "int16", "ndim": 3,
-                "rule": "read -> HU -> orient -> resample (linear) -> round to int16 HU",
-                "volume_settings": self.volume_settings()}
+        resampling. Window, crop size, normalisation and flips apply at read time. With
+        ``data.anatomy_dir`` the label maps stored beside the volumes depend on the mask folder and the
+        grouping too."""
+        out = {"dtype": "int16", "ndim": 3,
+               "rule": "read -> HU -> orient -> resample (linear) -> round to int16 HU",
+               "volume_settings": self.volume_settings()}
+        if self.cfg.anatomy_dir:
+            out["anatomy"] = {"dir": str(self.anatomy_root().resolve()), "groups": self.cfg.anatomy_groups,
+                              "rule": "orient -> resample (nearest) onto the volume's grid"}
+        return out
 
-    def cache_item(self, record: Record) -> tuple[np.ndarray, list[float]]:
+    def cache_extra_keys(self) -> tuple[str, ...]:
+        """Config keys beyond :attr:`cache_keys` that the cache's command line must carry."""
+        return ("anatomy_dir", "anatomy_groups") if self.cfg.anatomy_dir else ()
+
+    def cache_item(self, record: Record) -> tuple[Any, ...]:
         """``(int16 HU [D, H, W], [spacing z, y, x (mm), origin x, y, z (mm)])`` of the one file
-        ``record.image_path`` names (``medvlp preprocess`` passes one path at a time)."""
+        ``record.image_path`` names (``medvlp preprocess`` passes one path at a time), and with
+        ``data.anatomy_dir`` a third item ``{"anatomy": label map [D, H, W]}`` on the same grid."""
         from medvlp.datamodules.formats import nifti
 
         hu, img = self.hu_volume(str(record.image_path), self.cache_source(record))
@@ -437,7 +463,14 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
             raise DataError(f"{record.image_path}: values from {lo:.0f} to {hi:.0f} HU fall outside the int16 range "
                             f"[-32768, 32767] of the cache; its intensity rescale is probably wrong.")
         stored = np.rint(hu).astype(np.int16)
-        return stored, [*nifti.spacing_zyx(img), *(float(v) for v in img.GetOrigin())]
+        meta = [*nifti.spacing_zyx(img), *(float(v) for v in img.GetOrigin())]
+        if not self.cfg.anatomy_dir:
+            return stored, meta
+        labels = self.load_anatomy(str(record.image_path), self.cache_source(record), crop=False)
+        if labels.shape != stored.shape:
+            raise DataError(f"The anatomy mask of {record.image_path} comes out {labels.shape}, its volume "
+                            f"{stored.shape}: their geometries differ.")
+        return stored, meta, {"anatomy": labels}
 
 
 def _with_path(record: Record, path: str) -> Record:

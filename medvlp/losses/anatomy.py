@@ -31,7 +31,8 @@ def text_keys(texts: list[str], device: torch.device | None = None) -> Tensor:
     return torch.tensor(keys, dtype=torch.long, device=device)
 
 
-def fnr_targets(normal: Tensor, keys: Tensor, normal_positives: bool = True, duplicate_positives: bool = True) -> Tensor:
+def fnr_targets(normal: Tensor, keys: Tensor, normal_positives: bool = True, duplicate_positives: bool = True,
+                extra: Tensor | None = None) -> Tensor:
     """The target matrix ``Y`` ``[N, N]`` of one anatomy (rows sum to 1).
 
     Args:
@@ -39,6 +40,8 @@ def fnr_targets(normal: Tensor, keys: Tensor, normal_positives: bool = True, dup
         keys: ``[N]`` int64 text keys (:func:`text_keys`); equal keys = identical texts.
         normal_positives: normal samples are positives of each other (fVLM's FNR for normals).
         duplicate_positives: samples with identical texts are positives of each other.
+        extra: ``[N, N]`` non-negative soft positives added to ``I + M`` before the row normalisation
+            (``momentum_text``: EMA text-text similarities between abnormal samples).
     """
     n = normal.shape[0]
     eye = torch.eye(n, dtype=torch.bool, device=normal.device)
@@ -48,6 +51,8 @@ def fnr_targets(normal: Tensor, keys: Tensor, normal_positives: bool = True, dup
     if duplicate_positives:
         same |= keys[:, None] == keys[None, :]
     y = (eye | same).float()
+    if extra is not None:
+        y = y + extra.to(y.dtype)
     return y / y.sum(dim=1, keepdim=True)
 
 

@@ -24,7 +24,12 @@ padded to the largest per-rank count (``gather_with_grad=false``: only the local
 gradient, the released code's "plain gather").
 
 Zero-shot (§7.1): :meth:`embed_batch` gives ``[B, A, D]`` (NaN for an anatomy absent from the
-volume) and :meth:`similarity` scores a prompt against the anatomy its prompt file names.
+volume) - with ``eval_windows``, each anatomy from its own window as fVLM's ``eval.py`` does - and
+:meth:`similarity` scores a prompt against the anatomy its prompt file names.
+
+Options beyond the released code (§4.6): ``fnr_abnormal=coteach`` trains a peer model in turns and
+mixes its similarities into the targets; ``fnr_abnormal=momentum_text`` adds EMA text-text
+similarities between abnormal samples.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from medvlp.methods.base import VLPMethod
 from medvlp.registry import register_method
 
 TEXT_PADDING = ("max_length", "longest")
+FNR_ABNORMAL = ("none", "coteach", "momentum_text")
 
 
 @dataclass
@@ -67,6 +73,40 @@ class FVLMConfig(MethodConfig):
     gather_with_grad: bool = False  # false: only local rows carry a gradient (released code); true: all
     text_max_length: int = bounded(384, gt=0)  # anatomy texts are padded / truncated to this many tokens
     text_padding: str = "max_length"  # max_length (released code) | longest (pad to the longest text)
+    # soft positives among abnormal samples (§4.6, absent from the released code): none | coteach (the paper: a
+    # peer model's similarities mixed into the targets) | momentum_text (the lab's successor code: EMA text features)
+    fnr_abnormal: str = "none"
+    coteach_alpha: float = bounded(0.5, ge=0, le=1)  # weight of the FNR targets; 1 - alpha goes to the peer's softmax
+    coteach_alternate: str = "step"  # step | epoch: the two models take turns being trained
+    coteach_scope: str = "all"  # all | abnormal_only: rows that get the peer's soft targets
+    momentum: float = bounded(0.995, ge=0, lt=1)  # momentum_text: EMA of the text encoder and projection
+    # evaluation (§7.1): false = each anatomy pooled from the volume as loaded; true = from its own window, centred
+    # on the anatomy's box, eval_roi or the anatomy's extent if larger, padded at the end to whole patches
+    eval_windows: bool = False
+    eval_roi: list[int] = bounded(default_factory=lambda: [112, 288, 352], gt=0, each=True)
+
+
+def anatomy_window(mask: Tensor, roi: list[int]) -> tuple[slice, slice, slice]:
+    """The evaluation window of one anatomy (fVLM's ``eval.py`` ``center_crop``): per axis, size
+    ``max(roi, max - min)`` over the anatomy's voxels (the code's extent, one voxel short of the box),
+    centred on ``(min + max) // 2``, shifted back inside the volume, cut at the volume's end.
+
+    Args:
+        mask: ``[D, H, W]`` bool, the anatomy's voxels (at least one).
+        roi: the smallest window ``(d, h, w)``.
+    """
+    out = []
+    for axis, (size, n) in enumerate(zip(roi, mask.shape)):
+        other = tuple(x for x in range(3) if x != axis)
+        where = mask.any(other).nonzero().flatten()
+        lo, hi = int(where[0]), int(where[-1])
+        crop = max(int(size), hi - lo)
+        start = max(0, (lo + hi) // 2 - crop // 2)
+        end = min(n, start + crop)
+        if end - start < crop:
+            start = max(0, end - crop)
+        out.append(slice(start, end))
+    return out[0], out[1], out[2]
 
 
 @register_method("fvlm")
@@ -96,6 +136,10 @@ class FVLM(VLPMethod):
             raise ValueError(f"method.normal_template='{c.normal_template}' must contain {{anatomy}}.")
         if c.text_padding not in TEXT_PADDING:
             raise ValueError(f"method.text_padding='{c.text_padding}': choose one of {list(TEXT_PADDING)}.")
+        for key, value, options in (("fnr_abnormal", c.fnr_abnormal, FNR_ABNORMAL), ("coteach_alternate", c.coteach_alternate,
+                                    ("step", "epoch")), ("coteach_scope", c.coteach_scope, ("all", "abnormal_only"))):
+            if value not in options:
+                raise ValueError(f"method.{key}='{value}': choose one of {list(options)}.")
 
     def build(self) -> None:
         c = self.cfg
@@ -106,6 +150,19 @@ class FVLM(VLPMethod):
         self.vision_projs = nn.ModuleList(nn.Linear(width, c.embed_dim) for _ in self.anatomies)
         self.text_proj = nn.Linear(self.text_encoder.out_dim, c.embed_dim)
         self.temp = nn.Parameter(torch.tensor(float(c.temperature)))
+        self._turn = 0  # co-teaching outside a Trainer: which model trains (0 = this one, 1 = the peer)
+        if c.fnr_abnormal == "coteach":  # the peer: the same model, initialised from another seed
+            from omegaconf import OmegaConf
+
+            peer_cfg = OmegaConf.merge(c, {"fnr_abnormal": "none"})
+            with torch.random.fork_rng():
+                torch.manual_seed(int(torch.initial_seed()) % (2**63) + 7919)
+                self.peer = FVLM(peer_cfg, self.optim_cfg)
+        if c.fnr_abnormal == "momentum_text":  # EMA copies, never trained by the optimiser
+            import copy
+
+            self.text_encoder_m = copy.deepcopy(self.text_encoder).requires_grad_(False)
+            self.text_proj_m = copy.deepcopy(self.text_proj).requires_grad_(False)
 
     # ------------------------------------------------------------------ anatomy geometry
     def label_map(self, batch: ImageTextBatch) -> Tensor:
@@ -176,9 +233,35 @@ class FVLM(VLPMethod):
         return self.project_all(self.pool(feats.levels, flags)), flags.any(-1)
 
     def embed_batch(self, batch: ImageTextBatch) -> Tensor:
-        """``[B, A, D]``: each anatomy's embedding, NaN where the volume does not contain the anatomy."""
+        """``[B, A, D]``: each anatomy's embedding, NaN where the volume does not contain the anatomy; with
+        ``eval_windows`` each anatomy is embedded from its own window (:meth:`embed_windows`)."""
+        if self.cfg.eval_windows:
+            return self.embed_windows(batch.images, self.label_map(batch))
         emb, present = self.embed_anatomies(batch.images, self.label_map(batch))
         return emb.masked_fill(~present[..., None], float("nan"))
+
+    def embed_windows(self, images: Tensor, labels: Tensor) -> Tensor:
+        """fVLM's evaluation (``eval.py``): for every anatomy present in a volume, the window of
+        :func:`anatomy_window` around it, its label map reduced to that anatomy, both padded at the end to
+        whole patches (zeros), one encoder pass, and the anatomy's pooled embedding: ``[B, A, D]`` (NaN
+        where the anatomy is absent). Volumes may be any size (the positions are resized)."""
+        b, a = labels.shape[0], len(self.anatomies)
+        out = torch.full((b, a, self.cfg.embed_dim), float("nan"), device=images.device)
+        patch = self.image_encoder.patch_size
+        for i in range(b):
+            for k in range(a):
+                mask = labels[i] == k + 1
+                if not bool(mask.any()):
+                    continue
+                box = anatomy_window(mask, [int(v) for v in self.cfg.eval_roi])
+                pads = []
+                for sl, p in zip(reversed(box), reversed(patch)):
+                    pads += [0, -(sl.stop - sl.start) % p]
+                window = F.pad(images[i:i + 1, :, box[0], box[1], box[2]], pads)
+                only_k = F.pad(mask[box].long() * (k + 1), pads)[None]
+                emb, present = self.embed_anatomies(window, only_k)
+                out[i, k] = emb[0, k].to(out.dtype)
+        return out
 
     def embed_image(self, images: Tensor, anatomy_masks: Tensor | None = None) -> Tensor:
         """``[B, A, D]`` anatomy embeddings of ``images`` with their label maps ``anatomy_masks`` ``[B, (1,) D, H, W]``."""
@@ -223,8 +306,11 @@ class FVLM(VLPMethod):
 
     def losses(self, batch: ImageTextBatch) -> dict[str, Tensor]:
         c = self.cfg
+        model, teacher = (self, getattr(self, "peer", None)) if self.coteach_turn() == 0 else (self.peer, self)
         with torch.no_grad():
-            self.temp.clamp_(float(c.temperature_min), float(c.temperature_max))
+            for m in (model, teacher):
+                if m is not None:
+                    m.temp.clamp_(float(c.temperature_min), float(c.temperature_max))
         if batch.anatomy_abnormal is None:
             raise ValueError("fVLM needs per-anatomy abnormal flags (batch.anatomy_abnormal): set data.anatomy_text=fvlm.")
         labels = self.label_map(batch)
@@ -236,42 +322,111 @@ class FVLM(VLPMethod):
         contributing = (all_reduce_sum(counts) if gathered else counts) > 0
         if not bool(contributing.any()):  # every process agrees: the batch is skipped
             return {}
-        feats = self.encode_image(batch.images)
-        pooled = self.pool(feats.levels, self.token_flags(labels))  # [B, A, W]
         ks = contributing.nonzero().flatten().tolist()
         rows = {k: used[:, k].nonzero().flatten() for k in ks}
         texts = {k: self.report_texts(batch, k, rows[k]) for k in ks}
-        txt_all = self.encode_anatomy_texts([t for k in ks for t in texts[k]], pooled.device)
+        feats, pooled = model.anatomy_features(batch.images, labels, rows, texts)
+        peer_feats = momentum = None
+        if teacher is not None:
+            with torch.no_grad():
+                peer_feats = teacher.anatomy_features(batch.images, labels, rows, texts)[0]
+        if c.fnr_abnormal == "momentum_text":
+            with torch.no_grad():
+                momentum = self.momentum_text_features(texts, pooled.device)
+
+        def everywhere(x: Tensor, grad: bool = False) -> Tensor:
+            return gather_rows(x, with_grad=grad and c.gather_with_grad)[0] if gathered else x
+
         per_anatomy: dict[str, Tensor] = {}
-        start = 0
         for k in ks:
-            n = len(rows[k])
-            t = txt_all[start:start + n]
-            start += n
-            v = F.normalize(self.vision_projs[k](pooled[rows[k], k]), dim=-1)
+            v, t = feats[k]
             normal = ~abnormal[rows[k], k]
             keys = text_keys([batch.anatomy_texts[self.anatomies[k]][i] for i in rows[k].tolist()], v.device)
-            if gathered:
-                v_all, offset = gather_rows(v, with_grad=c.gather_with_grad)
-                t_all, _ = gather_rows(t, with_grad=c.gather_with_grad)
-                normal_all, _ = gather_rows(normal)
-                keys_all, _ = gather_rows(keys)
-            else:
-                v_all, t_all, normal_all, keys_all = v, t, normal, keys
-            if n == 0:
+            v_all, t_all, normal_all, keys_all = everywhere(v, True), everywhere(t, True), everywhere(normal), everywhere(keys)
+            extra = None
+            if momentum is not None:  # soft positives between abnormal samples from the EMA text features
+                m_all = everywhere(momentum[k])
+                both = (~normal_all)[:, None] & (~normal_all)[None, :]
+                extra = torch.softmax(m_all @ m_all.T / model.temp.detach(), dim=1) * both
+            peer = None
+            if peer_feats is not None:
+                pv, pt = peer_feats[k]
+                peer = everywhere(pv) @ everywhere(pt).T / teacher.temp.detach()
+            if len(rows[k]) == 0:
                 continue
-            y = fnr_targets(normal_all, keys_all, c.fnr_normal, c.fnr_duplicates)
+            y = fnr_targets(normal_all, keys_all, c.fnr_normal, c.fnr_duplicates, extra)
             if bool((y == y[0, 0]).all()):  # every target equal (one sample, or all normal): no signal
                 continue
-            per_anatomy[self.anatomies[k]] = soft_target_clip(v_all, t_all, self.temp, y)[0]
+            y_t2i = None
+            if peer is not None:
+                alpha = float(c.coteach_alpha)
+                y_i2t = alpha * y + (1 - alpha) * torch.softmax(peer, dim=1)
+                y_t2i = alpha * y + (1 - alpha) * torch.softmax(peer.T, dim=1)
+                if c.coteach_scope == "abnormal_only":  # normal rows keep their FNR targets
+                    soft = (~normal_all)[:, None]
+                    y_i2t, y_t2i = torch.where(soft, y_i2t, y), torch.where(soft, y_t2i, y)
+                y = y_i2t
+            per_anatomy[self.anatomies[k]] = soft_target_clip(v_all, t_all, model.temp, y, y_t2i)[0]
         if not per_anatomy:
             if world()[1] == 1:
                 return {}
             # other processes have samples of a contributing anatomy: take part in the step with a zero loss
             return {"itc": pooled.sum() * 0.0}
         self.log_terms({f"{name}_itc": v.detach() for name, v in per_anatomy.items()}, batch_size=len(batch))
-        self.log_terms({"temperature": self.temp.detach()}, batch_size=len(batch))
+        self.log_terms({"temperature": model.temp.detach()}, batch_size=len(batch))
         return {"itc": sum(per_anatomy.values())}
+
+    def anatomy_features(self, images: Tensor, labels: Tensor, rows: dict[int, Tensor],
+                         texts: dict[int, list[str]]) -> tuple[dict[int, tuple[Tensor, Tensor]], Tensor]:
+        """``({k: (v [n_k, D], t [n_k, D])}, pooled [B, A, W])``: this model's unit image / text embeddings of
+        anatomy ``k`` for the samples ``rows[k]`` (texts ``texts[k]``), all texts in one encoder call."""
+        feats = self.encode_image(images)
+        pooled = self.pool(feats.levels, self.token_flags(labels))
+        ks = list(rows)
+        txt_all = self.encode_anatomy_texts([t for k in ks for t in texts[k]], pooled.device)
+        out, start = {}, 0
+        for k in ks:
+            n = len(rows[k])
+            out[k] = (F.normalize(self.vision_projs[k](pooled[rows[k], k]), dim=-1), txt_all[start:start + n])
+            start += n
+        return out, pooled
+
+    def coteach_turn(self) -> int:
+        """Co-teaching: 0 when this model trains (the peer teaches), 1 when the peer does; alternating every
+        optimiser step or epoch (``coteach_alternate``). Always 0 without co-teaching."""
+        if self.cfg.fnr_abnormal != "coteach":
+            return 0
+        if self.attached:
+            count = self.trainer.global_step if self.cfg.coteach_alternate == "step" else self.trainer.current_epoch
+            return int(count) % 2
+        return self._turn
+
+    def momentum_text_features(self, texts: dict[int, list[str]], device: torch.device) -> dict[int, Tensor]:
+        """``{k: [n_k, D]}`` unit text embeddings of the EMA text encoder and projection."""
+        flat = [t for k in texts for t in texts[k]]
+        out: dict[int, Tensor] = {}
+        if not flat:
+            return {k: torch.zeros(0, self.cfg.embed_dim, device=device) for k in texts}
+        tok = self.tokenizer(flat, padding=self.cfg.text_padding, truncation=True, max_length=int(self.cfg.text_max_length),
+                             return_tensors="pt")
+        feats = self.text_encoder_m(tok["input_ids"].to(device), tok["attention_mask"].to(device)).pooled
+        emb, start = F.normalize(self.text_proj_m(feats), dim=-1), 0
+        for k in texts:
+            out[k] = emb[start:start + len(texts[k])]
+            start += len(texts[k])
+        return out
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """EMA step of the momentum text encoder and projection (``momentum_text``)."""
+        m = float(self.cfg.momentum)
+        for online, ema in ((self.text_encoder, self.text_encoder_m), (self.text_proj, self.text_proj_m)):
+            for p, q in zip(online.parameters(), ema.parameters(), strict=True):
+                q.mul_(m).add_(p.detach(), alpha=1 - m)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:  # noqa: ANN001 - Lightning hook
+        if self.cfg.fnr_abnormal == "momentum_text":
+            self.momentum_update()
 
     def encode_anatomy_texts(self, texts: list[str], device: torch.device) -> Tensor:
         """``[len(texts), D]``: tokenised (``text_padding``, ``text_max_length``), [CLS] -> ``text_proj`` -> L2 norm."""
@@ -282,4 +437,4 @@ class FVLM(VLPMethod):
         return self.embed_text(tok["input_ids"].to(device), tok["attention_mask"].to(device))
 
 
-__all__ = ["FVLM", "FVLMConfig"]
+__all__ = ["FVLM", "FVLMConfig", "anatomy_window"]

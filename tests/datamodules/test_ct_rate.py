@@ -425,6 +425,8 @@ def test_fvlm_anatomy_texts_crop_and_a_missing_mask_folder(tmp_path, tiny_tokeni
     assert np.array_equal(lab, np.pad(cut, pads)) and vol.shape == lab.shape and 0 <= vol.min() and vol.max() <= 1
     sample = boxed.load_sample(rec, train=True)
     assert sample["image"].shape == (1, 16, 48, 48) and sample["anatomy"].shape == (1, 16, 48, 48)
+    whole = make(root, size=[16, 48, 48], crop="anatomy", crop_margin=[1, 2, 2], eval_crop="full", **kw)
+    assert torch.equal(whole.load_sample(rec, train=False)["anatomy"][0], torch.from_numpy(lab.astype(np.int64)))
     with pytest.raises(DataRootError, match=r"data.anatomy_dir: .*no_masks does not exist"):
         CTRateDataModule.check_root(CTRateConfig(root=str(root), anatomy_dir="no_masks"))
     with pytest.raises(ValueError, match="data.crop='anatomy'"):

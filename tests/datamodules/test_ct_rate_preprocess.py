@@ -126,3 +126,28 @@ def test_memory_stays_bounded_over_many_volume_reads(ct_root, tmp_path, cached):
         tracemalloc.stop()
     assert len(dm._cache) == 2
     assert grown < 2 * volume_bytes + 256 * 1024, f"{grown} bytes more after 300 reads"
+
+
+def test_anatomy_maps_are_stored_with_the_volumes_and_read_from_the_cache(tmp_path):
+    """With data.anatomy_dir the cache keeps each volume's label map (nearest neighbour, the volume's grid): the
+    samples read from it equal the decoded ones, and training no longer opens the mask files."""
+    from medvlp.datamodules.demo import write_ct_demo
+
+    root = write_ct_demo(tmp_path / "ct", size="tiny", seed=0)
+    cache = tmp_path / "cache"
+    kw = dict(anatomy_dir="anatomy_masks", anatomy_groups="fvlm4", spacing=[10.0, 6.0, 6.0], size=[32, 64, 64])
+    raw = CTRateDataModule(cfg_for(root, cache, use_preprocessed="false", **kw))
+    records = raw.records("train")[:3]
+    expected = [raw.load_sample(r, train=False) for r in records]
+    summary = P.preprocess(cfg_for(root, cache, **kw), workers=1, progress=False)
+    assert summary.failed == 0 and len(list(cache.rglob("*.anatomy.npy"))) == summary.total
+    manifest = json.loads((cache / P.MANIFEST).read_text())
+    assert manifest["anatomy"]["groups"] == "fvlm4" and manifest["anatomy"]["dir"].endswith("anatomy_masks")
+    for f in (root / "anatomy_masks").rglob("*.nii.gz"):  # the cache must not need them any more
+        f.write_bytes(b"not a mask")
+    dm = CTRateDataModule(cfg_for(root, cache, use_preprocessed="true", **kw))
+    for rec, want in zip(records, expected, strict=True):
+        got = dm.load_sample(rec, train=False)
+        assert torch.equal(got["anatomy"], want["anatomy"])
+        torch.testing.assert_close(got["image"], want["image"], atol=0.5 / 1500 / 0.226 + 1e-5, rtol=0)
+    assert "data.anatomy_dir=anatomy_masks" in dm.preprocessed().command

@@ -115,3 +115,55 @@ def test_preprocessed_cache_matches_the_raw_volumes(rc_root, tmp_path):
         for r in raw.records(split):
             torch.testing.assert_close(cached.load_image(r, train=False), raw.load_image(r, train=False),
                                        atol=0.5 / 1500 / 0.226 + 1e-5, rtol=0)
+
+
+def test_fvlm_zero_shot_reads_anatomy_maps_segmented_from_the_npz_arrays(rc_root, tmp_path):
+    """§7.2: TotalSegmentator maps of the .npz arrays (<id>.nii.gz, the array's shape, no geometry) get the
+    volume's implied geometry and stay aligned with it; fVLM's per-anatomy prompts score the CT-RATE classes,
+    and HLIP's merged calcification variant reports 14 classes. A map of another shape is named."""
+    import SimpleITK as sitk
+
+    from medvlp import api
+    from medvlp import config as C
+    from medvlp.datamodules.demo.rad_chestct import phantom
+    from medvlp.downstream.embed import extract
+    from medvlp.downstream.zero_shot import load_merges, load_options, load_prompts, zero_shot_auc
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for path in sorted(rc_root.rglob("*.npz")):
+        ct = np.load(path)["ct"]
+        lab = np.zeros(ct.shape, np.uint8)
+        lab[ct < -500] = 10  # lung (left upper lobe id)
+        lab[4:10, 10:20, 12:20] = 51  # heart
+        lab[2:12, 22:24, 15:17] = 15  # esophagus
+        lab[3:11, 20:22, 19:21] = 52  # aorta
+        sitk.WriteImage(sitk.GetImageFromArray(lab), str(masks / (path.stem + ".nii.gz")))
+    dm = make(rc_root, anatomy_dir=str(masks), anatomy_groups="fvlm4", size=[16, 32, 32])
+    rec = dm.records("test")[0]
+    sample = dm.load_sample(rec, train=False)
+    lung = sample["anatomy"] == 1
+    assert lung.any() and sample["image"][lung].mean() < sample["image"][sample["anatomy"] == 2].mean()
+
+    cfg = C.compose(method="fvlm", overrides=["data.root=/unused"])
+    torch.manual_seed(0)
+    method = api.build_method(cfg)
+    cfg.data = C.compose(data="rad_chestct", overrides=[f"data.root={rc_root}", f"data.anatomy_dir={masks}",
+                                                        "data.anatomy_groups=fvlm4", "data.size=[16,32,32]",
+                                                        "data.spacing=[2.4,1.6,1.6]", "data.eval_batch_size=4",
+                                                        "data.num_workers=0"],
+                         sections=("data",)).data
+    dm = api.build_datamodule(cfg, tokenizer=method.tokenizer)
+    emb = extract(method, dm.eval_dataloader("test"))
+    assert emb.images.shape[1:] == (4, 128)
+    for name, n in (("fvlm_rad_chestct.yaml", 15), ("fvlm_rad_chestct_merged.yaml", 14)):
+        file = C.config_dir() / "prompts" / name
+        prompts = load_prompts(file)
+        res = zero_shot_auc(method, emb, list(dm.label_names), list(prompts), prompts, 32, load_merges(file), load_options(file))
+        assert len(res["auroc"]) == n and all(p["anatomy"] in ("lung", "heart", "esophagus", "aorta") for p in prompts.values())
+    bad = masks / (sorted(rc_root.rglob("*.npz"))[0].stem + ".nii.gz")
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 4, 5), np.uint8)), str(bad))
+    first = make(rc_root, anatomy_dir=str(masks), anatomy_groups="fvlm4", size=[16, 32, 32])
+    rec = next(r for s in ("train", "val", "test") for r in first.records(s) if str(r.image_path).endswith(bad.name[:-7] + ".npz"))
+    with pytest.raises(DataError, match=r"anatomy mask of .* has shape \(3, 4, 5\)"):
+        first.load_sample(rec, train=False)

@@ -300,6 +300,48 @@ def test_temperature_is_clamped_before_every_forward():
     assert m.temperature() == pytest.approx(0.001)
 
 
+def test_coteaching_trains_one_model_at_a_time_with_the_peers_soft_targets():
+    """fnr_abnormal=coteach (§4.6, not in the released code): two models with different initialisations take
+    turns; the one training mixes the peer's softmax into its targets with weight 1 - alpha."""
+    plain = method()
+    b = batch(plain)
+    reference = plain.losses(b)["itc"].item()
+    m = method(fnr_abnormal="coteach", coteach_alpha=1.0)
+    assert not torch.equal(m.peer.vision_projs[0].weight, m.vision_projs[0].weight)
+    assert float(m.losses(b)["itc"]) == pytest.approx(reference, rel=1e-5)  # alpha = 1: the FNR targets alone
+    m = method(fnr_abnormal="coteach")
+    for turn in (0, 1):
+        m.zero_grad()
+        m._turn = turn
+        loss = m.losses(b)["itc"]
+        loss.backward()
+        own = [p.grad is not None and bool(p.grad.any()) for n, p in m.named_parameters() if not n.startswith("peer.")]
+        peer = [p.grad is not None and bool(p.grad.any()) for p in m.peer.parameters()]
+        assert (any(own), any(peer)) == ((True, False) if turn == 0 else (False, True))
+    m._turn = 0
+    assert float(m.losses(b)["itc"]) != pytest.approx(reference, rel=1e-4)
+    scoped = method(fnr_abnormal="coteach", coteach_scope="abnormal_only")
+    assert torch.isfinite(scoped.losses(b)["itc"])
+
+
+def test_momentum_text_adds_soft_positives_between_abnormal_samples_only():
+    normal = torch.tensor([True, True, False, False])
+    keys = text_keys(["a", "b", "c", "d"])
+    soft = torch.full((4, 4), 0.25) * ((~normal)[:, None] & (~normal)[None, :])
+    y = fnr_targets(normal, keys, extra=soft)
+    assert torch.allclose(y[:2], fnr_targets(normal, keys)[:2])  # normal rows unchanged
+    assert torch.allclose(y[2], torch.tensor([0, 0, 1.25, 0.25]) / 1.5)
+    m = method(fnr_abnormal="momentum_text", momentum=0.5)
+    loss = m.losses(batch(m))["itc"]
+    loss.backward()
+    assert all(p.grad is None for p in m.text_encoder_m.parameters()) and not any(p.requires_grad for p in m.text_proj_m.parameters())
+    with torch.no_grad():
+        m.text_proj.weight.add_(1.0)
+    before = m.text_proj_m.weight.clone()
+    m.momentum_update()
+    assert torch.allclose(m.text_proj_m.weight, 0.5 * before + 0.5 * m.text_proj.weight)
+
+
 # --------------------------------------------------------------------------- zero-shot
 def test_zero_shot_scores_each_prompt_with_its_anatomy_and_marks_absent_ones():
     m = method()
@@ -315,6 +357,49 @@ def test_zero_shot_scores_each_prompt_with_its_anatomy_and_marks_absent_ones():
     assert torch.allclose(p, torch.softmax(sims[0] / tau, 0)[0]) and torch.allclose(1 - p, torch.sigmoid((sims[0, 1] - sims[0, 0]) / tau))
     with pytest.raises(ValueError, match="anatomy label map"):
         m.embed_image(b.images)
+
+
+def eval_py_window(mask: torch.Tensor, crop_size) -> tuple[slice, ...]:
+    """fVLM's ``eval.py`` ``center_crop`` (via ``masks_to_boxes_3d``), written from its definition."""
+    z, y, x = mask.nonzero().T
+    lo, hi = [int(z.min()), int(y.min()), int(x.min())], [int(z.max()), int(y.max()), int(x.max())]
+    out = []
+    for a in range(3):
+        crop = max(crop_size[a], hi[a] - lo[a])
+        c = (lo[a] + hi[a]) // 2
+        start = max(0, c - crop // 2)
+        end = min(mask.shape[a], start + crop)
+        if end - start < crop:
+            start = max(0, end - crop)
+        out.append(slice(start, end))
+    return tuple(out)
+
+
+def test_evaluation_windows_follow_eval_py():
+    from medvlp.methods.fvlm import anatomy_window
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        mask = torch.zeros(40, 90, 120, dtype=torch.bool)
+        z0, y0, x0 = (int(torch.randint(0, n - 4, (), generator=g)) for n in mask.shape)
+        dz, dy, dx = (int(torch.randint(1, 60, (), generator=g)) for _ in range(3))
+        mask[z0:z0 + dz, y0:y0 + dy, x0:x0 + dx] = True
+        roi = [int(torch.randint(4, 50, (), generator=g)), 32, int(torch.randint(10, 130, (), generator=g))]
+        assert anatomy_window(mask, roi) == eval_py_window(mask, roi)
+    m = method(eval_windows=True, eval_roi="[16,32,48]")
+    b = batch(m, 2, absent={1: [3]})
+    with torch.no_grad():
+        emb = m.embed_batch(b)
+        labels = b.anatomy_masks[0, 0]
+        box = anatomy_window(labels == 2, [16, 32, 48])
+        window = F.pad(b.images[:1, :, box[0], box[1], box[2]], [0, -(box[2].stop - box[2].start) % 16, 0,
+                       -(box[1].stop - box[1].start) % 16, 0, -(box[0].stop - box[0].start) % 8])
+        only = torch.zeros_like(window, dtype=torch.long)
+        only[0, 0, :box[0].stop - box[0].start, :box[1].stop - box[1].start, :box[2].stop - box[2].start] = \
+            (labels[box] == 2).long() * 2
+        direct, _ = m.embed_anatomies(window, only[:, 0])
+    assert emb.shape == (2, 4, 128) and torch.isnan(emb[1, 2]).all() and not torch.isnan(emb[0]).any()
+    assert torch.allclose(emb[0, 1], direct[0, 1], atol=1e-5)
 
 
 def calc_metrics_threshold(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -404,6 +489,8 @@ def test_the_released_recipe_value_by_value():
     assert (m.embed_dim, list(m.anatomies), m.pool_heads, m.pool_dropout) == (256, ANATOMIES, 4, 0.1)
     assert (m.temperature, m.temperature_min, m.temperature_max) == (0.07, 0.001, 0.5)
     assert (m.text_max_length, m.text_padding, m.normal_template) == (384, "max_length", "{anatomy} shows no significant abnormalities.")
+    assert (m.fnr_abnormal, m.eval_windows, list(m.eval_roi), d.eval_crop, d.eval_batch_size) == \
+        ("none", True, [112, 288, 352], "full", 1)
     assert m.fnr_normal and m.fnr_duplicates and m.intact_only and m.strip_template and m.gather_distributed
     assert not m.gather_with_grad
     assert (d.name, d.version, d.apply_metadata_rescale, list(d.spacing), list(d.size), list(d.window), d.mean, d.std) == \
@@ -435,3 +522,100 @@ def test_released_schedule_warms_up_from_1e6_then_one_cosine_value_per_epoch():
     assert lr[377] == pytest.approx(1e-4) and lr[429] == pytest.approx(1e-4)
     assert lr[430] == lr[859] == pytest.approx((1e-4 - 1e-6) * 0.5 * (1 + math.cos(math.pi / 20)) + 1e-6)
     assert lr[-1] == pytest.approx((1e-4 - 1e-6) * 0.5 * (1 + math.cos(math.pi * 19 / 20)) + 1e-6)
+
+
+# --------------------------------------------------------------------------- the released configuration's step
+def parity_step_setup(batch_size: int, device: str):
+    """The released recipe's model (random weights, offline: BERT-base-sized text encoder with the `tiny`
+    tokenizer) and a batch at its crop (112 x 256 x 352) with the four anatomies as blobs, some of them
+    abnormal, and texts of realistic length; an optimiser over every parameter."""
+    cfg = C.compose(config_file=str(CONFIGS / "experiment" / "fvlm_ctrate.yaml"), overrides=[
+        "data.root=/unused", "method.image_encoder.pretrained=false", "method.image_encoder.inflate_from=",
+        "method.text_encoder.model=tiny", "method.text_encoder.pretrained=false",
+        "method.text_encoder.config_overrides={hidden_size: 768, num_attention_heads: 12, intermediate_size: 3072, "
+        "num_hidden_layers: 12, max_position_embeddings: 512}"])
+    torch.manual_seed(0)
+    m = api.build_method(cfg).to(device).train()
+    labels = torch.zeros(batch_size, 1, 112, 256, 352, dtype=torch.long)
+    for i in range(batch_size):
+        s = 4 * (i % 5)
+        labels[i, 0, 20:90, 40 + s:210, 30:320] = 1  # lung (both sides as one box)
+        labels[i, 0, 40:80, 100:180, 140 + s:240] = 2  # heart inside it
+        labels[i, 0, 10:100, 170:180, 170:180] = 3  # esophagus
+        labels[i, 0, 15:95, 150 + s:165 + s, 200:215] = 4  # aorta
+    abnormal = torch.tensor([[i % 2 == 0, i % 3 == 0, i % 4 == 0, i % 2 == 1] for i in range(batch_size)])
+    sentence = "Consolidation in the right lower lobe with air bronchograms and small pleural effusion. "
+    texts = {a: [(sentence * 6 + f"case {i}.") if abnormal[i, k] else f"{a} shows no significant abnormalities."
+                 for i in range(batch_size)] for k, a in enumerate(ANATOMIES)}
+    tok = m.tokenizer(["report"] * batch_size, padding="max_length", max_length=32, return_tensors="pt")
+    b = ImageTextBatch(images=torch.rand(batch_size, 1, 112, 256, 352, device=device),
+                       input_ids=tok["input_ids"].to(device), attention_mask=tok["attention_mask"].to(device),
+                       study_ids=[str(i) for i in range(batch_size)], anatomy_masks=labels.to(device),
+                       anatomy_texts=texts, anatomy_abnormal=abnormal.to(device))
+    return m, b, torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.01)
+
+
+def timed_steps(m, b, opt, n: int, device: str, dtype: torch.dtype | None) -> list[float]:
+    import time
+
+    times = []
+    for _ in range(n):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = m.losses(b)["itc"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        assert torch.isfinite(loss)
+    return times
+
+
+@pytest.mark.gpu
+def test_a_bf16_step_at_the_released_batch_and_crop_reports_peak_memory():
+    """B = 14 per GPU, A = 4, 112 x 256 x 352, bf16 autocast: finite loss, step time and peak memory printed."""
+    m, b, opt = parity_step_setup(14, "cuda")
+    torch.cuda.reset_peak_memory_stats()
+    times = timed_steps(m, b, opt, 3, "cuda", torch.bfloat16)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    print(f"fVLM released configuration, B=14, bf16: step {min(times):.3f} s, peak GPU memory {peak:.1f} GiB")
+    assert peak < torch.cuda.get_device_properties(0).total_memory / 2**30
+
+
+@pytest.mark.slow
+def test_cpu_step_time_of_the_released_configuration_at_batch_2():
+    """The released configuration's fp32 training step at batch 2 on the CPU (printed; one warm-up step)."""
+    m, b, opt = parity_step_setup(2, "cpu")
+    times = timed_steps(m, b, opt, 3, "cpu", None)
+    print(f"fVLM released configuration, B=2, fp32 on {torch.get_num_threads()} CPU threads: "
+          f"steps {', '.join(f'{t:.1f}' for t in times)} s (median of the last two {np.median(times[1:]):.1f} s)")
+
+
+# --------------------------------------------------------------------------- the command line on a CT-RATE layout
+def test_fit_then_zeroshot_on_a_ct_rate_layout_with_masks_and_a_missing_mask_folder(tmp_path, capsys):
+    """``medvlp fit --method fvlm --data ct_rate`` on a CT-RATE download with TotalSegmentator maps and fVLM's
+    per-anatomy files (the tiny synthetic world), then ``medvlp zeroshot`` on the run; a mask folder that does
+    not exist stops ``fit`` before anything is written, naming the path."""
+    from medvlp.cli import main
+    from medvlp.datamodules.demo import write_ct_demo
+
+    root = write_ct_demo(tmp_path / "CT-RATE" / "dataset", size="tiny", seed=0)
+    data = [f"data.root={root}", "data.anatomy_groups=fvlm4", "data.anatomy_text=fvlm", "data.spacing=[10.0,6.0,6.0]",
+            "data.size=[32,64,64]", "data.max_length=96", "data.batch_size=4", "data.eval_batch_size=8", "data.num_workers=0",
+            "data.prompts=fvlm_demo_ct.yaml", "data.eval_labels=[Cardiomegaly,Pleural effusion,Arterial wall calcification]",
+            "data.eval_reconstructions=one"]
+    run = [f"run.out_dir={tmp_path / 'runs'}", "trainer.max_steps=3", "trainer.enable_progress_bar=false",
+           "trainer.limit_val_batches=1"]
+    assert main(["fit", "--method", "fvlm", "--data", "ct_rate", *data, "data.anatomy_dir=totalseg", *run]) == 2
+    err = capsys.readouterr().err
+    assert f"{root / 'totalseg'} does not exist" in err and not (tmp_path / "runs").exists()
+    assert main(["fit", "--method", "fvlm", "--data", "ct_rate", *data, "data.anatomy_dir=anatomy_masks", *run]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    capsys.readouterr()
+    assert main(["zeroshot", "--run", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "zero-shot AUROC" in out and "Arterial wall calcification" in out and "mean" in out
