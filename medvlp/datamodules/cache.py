@@ -199,15 +199,9 @@ class PreprocessedImages:
         if orig is None:
             return None
         file = self.directory / image_file(key)
-        try:
-            pixels = np.load(file, allow_pickle=False, mmap_mode="r" if self.ndim == 3 else None)
-        except FileNotFoundError:
+        pixels = self._load(file, f"copy {file} of {path}", mmap=self.ndim == 3)
+        if pixels is None:
             return None
-        except PermissionError as err:
-            raise os_error(file, err) from err  # type: ignore[misc]
-        except (OSError, ValueError, EOFError) as err:
-            raise DataError(f"The preprocessed copy {file} of {path} is unreadable ({err}); delete it and run:\n  "
-                            f"{self.command}") from err
         if pixels.dtype != np.dtype(self.dtype) or pixels.ndim != self.ndim:
             raise DataError(f"The preprocessed copy {file} of {path} holds {pixels.dtype} {pixels.shape}, not "
                             f"{self.dtype} with {self.ndim} axes; delete it and run:\n  {self.command}")
@@ -224,15 +218,18 @@ class PreprocessedImages:
         if key not in self.index:
             return None
         file = self.directory / extra_file(key, name)
+        return self._load(file, f"{name} of {path} ({file})", mmap=True)
+
+    def _load(self, file: Path, what: str, mmap: bool) -> np.ndarray | None:
+        """``np.load`` of one stored array (None when the file is absent); a damaged file is named."""
         try:
-            return np.load(file, allow_pickle=False, mmap_mode="r")
+            return np.load(file, allow_pickle=False, mmap_mode="r" if mmap else None)
         except FileNotFoundError:
             return None
         except PermissionError as err:
             raise os_error(file, err) from err  # type: ignore[misc]
         except (OSError, ValueError, EOFError) as err:
-            raise DataError(f"The preprocessed {name} of {path} ({file}) is unreadable ({err}); delete it and run:\n  "
-                            f"{self.command}") from err
+            raise DataError(f"The preprocessed {what} is unreadable ({err}); delete it and run:\n  {self.command}") from err
 
     def missing(self, records: Iterable[Record]) -> list[str]:
         """Image paths of ``records`` the index does not hold."""

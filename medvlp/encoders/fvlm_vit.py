@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from medvlp.batch import ImageFeatures
 from medvlp.config import AnatomyViTConfig
 from medvlp.encoders.image2d import LastAttentionRecorder
-from medvlp.encoders.image3d import PatchEmbed3D
+from medvlp.encoders.image3d import PatchEmbed3D, ViT3DEncoder
 from medvlp.registry import register_image_encoder
 
 MAE_GRID = 14  # MAE ViT-B/16 at 224 px: a 14 x 14 patch grid
@@ -109,7 +109,7 @@ class AnatomyViT(nn.Module):
             for i in range(cfg.depth)
         )
         self.norm = norm(cfg.width)
-        self.apply(self._init_weights)
+        self.apply(ViT3DEncoder._init_weights)  # trunc-normal linears, unit LayerNorms
         self.reset_positions()
         self.out_blocks = [int(b) - 1 for b in cfg.out_blocks]
         self.grad_checkpointing = cfg.grad_checkpointing
@@ -117,16 +117,6 @@ class AnatomyViT(nn.Module):
         self.num_levels = len(self.out_blocks) + 1
         if cfg.inflate_from:
             self.load_2d_blocks(cfg.inflate_from, pretrained=cfg.pretrained)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
     @torch.no_grad()
     def reset_positions(self) -> None:

@@ -171,28 +171,37 @@ class FVLM(VLPMethod):
         if masks is None:
             raise ValueError("fVLM needs each volume's anatomy label map: set data.anatomy_dir (TotalSegmentator output) "
                              "and data.anatomy_groups (fvlm4 for lung, heart, esophagus, aorta).")
-        return masks[:, 0] if masks.ndim == 5 else masks
+        labels = masks[:, 0] if masks.ndim == 5 else masks
+        top = int(labels.max())
+        if top > len(self.anatomies) or top < 0:
+            raise ValueError(f"The anatomy label map holds the value {top}, but this fVLM has {len(self.anatomies)} "
+                             f"anatomies ({self.anatomies}, labels 1..{len(self.anatomies)}): merge the TotalSegmentator "
+                             f"classes with data.anatomy_groups (fvlm4).")
+        return labels
 
     def anatomy_presence(self, labels: Tensor) -> tuple[Tensor, Tensor]:
         """``(present, touching)`` ``[B, A]`` bool: the anatomy has a voxel in the volume / on one of its six faces."""
         b = labels.shape[0]
         faces = torch.cat([labels[:, 0].reshape(b, -1), labels[:, -1].reshape(b, -1), labels[:, :, 0].reshape(b, -1),
                            labels[:, :, -1].reshape(b, -1), labels[:, :, :, 0].reshape(b, -1), labels[:, :, :, -1].reshape(b, -1)], 1)
-        flat = labels.reshape(b, -1)
-        present = torch.stack([(flat == k + 1).any(1) for k in range(len(self.anatomies))], 1)
-        touching = torch.stack([(faces == k + 1).any(1) for k in range(len(self.anatomies))], 1)
-        return present, touching
+        return self._which(labels.reshape(b, -1)), self._which(faces)
+
+    def _which(self, values: Tensor) -> Tensor:
+        """``[..., A]`` bool: which labels ``1..A`` occur along the last axis of ``values`` (one scatter pass)."""
+        a = len(self.anatomies)
+        seen = torch.zeros(*values.shape[:-1], a + 1, dtype=torch.bool, device=values.device)
+        return seen.scatter_(-1, values.long().clamp(0, a), True)[..., 1:]
 
     def token_flags(self, labels: Tensor) -> Tensor:
         """``[B, A, L]`` bool: token ``t`` belongs to anatomy ``k`` iff its patch holds a voxel labelled ``k + 1``
-        (a max-pool of the anatomy's mask with kernel = stride = the patch size)."""
+        (what a max-pool of the anatomy's mask with kernel = stride = the patch size gives)."""
         b, d, h, w = labels.shape
         pd, ph, pw = self.image_encoder.patch_size
         if d % pd or h % ph or w % pw:
             raise ValueError(f"The anatomy label map {tuple(labels.shape[1:])} is not a multiple of the patch size "
                              f"{(pd, ph, pw)}; it must be aligned with the volume.")
-        x = labels.reshape(b, d // pd, pd, h // ph, ph, w // pw, pw)
-        return torch.stack([(x == k + 1).any(6).any(4).any(2).reshape(b, -1) for k in range(len(self.anatomies))], 1)
+        x = labels.reshape(b, d // pd, pd, h // ph, ph, w // pw, pw).permute(0, 1, 3, 5, 2, 4, 6)
+        return self._which(x.reshape(b, (d // pd) * (h // ph) * (w // pw), -1)).transpose(1, 2)
 
     # ------------------------------------------------------------------ pooling and embeddings
     def pool(self, levels: list[Tensor], flags: Tensor) -> Tensor:

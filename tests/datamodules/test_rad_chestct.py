@@ -125,7 +125,6 @@ def test_fvlm_zero_shot_reads_anatomy_maps_segmented_from_the_npz_arrays(rc_root
 
     from medvlp import api
     from medvlp import config as C
-    from medvlp.datamodules.demo.rad_chestct import phantom
     from medvlp.downstream.embed import extract
     from medvlp.downstream.zero_shot import load_merges, load_options, load_prompts, zero_shot_auc
 

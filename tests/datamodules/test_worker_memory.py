@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads worker memory from /proc")
+# soak tests (about 40 s together): with the slow tests; the in-process bound of the volume reads
+# (tests/datamodules/test_ct_rate_preprocess.py) stays in the default suite
+pytestmark = [pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads worker memory from /proc"),
+              pytest.mark.slow]
 MB = 1 << 20
 
 

@@ -425,31 +425,33 @@ def test_threshold_search_reproduces_calc_metrics_with_its_tie_breaking():
 
 
 # --------------------------------------------------------------------------- two processes
-def _rank(rank: int, init: str, state: dict, with_grad: bool, out) -> None:
+def _rank(rank: int, init: str, state: dict, out) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
     try:
-        m = method(gather_with_grad=with_grad)
-        m.load_state_dict(state)
-        full = batch(m, 8, absent={0: [2], 5: [2, 4], 6: [4]})
-        lo, hi = rank * 4, rank * 4 + 4
-        half = ImageTextBatch(images=full.images[lo:hi], input_ids=full.input_ids[lo:hi], attention_mask=full.attention_mask[lo:hi],
-                              study_ids=full.study_ids[lo:hi], anatomy_masks=full.anatomy_masks[lo:hi],
-                              anatomy_texts={k: v[lo:hi] for k, v in full.anatomy_texts.items()},
-                              anatomy_abnormal=full.anatomy_abnormal[lo:hi])
-        terms = m.losses(half)
-        terms["itc"].backward()
-        out[rank] = (float(terms["itc"]), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+        for with_grad in (False, True):
+            m = method(gather_with_grad=with_grad)
+            m.load_state_dict(state)
+            full = batch(m, 8, absent={0: [2], 5: [2, 4], 6: [4]})
+            lo, hi = rank * 4, rank * 4 + 4
+            half = ImageTextBatch(images=full.images[lo:hi], input_ids=full.input_ids[lo:hi],
+                                  attention_mask=full.attention_mask[lo:hi], study_ids=full.study_ids[lo:hi],
+                                  anatomy_masks=full.anatomy_masks[lo:hi],
+                                  anatomy_texts={k: v[lo:hi] for k, v in full.anatomy_texts.items()},
+                                  anatomy_abnormal=full.anatomy_abnormal[lo:hi])
+            terms = m.losses(half)
+            terms["itc"].backward()
+            out[(rank, with_grad)] = (float(terms["itc"]),
+                                      {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("with_grad", [False, True])
-def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path, with_grad):
+def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
     """Each rank holds different anatomy sets (rank 1 has two samples without the aorta, one without the
     heart); the gathered loss equals the one-process loss, and the DDP average of the gradients is half the
-    one-process gradient with the released plain gather (except tau's), the whole one with the gradient-carrying
-    gather."""
+    one-process gradient with the released plain gather (except tau's), the whole one with the
+    gradient-carrying gather."""
     m = method()
     full = batch(m, 8, absent={0: [2], 5: [2, 4], 6: [4]})
     loss = m.losses(full)["itc"]
@@ -457,13 +459,15 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path, wit
     single = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     out = mp.Manager().dict()
     state = {k: v.clone() for k, v in m.state_dict().items()}
-    mp.spawn(_rank, args=(str(tmp_path / "init"), state, with_grad, out), nprocs=2, join=True)
-    assert out[0][0] == pytest.approx(float(loss), rel=1e-5) and out[1][0] == pytest.approx(float(loss), rel=1e-5)
-    for name, g in single.items():
-        # tau scales the logits after the gather, so every rank's loss carries its whole gradient
-        factor = 1.0 if with_grad or name == "temp" else 0.5
-        avg = (out[0][1].get(name, torch.zeros_like(g)) + out[1][1].get(name, torch.zeros_like(g))) / 2
-        assert torch.allclose(avg, factor * g, atol=1e-5, rtol=1e-4), name
+    mp.spawn(_rank, args=(str(tmp_path / "init"), state, out), nprocs=2, join=True)
+    for with_grad in (False, True):
+        assert out[(0, with_grad)][0] == pytest.approx(float(loss), rel=1e-5)
+        assert out[(1, with_grad)][0] == pytest.approx(float(loss), rel=1e-5)
+        for name, g in single.items():
+            # tau scales the logits after the gather, so every rank's loss carries its whole gradient
+            factor = 1.0 if with_grad or name == "temp" else 0.5
+            grads = [out[(r, with_grad)][1].get(name, torch.zeros_like(g)) for r in (0, 1)]
+            assert torch.allclose((grads[0] + grads[1]) / 2, factor * g, atol=1e-5, rtol=1e-4), (name, with_grad)
 
 
 # --------------------------------------------------------------------------- configs
@@ -619,3 +623,11 @@ def test_fit_then_zeroshot_on_a_ct_rate_layout_with_masks_and_a_missing_mask_fol
     assert main(["zeroshot", "--run", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "zero-shot AUROC" in out and "Arterial wall calcification" in out and "mean" in out
+
+
+def test_unmerged_totalsegmentator_ids_are_a_clear_error():
+    m = method()
+    b = batch(m, 2)
+    b.anatomy_masks[0, 0, 1, 1, 1] = 51  # a TotalSegmentator id left unmerged
+    with pytest.raises(ValueError, match="holds the value 51.*data.anatomy_groups"):
+        m.losses(b)
