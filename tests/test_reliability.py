@@ -111,6 +111,7 @@ def complete(run_dir: Path) -> bool:
                                                        "checkpoints/last.ckpt", "metrics.csv"))
 
 
+@pytest.mark.slow  # 18 s; the run-directory claim itself is checked in the default suite
 def test_fits_started_together_get_their_own_complete_run_directories(tmp_path):
     """A ``medvlp fit`` and a two-process DDP ``medvlp fit`` (gloo on CPU) started together into one folder,
     where the names of the coming minutes are already taken: they race for the same next names and end in

@@ -192,6 +192,7 @@ def test_a_failing_combination_is_recorded_the_others_go_on_and_the_next_sweep_r
     assert "| clip | 0.050 (1) | 0.500 (1) |" in (tmp_path / "results" / "summary.md").read_text()
 
 
+@pytest.mark.slow  # 9 s
 def test_a_killed_sweep_completes_only_what_is_missing(tmp_path, monkeypatch, in_process):
     """Tiny real runs: pre-training (8 steps), a linear probe at two fractions and zero-shot."""
     cfg = _cfg(tmp_path, tasks=["classification", "zeroshot"], fractions=[0.1, 1.0], pretrain_steps=8,

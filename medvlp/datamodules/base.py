@@ -78,6 +78,7 @@ class DataConfig:
     fraction_file: str = ""  # "" = <cache>/label_fractions/...; the file every method reads (fractions.py)
     eval_labels: list[str] = field(default_factory=list)  # labels scored by zeroshot; [] = all
     prompts: str = ""  # prompt file (yaml) for zero-shot; "" = the dataset's default
+    threshold_split: str = ""  # zero-shot thresholds: "" = chosen on the evaluated split (HLIP / fVLM); e.g. val = chosen there
     demo_size: str = "default"  # size preset of the synthetic world when root == "demo"
 
 

@@ -92,26 +92,13 @@ def merge_scores(scores: list[np.ndarray]) -> np.ndarray:
     return np.where(hi > 0, hi, lo)
 
 
-def zero_shot_auc(method, emb: Embeddings, label_names: list[str], eval_labels: list[str],
-                  prompts: dict[str, dict[str, list[str]]], max_length: int,
-                  merges: dict[str, list[str]] | None = None, options: dict[str, str] | None = None) -> dict[str, Any]:
-    """Per-label and mean AUROC of prompt-pair zero-shot scores.
-
-    Args:
-        method: a trained ``VLPMethod``.
-        emb: image embeddings of the split with their ``labels`` (``label_names`` order).
-        eval_labels: the labels to score (each needs an entry in ``prompts``).
-        merges: ``{merged: [sources]}``: the sources among ``eval_labels`` are scored, merged with
-            :func:`merge_scores` and reported as one label.
-        options: :func:`load_options` (threshold rule, unscored images).
-    """
-    options = options or {"threshold": "hlip", "missing": "zero"}
-    if emb.labels is None:
-        raise DataError("Zero-shot evaluation needs labels, but this split has none.")
+def prompt_scores(method, emb: Embeddings, eval_labels: list[str], prompts: dict[str, dict[str, list[str]]],
+                  max_length: int, merges: dict[str, list[str]] | None = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """``(scores, columns)``: per reported label the score ``sim(pos) - sim(neg)`` of every image (NaN where the
+    method cannot score it) and the label column its truth comes from (merged labels: the first source's)."""
     missing = [lab for lab in eval_labels if lab not in prompts]
     if missing:
         raise DataError(f"No prompts for {missing}; add them to the prompt file (data.prompts).")
-    result: dict[str, Any] = {"auroc": {}, "positives": {}, "negatives": {}}
     scores: dict[str, np.ndarray] = {}
     for lab in eval_labels:
         pos = embed_prompts(method, prompts[lab]["positive"], max_length)
@@ -119,7 +106,7 @@ def zero_shot_auc(method, emb: Embeddings, label_names: list[str], eval_labels: 
         where = {"anatomy": prompts[lab]["anatomy"]} if "anatomy" in prompts[lab] else {}
         with torch.no_grad():
             sims = method.similarity(emb.images.to(pos.device), torch.stack([pos, neg]).to(emb.images.dtype), **where).float()
-        scores[lab] = (sims[:, 0] - sims[:, 1]).cpu().numpy()
+        scores[lab] = (sims[:, 0] - sims[:, 1]).cpu().numpy().astype(np.float64)
     columns = {lab: lab for lab in eval_labels}
     for merged, sources in (merges or {}).items():
         present = [s for s in sources if s in scores]
@@ -129,24 +116,61 @@ def zero_shot_auc(method, emb: Embeddings, label_names: list[str], eval_labels: 
         columns[merged] = present[0]
         for s in present:
             columns.pop(s)
+    return scores, columns
+
+
+def probabilities(score: np.ndarray, scale: float) -> np.ndarray:
+    """The two-way softmax's positive entry ``sigma(scale * score)``; 0 where the image is unscored (NaN)."""
+    return np.where(np.isnan(score), 0.0, 1.0 / (1.0 + np.exp(-scale * np.nan_to_num(score))))
+
+
+def zero_shot_auc(method, emb: Embeddings, label_names: list[str], eval_labels: list[str],
+                  prompts: dict[str, dict[str, list[str]]], max_length: int,
+                  merges: dict[str, list[str]] | None = None, options: dict[str, str] | None = None,
+                  threshold_emb: Embeddings | None = None) -> dict[str, Any]:
+    """Per-label and mean AUROC of prompt-pair zero-shot scores.
+
+    Args:
+        method: a trained ``VLPMethod``.
+        emb: image embeddings of the split with their ``labels`` (``label_names`` order).
+        eval_labels: the labels to score (each needs an entry in ``prompts``).
+        merges: ``{merged: [sources]}``: the sources among ``eval_labels`` are scored, merged with
+            :func:`merge_scores` and reported as one label.
+        options: :func:`load_options` (threshold rule, unscored images).
+        threshold_emb: embeddings of another split (with labels) on which each label's threshold is
+            chosen and then applied to ``emb``; None = chosen on ``emb`` itself (HLIP / fVLM).
+    """
+    options = options or {"threshold": "hlip", "missing": "zero"}
+    for e in (emb, threshold_emb):
+        if e is not None and e.labels is None:
+            raise DataError("Zero-shot evaluation needs labels, but this split has none.")
+    result: dict[str, Any] = {"auroc": {}, "positives": {}, "negatives": {}}
+    scores, columns = prompt_scores(method, emb, eval_labels, prompts, max_length, merges)
+    other = prompt_scores(method, threshold_emb, eval_labels, prompts, max_length, merges)[0] if threshold_emb else None
     scale = 1.0 / float(method.temperature())
     result["logit_scale"] = scale
     result["thresholded"] = {}
     result["unscored"] = {}
     strict = options["threshold"] == "fvlm"
+
+    def truth(e: Embeddings, lab: str, score: np.ndarray) -> np.ndarray:
+        y = e.labels[:, label_names.index(columns[lab])].numpy().astype(np.float64)
+        return np.where(np.isnan(score), np.nan, y) if options["missing"] == "exclude" else y
+
     for lab in columns:
-        score = scores[lab].astype(np.float64)
-        y = emb.labels[:, label_names.index(columns[lab])].numpy().astype(np.float64)
+        score = scores[lab]
         unscored = np.isnan(score)
         result["unscored"][lab] = int(unscored.sum())
-        if options["missing"] == "exclude":
-            y = np.where(unscored, np.nan, y)
-        probs = np.where(unscored, 0.0, 1.0 / (1.0 + np.exp(-scale * np.nan_to_num(score))))  # positive softmax entry
+        y = truth(emb, lab, score)
+        probs = probabilities(score, scale)
         floor = float(score[~unscored].min()) - 1.0 if (~unscored).any() else 0.0
         result["auroc"][lab] = auroc(np.where(unscored, floor, score), y)  # unscored = probability 0: ranked last
         result["positives"][lab] = int(np.nansum(y > 0.5))
         result["negatives"][lab] = int(np.sum(y < 0.5))
-        t = youden_like_threshold(probs, y, strict=strict)
+        if other is None:
+            t = youden_like_threshold(probs, y, strict=strict)
+        else:
+            t = youden_like_threshold(probabilities(other[lab], scale), truth(threshold_emb, lab, other[lab]), strict=strict)
         result["thresholded"][lab] = {"threshold": t, **binary_report(probs > t if strict else probs >= t, y)}
     vals = [v for v in result["auroc"].values() if not np.isnan(v)]
     result["mean_auroc"] = float(np.mean(vals)) if vals else float("nan")
@@ -160,16 +184,24 @@ class ZeroShotTask(Task):
     """zero-shot classification with prompt pairs (AUROC)"""
 
     def evaluate(self, method: Any, dm: Any, emb: Embeddings, cfg: Any) -> dict[str, Any]:
+        from medvlp.downstream.embed import extract
+
         prompts = load_prompts(dm.prompt_file())
-        return zero_shot_auc(method, emb, list(dm.label_names), dm.eval_label_names(), prompts, cfg.data.max_length,
-                             merges=load_merges(dm.prompt_file()), options=load_options(dm.prompt_file()))
+        split = str(cfg.data.get("threshold_split", "") or "")
+        other = extract(method, dm.eval_dataloader(split)) if split else None
+        res = zero_shot_auc(method, emb, list(dm.label_names), dm.eval_label_names(), prompts, cfg.data.max_length,
+                            merges=load_merges(dm.prompt_file()), options=load_options(dm.prompt_file()),
+                            threshold_emb=other)
+        res["threshold_split"] = split or "evaluated"
+        return res
 
     def rows(self, res: dict[str, Any]) -> tuple[str, list[tuple[str, str]], tuple[str, str]]:
         z = res["zeroshot"]
         rows = [(lab, f"{auc:.3f}   (pos {z['positives'][lab]}, neg {z['negatives'][lab]})") for lab, auc in z["auroc"].items()]
         rows.append(("mean", f"{z['mean_auroc']:.3f}"))
-        rows.append(("thresholded", f"at each finding's ROC-corner threshold (chosen on this split, as HLIP / fVLM "
-                                    f"report): accuracy {z['mean_accuracy']:.3f}, weighted F1 {z['mean_f1_weighted']:.3f}, "
+        where = ("chosen on this split, as HLIP / fVLM report" if z.get("threshold_split", "evaluated") == "evaluated"
+                 else f"chosen on the {z['threshold_split']} split")
+        rows.append(("thresholded", f"at each finding's ROC-corner threshold ({where}): accuracy {z['mean_accuracy']:.3f}, weighted F1 {z['mean_f1_weighted']:.3f}, "
                                     f"precision {z['mean_precision']:.3f}, recall {z['mean_recall']:.3f} (means; per "
                                     f"finding in --json)"))
         return f"zero-shot AUROC on the {res['split']} split ({res['n']} images)", rows, ("finding", "AUROC")

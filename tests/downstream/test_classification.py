@@ -89,6 +89,7 @@ def test_exclusive_classes_fractions_and_the_cli(runs, tmp_path, capsys):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # 17 s: two processes
 def test_ddp_transfer_on_two_processes_writes_one_result(runs, tmp_path):
     """``medvlp downstream ... trainer.devices=2 trainer.accelerator=cpu trainer.strategy=ddp``: Lightning
     starts a second process (gloo); both train, rank 0 alone tests, prints and writes the result."""

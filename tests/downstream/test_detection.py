@@ -137,6 +137,7 @@ def test_frozen_detector_beats_the_mean_box_for_every_2d_method(runs, method, tm
         assert (tmp_path / "det" / name).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow  # 10 s; the detector itself is trained in the default suite
 def test_detection_cli_on_object_cxr_finetune(runs, tmp_path, capsys):
     main(["downstream", "--task", "detection", "--data", "demo_object_cxr", "--run", str(runs["clip"]),
           "--protocol", "finetune", "--fraction", "0.1", "--max-steps", "6", "--out", str(tmp_path / "obj"),

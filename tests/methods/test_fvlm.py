@@ -424,14 +424,45 @@ def test_threshold_search_reproduces_calc_metrics_with_its_tie_breaking():
         assert youden_like_threshold(probs, labels, strict=True) == calc_metrics_threshold(probs, labels)
 
 
+def test_thresholds_can_come_from_another_split_and_unscored_images_follow_the_prompt_file():
+    """data.threshold_split: each label's threshold is chosen on another split's probabilities and applied to the
+    evaluated one; ``_missing: zero`` ranks an image without the anatomy last (probability 0), ``exclude`` drops it."""
+    from medvlp.downstream.embed import Embeddings
+    from medvlp.downstream.zero_shot import probabilities, prompt_scores, zero_shot_auc
+
+    m = method()
+    g = torch.Generator().manual_seed(0)
+
+    def split(n: int) -> Embeddings:
+        img = F.normalize(torch.randn(n, 4, 128, generator=g), dim=-1)
+        img[:3, 1] = float("nan")  # no heart in the first three volumes
+        return Embeddings(img, torch.zeros(n, 128), [str(i) for i in range(n)], (torch.rand(n, 1, generator=g) > 0.5).float())
+
+    test, val = split(40), split(30)
+    prompts = {"Cardiomegaly": {"anatomy": "heart", "positive": ["Cardiomegaly."], "negative": ["heart shows no significant abnormalities."]}}
+    opts = {"threshold": "fvlm", "missing": "zero"}
+    own = zero_shot_auc(m, test, ["Cardiomegaly"], ["Cardiomegaly"], prompts, 32, options=opts)
+    moved = zero_shot_auc(m, test, ["Cardiomegaly"], ["Cardiomegaly"], prompts, 32, options=opts, threshold_emb=val)
+    scale = 1 / m.temperature()
+    other = prompt_scores(m, val, ["Cardiomegaly"], prompts, 32)[0]["Cardiomegaly"]
+    assert moved["thresholded"]["Cardiomegaly"]["threshold"] == youden_like_threshold(
+        probabilities(other, scale), val.labels[:, 0].numpy(), strict=True)
+    assert own["auroc"] == moved["auroc"] and own["unscored"] == {"Cardiomegaly": 3}
+    excluded = zero_shot_auc(m, test, ["Cardiomegaly"], ["Cardiomegaly"], prompts, 32, options={**opts, "missing": "exclude"})
+    y = test.labels[:, 0]
+    assert excluded["positives"]["Cardiomegaly"] == int((y[3:] > 0.5).sum())
+
+
 # --------------------------------------------------------------------------- two processes
 def _rank(rank: int, init: str, state: dict, out) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
     try:
+        m = method()
+        m.load_state_dict(state)
+        full = batch(m, 8, absent={0: [2], 5: [2, 4], 6: [4]})
         for with_grad in (False, True):
-            m = method(gather_with_grad=with_grad)
-            m.load_state_dict(state)
-            full = batch(m, 8, absent={0: [2], 5: [2, 4], 6: [4]})
+            m.cfg.gather_with_grad = with_grad
+            m.zero_grad()
             lo, hi = rank * 4, rank * 4 + 4
             half = ImageTextBatch(images=full.images[lo:hi], input_ids=full.input_ids[lo:hi],
                                   attention_mask=full.attention_mask[lo:hi], study_ids=full.study_ids[lo:hi],
