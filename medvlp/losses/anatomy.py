@@ -76,4 +76,66 @@ def soft_target_clip(img: Tensor, txt: Tensor, temperature: Tensor | float, targ
     return (loss_i2t + loss_t2i) / 2, loss_i2t, loss_t2i
 
 
-__all__ = ["fnr_targets", "soft_target_clip", "text_keys"]
+def anatomy_itc(v: Tensor, t: Tensor, normal: Tensor, keys: Tensor, temperature: Tensor | float, *,
+                gather_distributed: bool = True, with_grad: bool = False, normal_positives: bool = True,
+                duplicate_positives: bool = True, momentum_text: Tensor | None = None,
+                peer: tuple[Tensor, Tensor, float] | None = None, alpha: float = 0.5,
+                abnormal_only: bool = False) -> Tensor | None:
+    """One anatomy's loss over the global batch (spec §4), or None when it contributes nothing here.
+
+    Every process calls it for the same anatomies in the same order (it gathers), whatever its number of
+    local samples ``n`` (0 included); the rows of all processes are padded to the largest ``n`` and
+    gathered (:func:`~medvlp.distributed.gather_rows`), so every process computes the full ``N x N`` loss.
+
+    Args:
+        v, t: ``[n, D]`` unit image / text embeddings of this process's samples (grad-carrying).
+        normal: ``[n]`` bool; keys: ``[n]`` int64 text keys (:func:`text_keys`).
+        temperature: ``tau``.
+        gather_distributed: build the problem over every process's samples.
+        with_grad: the gathered rows of other processes carry gradients too (else only local rows do,
+            the released code's plain gather).
+        normal_positives, duplicate_positives: the FNR targets of :func:`fnr_targets`.
+        momentum_text: ``[n, D]`` EMA text embeddings: soft positives between abnormal samples,
+            ``softmax(T T^T / tau)``, added before the row normalisation.
+        peer: ``(v', t', tau')`` a peer model's embeddings of the same samples (co-teaching): the targets
+            become ``alpha Y + (1 - alpha) softmax(S')`` (``S'^T`` for text-to-image), on abnormal rows only
+            with ``abnormal_only``.
+
+    Returns:
+        The soft-target InfoNCE (:func:`soft_target_clip`), or None with no local sample or when every
+        target is equal (a single sample, or only normal ones): no signal.
+    """
+    from medvlp.distributed import gather_rows
+
+    def everywhere(x: Tensor, grad: bool = False) -> Tensor:
+        return gather_rows(x, with_grad=grad and with_grad)[0] if gather_distributed else x
+
+    n = v.shape[0]
+    v_all, t_all, normal_all, keys_all = everywhere(v, True), everywhere(t, True), everywhere(normal), everywhere(keys)
+    extra = None
+    if momentum_text is not None:
+        m_all = everywhere(momentum_text)
+        both = (~normal_all)[:, None] & (~normal_all)[None, :]
+        tau = temperature.detach() if isinstance(temperature, Tensor) else temperature
+        extra = torch.softmax(m_all @ m_all.T / tau, dim=1) * both
+    soft = None
+    if peer is not None:
+        pv, pt, ptemp = peer
+        soft = everywhere(pv) @ everywhere(pt).T / float(ptemp)
+    if n == 0:
+        return None
+    y = fnr_targets(normal_all, keys_all, normal_positives, duplicate_positives, extra)
+    if bool((y == y[0, 0]).all()):
+        return None
+    y_t2i = None
+    if soft is not None:
+        y_i2t = alpha * y + (1 - alpha) * torch.softmax(soft, dim=1)
+        y_t2i = alpha * y + (1 - alpha) * torch.softmax(soft.T, dim=1)
+        if abnormal_only:  # normal rows keep their FNR targets
+            rows = (~normal_all)[:, None]
+            y_i2t, y_t2i = torch.where(rows, y_i2t, y), torch.where(rows, y_t2i, y)
+        y = y_i2t
+    return soft_target_clip(v_all, t_all, temperature, y, y_t2i)[0]
+
+
+__all__ = ["anatomy_itc", "fnr_targets", "soft_target_clip", "text_keys"]

@@ -42,8 +42,8 @@ from torch import Tensor, nn
 
 from medvlp.batch import ImageTextBatch
 from medvlp.config import AnatomyViTConfig, ImageEncoderConfig, MethodConfig, bounded
-from medvlp.distributed import all_reduce_sum, gather_rows, world
-from medvlp.losses.anatomy import fnr_targets, soft_target_clip, text_keys
+from medvlp.distributed import all_reduce_sum, world
+from medvlp.losses.anatomy import anatomy_itc, text_keys
 from medvlp.methods.base import VLPMethod
 from medvlp.registry import register_method
 
@@ -343,39 +343,19 @@ class FVLM(VLPMethod):
             with torch.no_grad():
                 momentum = self.momentum_text_features(texts, pooled.device)
 
-        def everywhere(x: Tensor, grad: bool = False) -> Tensor:
-            return gather_rows(x, with_grad=grad and c.gather_with_grad)[0] if gathered else x
-
         per_anatomy: dict[str, Tensor] = {}
         for k in ks:
             v, t = feats[k]
             normal = ~abnormal[rows[k], k]
             keys = text_keys([batch.anatomy_texts[self.anatomies[k]][i] for i in rows[k].tolist()], v.device)
-            v_all, t_all, normal_all, keys_all = everywhere(v, True), everywhere(t, True), everywhere(normal), everywhere(keys)
-            extra = None
-            if momentum is not None:  # soft positives between abnormal samples from the EMA text features
-                m_all = everywhere(momentum[k])
-                both = (~normal_all)[:, None] & (~normal_all)[None, :]
-                extra = torch.softmax(m_all @ m_all.T / model.temp.detach(), dim=1) * both
-            peer = None
-            if peer_feats is not None:
-                pv, pt = peer_feats[k]
-                peer = everywhere(pv) @ everywhere(pt).T / teacher.temp.detach()
-            if len(rows[k]) == 0:
-                continue
-            y = fnr_targets(normal_all, keys_all, c.fnr_normal, c.fnr_duplicates, extra)
-            if bool((y == y[0, 0]).all()):  # every target equal (one sample, or all normal): no signal
-                continue
-            y_t2i = None
-            if peer is not None:
-                alpha = float(c.coteach_alpha)
-                y_i2t = alpha * y + (1 - alpha) * torch.softmax(peer, dim=1)
-                y_t2i = alpha * y + (1 - alpha) * torch.softmax(peer.T, dim=1)
-                if c.coteach_scope == "abnormal_only":  # normal rows keep their FNR targets
-                    soft = (~normal_all)[:, None]
-                    y_i2t, y_t2i = torch.where(soft, y_i2t, y), torch.where(soft, y_t2i, y)
-                y = y_i2t
-            per_anatomy[self.anatomies[k]] = soft_target_clip(v_all, t_all, model.temp, y, y_t2i)[0]
+            loss = anatomy_itc(
+                v, t, normal, keys, model.temp, gather_distributed=gathered, with_grad=c.gather_with_grad,
+                normal_positives=c.fnr_normal, duplicate_positives=c.fnr_duplicates,
+                momentum_text=momentum[k] if momentum is not None else None,
+                peer=(*peer_feats[k], float(teacher.temp.detach())) if peer_feats is not None else None,
+                alpha=float(c.coteach_alpha), abnormal_only=c.coteach_scope == "abnormal_only")
+            if loss is not None:
+                per_anatomy[self.anatomies[k]] = loss
         if not per_anatomy:
             if world()[1] == 1:
                 return {}

@@ -477,6 +477,7 @@ def _rank(rank: int, init: str, state: dict, out) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # 22 s; tests/losses/test_distributed.py checks the same loss on uneven processes in the default suite
 @pytest.mark.distributed
 def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
     """Each rank holds different anatomy sets (rank 1 has two samples without the aorta, one without the
@@ -565,7 +566,7 @@ def parity_step_setup(batch_size: int, device: str):
     tokenizer) and a batch at its crop (112 x 256 x 352) with the four anatomies as blobs, some of them
     abnormal, and texts of realistic length; an optimiser over every parameter."""
     cfg = C.compose(config_file=str(CONFIGS / "experiment" / "fvlm_ctrate.yaml"), overrides=[
-        "data.root=/unused", "method.image_encoder.pretrained=false", "method.image_encoder.inflate_from=",
+        "data.root=/unused", "method.image_encoder.pretrained=false",
         "method.text_encoder.model=tiny", "method.text_encoder.pretrained=false",
         "method.text_encoder.config_overrides={hidden_size: 768, num_attention_heads: 12, intermediate_size: 3072, "
         "num_hidden_layers: 12, max_position_embeddings: 512}"])
