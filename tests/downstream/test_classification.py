@@ -71,6 +71,7 @@ def test_linear_probe_and_finetune_beat_chance_for_every_2d_method(runs, method,
     assert ft["mean_auroc"] > 0.6, ft["auroc"]
 
 
+@pytest.mark.slow  # 11 s; the softmax loss and the class metrics are checked in the default suite
 def test_exclusive_classes_fractions_and_the_cli(runs, tmp_path, capsys):
     """COVIDx (softmax over its classes, accuracy) through the CLI; a label fraction trains on fewer images."""
     rc = main(["downstream", "--data", "demo_covidx", "--run", str(runs["clip"]), "--out", str(tmp_path / "cov")])
