@@ -57,6 +57,7 @@ def _anatomy_worker(rank, world, init_file, v, t, normal, keys, cut, out):
         out[(rank, with_grad)] = (loss.item(), my_v.grad.clone(), my_t.grad.clone(), tau.grad.clone())
     empty = anatomy_itc(v[:0], t[:0], normal[:0], keys[:0], 0.1) if rank == 1 else anatomy_itc(v, t, normal, keys, 0.1)
     out[(rank, "empty")] = None if empty is None else empty.item()  # rank 1 has no sample of this anatomy
+    dist.barrier()  # both ranks done before the process group goes away
     dist.destroy_process_group()
 
 

@@ -473,6 +473,7 @@ def _rank(rank: int, init: str, state: dict, out) -> None:
             terms["itc"].backward()
             out[(rank, with_grad)] = (float(terms["itc"]),
                                       {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+        dist.barrier()  # both ranks done before the process group goes away
     finally:
         dist.destroy_process_group()
 
