@@ -222,7 +222,7 @@ class VolumeTransform:
       on the ``[0, 1]`` values (contrast / brightness);
     * ``max_shift``: a random translation of up to that many voxels per axis, ``(d, h, w)``; voxels
       that enter are filled with 0 (the window floor), labels with 0;
-    * ``flip_prob``: flips each axis independently.
+    * ``flip_prob``: flips each axis independently (only those of ``flip_axes``).
 
     A label volume (``mask``) passed along receives the same translation and flips.
     """
@@ -230,6 +230,7 @@ class VolumeTransform:
     mean: float = 0.449
     std: float = 0.226
     flip_prob: float = 0.0
+    flip_axes: Sequence[bool] = (True, True, True)  # (d, h, w) the flips may use (the draws are made for all three)
     intensity_scale: float = 0.0
     intensity_shift: float = 0.0
     max_shift: Sequence[int] = (0, 0, 0)
@@ -267,7 +268,8 @@ class VolumeTransform:
                 mask = translate(mask, offsets, 0)
         t = (t - self.mean).div_(self.std)
         if train and self.flip_prob > 0:
-            dims = [d for d in (1, 2, 3) if torch.rand((), generator=generator).item() < self.flip_prob]
+            draws = [torch.rand((), generator=generator).item() < self.flip_prob for _ in range(3)]
+            dims = [d for d, hit, allowed in zip((1, 2, 3), draws, self.flip_axes, strict=True) if hit and allowed]
             if dims:
                 t = torch.flip(t, dims)
                 if mask is not None:

@@ -52,6 +52,7 @@ class VolumeConfig(DataConfig):
     mean: float = 0.449
     std: float = bounded(0.226, gt=0)
     flip_prob: float = bounded(0.0, ge=0, le=1)  # train-time flip of each axis (fVLM: 0.2)
+    flip_axes: list[bool] = field(default_factory=lambda: [True, True, True])  # (d, h, w) flips may use; [true, true, false] keeps left / right
     intensity_scale: float = bounded(0.0, ge=0)  # train-time contrast jitter: x * (1 + U(-s, s)) on the windowed [0, 1] values
     intensity_shift: float = bounded(0.0, ge=0)  # train-time brightness jitter: + U(-t, t)
     max_shift: list[int] = bounded(default_factory=lambda: [0, 0, 0], ge=0, each=True)  # train-time translation, voxels (d, h, w)
@@ -60,7 +61,8 @@ class VolumeConfig(DataConfig):
     preprocessed_dir: str = ""  # cache written by `medvlp preprocess`; "" = <cache_dir>/preprocessed/<name>-<digest>
     use_preprocessed: str = "auto"  # auto (use the cache when its manifest matches) | true (require it) | false
     anatomy_dir: str = ""  # TotalSegmentator output per volume (see anatomy_file; relative to data.root); "" = none
-    anatomy_groups: str = "none"  # none (TotalSegmentator v2 ids as they are) | fvlm4 (1 lung, 2 heart, 3 esophagus, 4 aorta)
+    anatomy_groups: str = "none"  # none (TotalSegmentator v2 ids as they are) | fvlm4 (1 lung, 2 heart, 3 esophagus, 4 aorta) | custom
+    anatomy_group_map: dict[int, int] = field(default_factory=dict)  # custom: TotalSegmentator id -> group label 1..A (rest -> 0)
     # with anatomy masks: center (pad / crop the volume's centre to data.size) | anatomy (fVLM: the box of every
     # labelled voxel grown by crop_margin, padded to at least data.size, then a random crop in training, the centre else)
     crop: str = "center"
@@ -114,8 +116,11 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
             raise ValueError(f"data.eval_crop='{cfg.eval_crop}': choose center or full.")
         if len(cfg.crop_margin) != 3:
             raise ValueError(f"data.crop_margin must be 3 voxel counts (d, h, w), got {list(cfg.crop_margin)}")
-        if cfg.anatomy_groups not in ("none", *ANATOMY_GROUPS):
-            raise ValueError(f"data.anatomy_groups='{cfg.anatomy_groups}': choose none or one of {list(ANATOMY_GROUPS)}.")
+        if cfg.anatomy_groups not in ("none", "custom", *ANATOMY_GROUPS):
+            raise ValueError(f"data.anatomy_groups='{cfg.anatomy_groups}': choose none, custom or one of {list(ANATOMY_GROUPS)}.")
+        self._groups = self.group_table(cfg)
+        if len(cfg.flip_axes) != 3:
+            raise ValueError(f"data.flip_axes must be 3 booleans (d, h, w), got {list(cfg.flip_axes)}")
         self.init_preprocessed(cfg)
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._transform: VolumeTransform | None = None
@@ -130,9 +135,35 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
             cfg = self.cfg
             self._transform = VolumeTransform(
                 mean=float(cfg.mean), std=float(cfg.std), flip_prob=float(cfg.flip_prob),
+                flip_axes=[bool(v) for v in cfg.flip_axes],
                 intensity_scale=float(cfg.intensity_scale), intensity_shift=float(cfg.intensity_shift),
                 max_shift=[int(v) for v in cfg.max_shift])
         return self._transform
+
+    @staticmethod
+    def group_table(cfg: VolumeConfig) -> dict[int, int] | None:
+        """TotalSegmentator id -> anatomy label of ``data.anatomy_groups`` (None: ids kept as they are)."""
+        if cfg.anatomy_groups != "custom":
+            if dict(cfg.anatomy_group_map):
+                raise ValueError("data.anatomy_group_map is used with data.anatomy_groups=custom only.")
+            return ANATOMY_GROUPS.get(cfg.anatomy_groups)
+        table: dict[int, int] = {}
+        for key, value in dict(cfg.anatomy_group_map).items():
+            try:
+                sid, label = int(key), int(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"data.anatomy_group_map: {key!r}: {value!r} - expected a TotalSegmentator id (an "
+                                 f"integer) mapped to a group label (an integer >= 1).") from None
+            if sid <= 0 or not 1 <= label <= 255:
+                raise ValueError(f"data.anatomy_group_map: {key}: {value} - ids are > 0 and labels in 1..255.")
+            table[sid] = label
+        if not table:
+            raise ValueError("data.anatomy_groups=custom needs data.anatomy_group_map, e.g. {10: 1, 11: 1, 51: 2}.")
+        labels = sorted(set(table.values()))
+        if labels != list(range(1, len(labels) + 1)):
+            raise ValueError(f"data.anatomy_group_map uses the labels {labels}; use 1..{len(labels)} without gaps "
+                             f"(label k is the k-th of method.anatomies).")
+        return table
 
     @classmethod
     def check_root(cls, cfg: DataConfig) -> None:
@@ -273,7 +304,7 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
         from medvlp.datamodules.formats import nifti
 
         where = Path(self.anatomy_file(path))
-        groups = ANATOMY_GROUPS.get(self.cfg.anatomy_groups)
+        groups = self._groups
         try:
             if where.is_dir():  # per-structure masks: combine the known structures
                 if groups is None:
@@ -343,7 +374,7 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
 
     def anatomy_dtype(self) -> type:
         """uint8 with a grouping (a few labels), else int64 (TotalSegmentator ids as they are)."""
-        return np.uint8 if self.cfg.anatomy_groups in ANATOMY_GROUPS else np.int64
+        return np.uint8 if self._groups is not None else np.int64
 
     def anatomy_box(self, path: str, source: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """fVLM's preprocessing (spec §3.3 steps 6-7): ``(windowed volume in [0, 1], label map)``, both cut to the
@@ -444,6 +475,7 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
                "volume_settings": self.volume_settings()}
         if self.cfg.anatomy_dir:
             out["anatomy"] = {"dir": str(self.anatomy_root().resolve()), "groups": self.cfg.anatomy_groups,
+                              "table": {str(k): v for k, v in sorted((self._groups or {}).items())},
                               "rule": "orient -> resample (nearest) onto the volume's grid"}
         return out
 

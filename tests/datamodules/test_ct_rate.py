@@ -425,6 +425,15 @@ def test_fvlm_anatomy_texts_crop_and_a_missing_mask_folder(tmp_path, tiny_tokeni
     assert np.array_equal(lab, np.pad(cut, pads)) and vol.shape == lab.shape and 0 <= vol.min() and vol.max() <= 1
     sample = boxed.load_sample(rec, train=True)
     assert sample["image"].shape == (1, 16, 48, 48) and sample["anatomy"].shape == (1, 16, 48, 48)
+    custom = make(root, size=[16, 48, 48], crop="anatomy", crop_margin=[1, 2, 2],
+                  **{**kw, "anatomy_groups": "custom",
+                     "anatomy_group_map": {10: 1, 11: 1, 12: 1, 13: 1, 14: 1, 51: 2, 61: 2, 15: 3, 52: 4}})
+    assert np.array_equal(custom.anatomy_box(path, source)[1], lab)  # fVLM's merge written out as a custom table
+    from medvlp.datamodules.transforms import VolumeTransform
+
+    vol3 = torch.rand(4, 5, 6)
+    keep_lr = VolumeTransform(mean=0.0, std=1.0, flip_prob=1.0, flip_axes=(True, True, False))
+    assert torch.equal(keep_lr(vol3, train=True)[0], torch.flip(vol3, [0, 1]))  # x (left / right) never flipped
     whole = make(root, size=[16, 48, 48], crop="anatomy", crop_margin=[1, 2, 2], eval_crop="full", **kw)
     assert torch.equal(whole.load_sample(rec, train=False)["anatomy"][0], torch.from_numpy(lab.astype(np.int64)))
     with pytest.raises(DataRootError, match=r"data.anatomy_dir: .*no_masks does not exist"):

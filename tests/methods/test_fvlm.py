@@ -532,8 +532,8 @@ def test_the_released_recipe_value_by_value():
     assert not m.gather_with_grad
     assert (d.name, d.version, d.apply_metadata_rescale, list(d.spacing), list(d.size), list(d.window), d.mean, d.std) == \
         ("ct_rate", "v1", "on", [3.0, 1.0, 1.0], [112, 256, 352], [-1150.0, 350.0], 0.0, 1.0)
-    assert (d.orientation, d.flip_prob, d.anatomy_groups, d.anatomy_text, d.crop, list(d.crop_margin)) == \
-        ("", 0.2, "fvlm4", "fvlm", "anatomy", [5, 20, 20])
+    assert (d.orientation, d.flip_prob, list(d.flip_axes), d.anatomy_groups, d.anatomy_text, d.crop, list(d.crop_margin)) == \
+        ("", 0.2, [True, True, True], "fvlm4", "fvlm", "anatomy", [5, 20, 20])
     assert (d.reconstructions, d.eval_reconstructions, d.batch_size, d.max_length, d.prompts) == \
         ("one", "all", 14, 384, "fvlm_ct_rate.yaml")
     assert len(d.eval_labels) == 16 and "Medical material" not in d.eval_labels and "Lymphadenopathy" not in d.eval_labels
