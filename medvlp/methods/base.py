@@ -92,8 +92,10 @@ class VLPMethod(L.LightningModule):
             loss of the global batch (negatives / codes gathered from every process); the contract
             suite checks that 2 processes then equal 1 process on the whole batch.
         may_skip_batches: :meth:`losses` may return no term for a batch that holds nothing to learn
-            from (fVLM: no anatomy with an abnormal sample); the step is then skipped - no backward,
-            no optimiser step - and counted in ``train/skipped_batches``. All processes must agree.
+            from (fVLM: no anatomy with an abnormal sample); the batch then trains nothing - no backward,
+            no parameter changes - while the step counter and the learning-rate schedule advance (as the
+            iteration counter of fVLM's loop does); counted in ``train/skipped_batches``. All processes
+            must agree.
     """
 
     Config: ClassVar[type[MethodConfig]] = MethodConfig
@@ -276,7 +278,7 @@ class VLPMethod(L.LightningModule):
                 raise RuntimeError(f"{type(self).__name__}.losses returned no terms")
             if stage == "train":
                 self.log("train/skipped_batches", 1.0, batch_size=len(batch), on_step=False, on_epoch=True, reduce_fx="sum")
-            return None  # Lightning skips the backward and the optimiser step
+            return None  # no backward: the optimiser finds no gradient and changes nothing
         undeclared = sorted(set(terms) - set(self.terms))
         if undeclared:
             raise RuntimeError(f"{type(self).__name__}.losses returned {undeclared}, which are not in its terms "

@@ -16,7 +16,7 @@ Spec: ``specs/methods/fvlm.md``. Contrast happens per anatomy instead of per vol
 * an anatomy contributes only when some sample of the global batch is intact and abnormal for it,
   and only if its targets are not all equal; the loss is the **sum** over contributing anatomies
   (term ``itc``; each anatomy's value is logged as ``<anatomy>_itc``). A batch in which no anatomy
-  contributes is skipped (no optimiser step), as in the released code.
+  contributes trains nothing (no backward; the iteration still counts), as in the released code.
 
 Everything is batched: token sets of variable size are boolean masks over the token grid, the
 pooling is one masked attention over ``[B, A, tokens]``, and features are gathered across processes
