@@ -29,8 +29,7 @@ from torch import Tensor, nn
 
 from medvlp.batch import ImageFeatures
 from medvlp.config import AnatomyViTConfig
-from medvlp.encoders.image2d import LastAttentionRecorder
-from medvlp.encoders.image3d import PatchEmbed3D, ViT3DEncoder
+from medvlp.encoders.image3d import PatchEmbed3D, ViT3DEncoder, run_block
 from medvlp.registry import register_image_encoder
 
 MAE_GRID = 14  # MAE ViT-B/16 at 224 px: a 14 x 14 patch grid
@@ -147,14 +146,8 @@ class AnatomyViT(nn.Module):
         x = self.pos_drop(x + self.positions(grid))
         levels, attn = [], None
         for i, blk in enumerate(self.blocks):
-            if return_attention and i == len(self.blocks) - 1:
-                with LastAttentionRecorder(blk.attn) as rec:
-                    x = blk(x)
-                attn = rec.probs()
-            elif self.grad_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
+            x, probs = run_block(blk, x, return_attention and i == len(self.blocks) - 1, self.grad_checkpointing and self.training)
+            attn = probs if probs is not None else attn
             if i in self.out_blocks:
                 levels.append(x)
         x = self.norm(x)

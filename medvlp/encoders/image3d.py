@@ -52,6 +52,18 @@ def vit_trunk(cfg: ViT3DEncoderConfig) -> tuple[nn.ModuleList, nn.LayerNorm]:
     return blocks, nn.LayerNorm(cfg.width, eps=1e-6)
 
 
+def run_block(blk: nn.Module, x: Tensor, record: bool, checkpoint: bool) -> tuple[Tensor, Tensor | None]:
+    """One transformer block: ``(output, attention probabilities if record else None)``; with
+    ``checkpoint`` its activations are recomputed in the backward pass."""
+    if record:
+        with LastAttentionRecorder(blk.attn) as rec:
+            x = blk(x)
+        return x, rec.probs()
+    if checkpoint:
+        return torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False), None
+    return blk(x), None
+
+
 class PatchEmbed3D(nn.Module):
     """Non-overlapping 3D patches: ``[B, C, D, H, W]`` -> ``[B, d*h*w, width]`` and the grid."""
 
@@ -181,15 +193,8 @@ class ViT3DEncoder(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         attn = None
         for i, blk in enumerate(self.blocks):
-            last = i == len(self.blocks) - 1
-            if last and return_attention:
-                with LastAttentionRecorder(blk.attn) as rec:
-                    x = blk(x)
-                attn = rec.probs()
-            elif self.grad_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
+            x, probs = run_block(blk, x, return_attention and i == len(self.blocks) - 1, self.grad_checkpointing and self.training)
+            attn = probs if probs is not None else attn
         x = self.norm(x)
         pooled = x[:, 1:].mean(dim=1) if self.cfg.global_pool == "mean" else x[:, 0]
         return ImageFeatures(pooled=pooled, tokens=x[:, 1:], grid=grid, attentions=attn)
