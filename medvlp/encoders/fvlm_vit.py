@@ -113,7 +113,6 @@ class AnatomyViT(nn.Module):
         self.out_blocks = [int(b) - 1 for b in cfg.out_blocks]
         self.grad_checkpointing = cfg.grad_checkpointing
         self.out_dim = self.local_dim = cfg.width
-        self.num_levels = len(self.out_blocks) + 1
         if cfg.inflate_from:
             self.load_2d_blocks(cfg.inflate_from, pretrained=cfg.pretrained)
 
@@ -140,7 +139,7 @@ class AnatomyViT(nn.Module):
         Returns:
             ImageFeatures: ``tokens`` the final normalised tokens ``[B, d*h*w, width]``, ``pooled`` their
             mean, ``grid`` ``(d, h, w)``, ``levels`` the raw residual stream after each of ``out_blocks``
-            and the final tokens (``num_levels`` tensors ``[B, d*h*w, width]``).
+            and the final tokens (``len(out_blocks) + 1`` tensors ``[B, d*h*w, width]``).
         """
         x, grid = self.patch_embed(volumes)
         x = self.pos_drop(x + self.positions(grid))

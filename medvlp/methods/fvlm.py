@@ -242,12 +242,8 @@ class FVLM(VLPMethod):
         return self.project_all(self.pool(feats.levels, flags)), flags.any(-1)
 
     def embed_batch(self, batch: ImageTextBatch) -> Tensor:
-        """``[B, A, D]``: each anatomy's embedding, NaN where the volume does not contain the anatomy; with
-        ``eval_windows`` each anatomy is embedded from its own window (:meth:`embed_windows`)."""
-        if self.cfg.eval_windows:
-            return self.embed_windows(batch.images, self.label_map(batch))
-        emb, present = self.embed_anatomies(batch.images, self.label_map(batch))
-        return emb.masked_fill(~present[..., None], float("nan"))
+        """:meth:`embed_image` of the batch's volumes with their (checked) anatomy label maps."""
+        return self.embed_image(batch.images, self.label_map(batch))
 
     def embed_windows(self, images: Tensor, labels: Tensor) -> Tensor:
         """fVLM's evaluation (``eval.py``): for every anatomy present in a volume, the window of
@@ -273,11 +269,15 @@ class FVLM(VLPMethod):
         return out
 
     def embed_image(self, images: Tensor, anatomy_masks: Tensor | None = None) -> Tensor:
-        """``[B, A, D]`` anatomy embeddings of ``images`` with their label maps ``anatomy_masks`` ``[B, (1,) D, H, W]``."""
+        """``[B, A, D]``: each anatomy's embedding of ``images`` with their label maps ``anatomy_masks``
+        ``[B, (1,) D, H, W]``, NaN where a volume does not contain the anatomy; with ``eval_windows`` each
+        anatomy is embedded from its own window (:meth:`embed_windows`)."""
         if anatomy_masks is None:
             raise ValueError("fVLM embeds anatomies, not whole volumes: pass the anatomy label map (the loaders do with "
                              "data.anatomy_dir set).")
         labels = anatomy_masks[:, 0] if anatomy_masks.ndim == 5 else anatomy_masks
+        if self.cfg.eval_windows:
+            return self.embed_windows(images, labels)
         emb, present = self.embed_anatomies(images, labels)
         return emb.masked_fill(~present[..., None], float("nan"))
 
