@@ -208,6 +208,21 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
             nifti.check_hu(hu, path, [float(v) for v in cfg.hu_check_range])
         return hu, img
 
+    def _recall(self, key: str) -> Any:
+        """An entry of the in-memory LRU (``data.cache_size``), or None."""
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+        return cached
+
+    def _remember(self, key: str, value: Any) -> Any:
+        """Keep ``value`` in the in-memory LRU (when ``data.cache_size`` > 0); returns it."""
+        if self.cfg.cache_size > 0:
+            self._cache[key] = value
+            while len(self._cache) > self.cfg.cache_size:
+                self._cache.popitem(last=False)
+        return value
+
     def hu_resampled(self, path: str, source: Any = None) -> np.ndarray:
         """HU ``[D, H, W]`` after orientation and resampling (before any crop): from the preprocessed
         cache when it holds the file, else decoded."""
@@ -227,9 +242,8 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
         only the cropped part is read), else decodes the file."""
         from medvlp.datamodules.formats import nifti
 
-        cached = self._cache.get(path)
+        cached = self._recall(path)
         if cached is not None:
-            self._cache.move_to_end(path)
             return cached
         cfg = self.cfg
         hu = self.hu_resampled(path, source)
@@ -237,11 +251,7 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
         if list(cfg.size):  # crop first (reads only that part of a memory-mapped volume), pad with the window floor
             hu = nifti.center_crop_or_pad(hu, [int(s) for s in cfg.size], pad_value=low)
         vol = np.ascontiguousarray(nifti.window(hu, low, high))
-        if cfg.cache_size > 0:
-            self._cache[path] = vol
-            while len(self._cache) > cfg.cache_size:
-                self._cache.popitem(last=False)
-        return vol
+        return self._remember(path, vol)
 
     def pick(self, record: Record, train: bool) -> tuple[str, Any]:
         """``(path, source)`` of the file read for ``record``: its only file, or, when it lists several
@@ -352,9 +362,8 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
 
         cfg = self.cfg
         key = f"anatomy:{int(crop)}:{path}"
-        cached = self._cache.get(key)
+        cached = self._recall(key)
         if cached is not None:
-            self._cache.move_to_end(key)
             return cached
         cache = self.preprocessed()
         arr = cache.read_extra(path, "anatomy") if cache is not None else None
@@ -366,11 +375,7 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
         if list(cfg.size) and crop:
             arr = nifti.center_crop_or_pad(arr, [int(s) for s in cfg.size], pad_value=0)
         arr = np.ascontiguousarray(arr)
-        if cfg.cache_size > 0 and crop:  # kept with the volumes (data.cache_size)
-            self._cache[key] = arr
-            while len(self._cache) > cfg.cache_size:
-                self._cache.popitem(last=False)
-        return arr
+        return self._remember(key, arr) if crop else arr
 
     def anatomy_dtype(self) -> type:
         """uint8 with a grouping (a few labels), else int64 (TotalSegmentator ids as they are)."""
@@ -384,9 +389,8 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
         from medvlp.datamodules.formats import nifti
 
         key = "anatomy-box:" + path
-        cached = self._cache.get(key)
+        cached = self._recall(key)
         if cached is not None:
-            self._cache.move_to_end(key)
             return cached
         cfg = self.cfg
         hu = self.hu_resampled(path, source)
@@ -406,11 +410,7 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
         vol = nifti.window(nifti.center_crop_or_pad(np.asarray(hu[box]), size, pad_value=low), low, high)
         lab = nifti.center_crop_or_pad(labels[box], size, pad_value=0)
         out = (np.ascontiguousarray(vol), np.ascontiguousarray(lab))
-        if cfg.cache_size > 0:
-            self._cache[key] = out
-            while len(self._cache) > cfg.cache_size:
-                self._cache.popitem(last=False)
-        return out
+        return self._remember(key, out)
 
     def anatomy_crop(self, path: str, source: Any, train: bool) -> tuple[np.ndarray, np.ndarray]:
         """``data.crop=anatomy``: the :meth:`anatomy_box` volume and map cut to ``data.size`` - at a random
