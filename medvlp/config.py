@@ -99,7 +99,8 @@ class ImageEncoderConfig:
     """``method.image_encoder``: the fields every image encoder shares. ``name`` picks a registered encoder,
     and its ``Config`` (a subclass of this one) is the schema of the block: :class:`TimmEncoderConfig`
     (``timm``), :class:`ViT3DEncoderConfig` (``vit3d``), :class:`HierarchicalViTConfig` (``hlip_vit``),
-    :class:`AnatomyViTConfig` (``fvlm_vit``).
+    :class:`AnatomyViTConfig` (``fvlm_vit``),
+    :class:`FrozenTrunkViTConfig` (``medblip_vit``).
     ``configs/encoder/*.yaml`` hold ready-made blocks."""
 
     name: str = "timm"
@@ -165,6 +166,32 @@ class AnatomyViTConfig(ViT3DEncoderConfig):
 
 
 @dataclass
+class FrozenTrunkViTConfig(ImageEncoderConfig):
+    """``medblip_vit``: MedBLIP's image branch - a trainable 3D patch embedding (one strided Conv3d) and 3D
+    position table in front of the blocks of a frozen 2D ViT trunk (BLIP-2's EVA ViT-g), then a trainable
+    LayerNorm (``ln_vision``). Gradients reach the patch embedding through the frozen blocks.
+
+    ``trunk``: ``eva_vit_g`` (timm ``eva_giant_patch14_clip_224``, 1408 wide), ``eva`` (timm's EVA block at
+    ``width`` / ``depth`` / ``heads`` / ``mlp_ratio``: the CPU stand-in), or any timm ViT name. The trunk keeps
+    its first ``trunk_depth`` blocks (0 = all; BLIP-2 drops the last of 40 -> 39)."""
+
+    name: str = "medblip_vit"
+    in_chans: int = bounded(1, gt=0)
+    img_size: list[int] = bounded(default_factory=lambda: [224, 224, 224], gt=0, each=True)
+    patch_size: list[int] = bounded(default_factory=lambda: [32, 32, 32], gt=0, each=True)
+    trunk: str = "eva_vit_g"  # eva_vit_g | eva (sized by width / depth / heads / mlp_ratio) | a timm ViT name
+    trunk_depth: int = bounded(39, ge=0)  # keep the first N blocks (0 = all)
+    trunk_checkpoint: str = ""  # a state dict file for the trunk (e.g. BLIP-2's eva_vit_g.pth); "" = timm's weights when pretrained
+    trunk_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # cast of the frozen blocks (official: fp16)
+    freeze_trunk: bool = True  # the official rule: every trunk parameter (cls token included) frozen
+    width: int = bounded(1408, gt=0)  # eva stand-in only (eva_vit_g and timm names bring their own)
+    depth: int = bounded(39, gt=0)
+    heads: int = bounded(16, gt=0)
+    mlp_ratio: float = bounded(6144 / 1408, gt=0)
+    pos_std: float = bounded(0.02, gt=0)  # trunc-normal std of the 3D position table
+
+
+@dataclass
 class TextEncoderConfig:
     """``method.text_encoder``: a transformers encoder (hub name, local directory or ``tiny``)."""
 
@@ -182,6 +209,54 @@ class TextEncoderConfig:
     pool: Literal["cls", "mean", "max"] = "cls"
     grad_checkpointing: bool = False
     config_overrides: dict[str, Any] = field(default_factory=dict)  # fields of the HF config
+
+
+@dataclass
+class QFormerConfig(TextEncoderConfig):
+    """``qformer``: BLIP-2's Q-Former (LAVIS design): a BERT whose every ``cross_attention_freq``-th layer
+    (0, 2, ...) cross-attends from learned query tokens to image tokens, with a second feed-forward block for
+    the query positions; text runs through the same self-attention layers (its [CLS] is the text feature).
+
+    ``model``: a BERT checkpoint for the self-attention and text feed-forward weights (``bert-base-uncased``;
+    a hub name or local directory), or ``tiny`` (random weights sized by ``hidden_size`` ... ``intermediate_size``,
+    with a WordPiece tokenizer trained on the synthetic EHR texts). Cross-attention, query feed-forward
+    blocks and query tokens are always new (std 0.02)."""
+
+    name: str = "qformer"
+    model: str = "bert-base-uncased"
+    num_query_tokens: int = bounded(32, gt=0)
+    cross_attention_freq: int = bounded(2, gt=0)
+    encoder_width: int = bounded(1408, gt=0)  # width of the image tokens (the image encoder's)
+    hidden_size: int = bounded(768, gt=0)  # tiny only (a checkpoint brings its own)
+    num_hidden_layers: int = bounded(12, gt=0)
+    num_attention_heads: int = bounded(12, gt=0)
+    intermediate_size: int = bounded(3072, gt=0)
+    max_position_embeddings: int = bounded(512, gt=0)
+    dropout: float = bounded(0.1, ge=0, lt=1)  # hidden and attention-probability dropout (BERT's 0.1)
+
+
+@dataclass
+class LLMConfig:
+    """``method.llm``: a frozen Hugging Face language model (MedBLIP's decoder).
+
+    ``model``: a hub name or local directory (``google/flan-t5-xl``, ``stanford-crfm/BioMedLM``), or an offline
+    stand-in built from its config: ``tiny_t5`` (encoder-decoder) / ``tiny_gpt2`` (decoder-only), with a
+    word-level tokenizer trained on the synthetic EHR texts; ``config_overrides`` resize them (any field of
+    the HF config). ``pretrained=false`` builds a hub model from its config with random weights."""
+
+    model: str = "tiny_t5"
+    kind: Literal["auto", "seq2seq", "causal"] = "auto"  # auto = from the model's config
+    pretrained: bool = True
+    tokenizer: str = ""  # "" = the model's own
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # the frozen weights' dtype
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    attn_implementation: str = "sdpa"
+    lora: bool = False  # LoRA adapters (peft) on the frozen LLM, trainable
+    lora_r: int = bounded(8, gt=0)
+    lora_alpha: float = bounded(16.0, gt=0)
+    lora_dropout: float = bounded(0.05, ge=0, lt=1)
+    lora_targets: list[str] = field(default_factory=list)  # module names; [] = the model type's attention projections
+    grad_checkpointing: bool = False
 
 
 @dataclass
