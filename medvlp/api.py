@@ -198,7 +198,7 @@ def _trainer(cfg: DictConfig, run_dir: Path, callbacks: list[Any], resumed_step:
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=_strategy(t),
         precision=t.precision,
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val or None,
@@ -215,6 +215,25 @@ def _trainer(cfg: DictConfig, run_dir: Path, callbacks: list[Any], resumed_step:
     )
 
 
+def _strategy(t: DictConfig) -> Any:
+    """``trainer.strategy`` as Lightning takes it; ``fsdp`` and ``model_parallel`` shard the module classes named
+    in ``trainer.fsdp_wrap`` as their own units (:func:`medvlp.distributed.wrap_policy`, :meth:`VLPMethod.configure_model`)."""
+    if t.strategy == "fsdp" and list(t.fsdp_wrap):
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        from medvlp.distributed import wrap_policy
+
+        # frozen and trainable parameters share units: FSDP keeps the original parameters
+        return FSDPStrategy(auto_wrap_policy=wrap_policy(list(t.fsdp_wrap)), sharding_strategy=t.fsdp_sharding,
+                            use_orig_params=True)
+    if t.strategy == "model_parallel":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        # one data-parallel dimension over every process (FSDP2); checkpoints are whole files, as load_run reads them
+        return ModelParallelStrategy(data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=False)
+    return t.strategy
+
+
 def check_trainer_choices(cfg: DictConfig) -> None:
     """``trainer.precision`` / ``accelerator`` / ``strategy`` are among the values this Lightning accepts
     (checked before anything is built or written; the lists come from Lightning itself)."""
@@ -227,7 +246,7 @@ def check_trainer_choices(cfg: DictConfig) -> None:
     precisions = [str(v) for lit in get_args(_PRECISION_INPUT) for v in get_args(lit)]
     choices = {"precision": precisions,
                "accelerator": ["auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())],
-               "strategy": ["auto", *StrategyRegistry.available_strategies()]}
+               "strategy": ["auto", "model_parallel", *StrategyRegistry.available_strategies()]}
     for key, allowed in choices.items():
         value = str(cfg.trainer[key])
         if value not in allowed:
@@ -285,6 +304,7 @@ def fit(cfg: DictConfig, resume: str | Path | None = None) -> Path:
     check_trainer_choices(cfg)
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     method = build_method(cfg)
+    method.shard_classes = list(cfg.trainer.fsdp_wrap)
     if cfg.trainer.compile:
         method.image_encoder = torch.compile(method.image_encoder)
     dm = build_datamodule(cfg, tokenizer=method.tokenizer)
@@ -329,13 +349,16 @@ def fit(cfg: DictConfig, resume: str | Path | None = None) -> Path:
 
 
 def _save_text_encoder(method: Any, run_dir: Path) -> None:
-    """``<run>/text_encoder``: written beside it, then renamed into place (complete or absent)."""
+    """``<run>/text_encoder`` and the method's other :meth:`~medvlp.methods.base.VLPMethod.pretrained_parts`
+    (``<run>/<name>``): each written beside it, then renamed into place (complete or absent)."""
     import shutil
 
-    tmp = run_dir / f".{TEXT_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a write cut short
-    method.text_encoder.save_pretrained_parts(tmp)
-    os.replace(tmp, run_dir / TEXT_DIR)
+    for name, part in {TEXT_DIR: method.text_encoder, **method.pretrained_parts()}.items():
+        tmp = run_dir / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a write cut short
+        part.save_pretrained_parts(tmp)
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+        os.replace(tmp, run_dir / name)
 
 
 def load_config(run_dir: str | Path) -> DictConfig:
@@ -358,6 +381,9 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None):
     offline.method.image_encoder.pretrained = False
     if "inflate_from" in offline.method.image_encoder:
         offline.method.image_encoder.inflate_from = ""  # weights come from the checkpoint
+    if offline.method.image_encoder.get("trunk_checkpoint"):
+        offline.method.image_encoder.trunk_checkpoint = ""
+    METHODS.get(offline.method.name).offline_config(offline, run_dir)
     method = build_method(offline)
     # tensors and plain containers only: a checkpoint that would run code is refused, a broken one named
     if checkpoint:
@@ -402,10 +428,57 @@ def evaluate_method(method, cfg: DictConfig, tasks: tuple[str, ...] = ("zeroshot
     resolve_data_root(cfg)
     dm = build_datamodule(cfg, tokenizer=method.tokenizer)
     emb = extract(method, dm.eval_dataloader(split))
+    emb.split = split
     out: dict[str, Any] = {"split": split, "n": len(emb.study_ids)}
     for task in chosen:
         out[task.name] = task.evaluate(method, dm, emb, cfg)
     out["dropped"] = dm.dropped_summary()  # studies left out while reading the split (listed in the log)
+    return out
+
+
+def vqa(run_dir: str | Path, study: str = "", questions: tuple[str, ...] | list[str] = (), split: str = "test",
+        references: str | Path = "", data_overrides: list[str] | None = None) -> dict[str, Any]:
+    """Answers of a generative run (MedBLIP) to questions about one study, and / or its scores on a file of
+    reference answers.
+
+    Args:
+        run_dir: a run directory of a method that can ``generate``.
+        study: the study: its id (``ADNI-test:3``) or its image path (as the list writes it, or absolute).
+        questions: free-text questions about ``study`` (each answered from the volume and its EHR prompt).
+        split: where the study is looked up (test, val or train).
+        references: a CSV ``image,question,answer``: every row whose study is in ``split`` is answered and
+            scored (exact match, token-F1).
+        data_overrides: ``data.*`` overrides (e.g. ``data.root=/other/copy``).
+
+    Returns:
+        ``{"answers": [{"question", "answer"}], "vqa": scores}`` (each key when asked for).
+    """
+    from medvlp.downstream.generative import answer_questions, evaluate_references, read_references
+
+    if bool(study) != bool(questions):
+        raise C.ConfigError("Name a study and at least one question together (--study ID --question TEXT).")
+    if not study and not references:
+        raise C.ConfigError("Nothing to answer: give --study and --question, or --answers FILE of reference answers.")
+    method, cfg = load_run(run_dir)
+    if not method.supports("generate"):
+        raise C.ConfigError(f"{cfg.method.name} does not generate text; VQA needs a generative run (e.g. --method medblip).")
+    if data_overrides:
+        cfg = OmegaConf.merge(cfg, C.parse_overrides(data_overrides))
+    resolve_data_root(cfg)
+    dm = build_datamodule(cfg, tokenizer=method.tokenizer)
+    out: dict[str, Any] = {"run": str(run_dir), "split": split}
+    if study:
+        index = dm.study_index(split)
+        if study not in index:
+            known = [k for k in index if ":" in k][:3]
+            raise C.ConfigError(f"No study '{study}' in the {split} split of {cfg.data.name} (data.root={cfg.data.root}); "
+                                f"name a study id (e.g. {', '.join(known)}) or an image path, or choose --split.")
+        batch = dm.collate([dm.dataset(split).load(index[study])])
+        answers = answer_questions(method, batch, [str(q) for q in questions])
+        out["study"] = study
+        out["answers"] = [{"question": str(q), "answer": a} for q, a in zip(questions, answers, strict=True)]
+    if references:
+        out["vqa"] = evaluate_references(method, dm, read_references(references), split)
     return out
 
 

@@ -28,6 +28,8 @@ class ImageTextBatch:
             ``k`` the ``k``-th anatomy of the datamodule's ``anatomy_names``.
         anatomy_texts: anatomy name -> ``B`` texts, each sample's report about that anatomy (fVLM).
         anatomy_abnormal: ``[B, A]`` bool, True where the report calls that anatomy abnormal (fVLM).
+        descriptions: ``B`` EHR descriptions - the text before the diagnosis (MedBLIP's lists).
+        prompts: ``B`` questions or prompts for generative methods (None: the method's default).
         boxes / box_labels: per image ``[N_i, 4]`` float ``(x1, y1, x2, y2)`` in the pixels of
             ``images`` and ``[N_i]`` int64 classes (detection datasets).
         masks: ``[B, H, W]`` uint8 {0, 1} aligned to ``images`` (segmentation datasets).
@@ -35,6 +37,7 @@ class ImageTextBatch:
         skipped_ids / skipped_reasons: the study id of each of those items and why it was skipped
             (the error message, naming the file); :class:`~medvlp.datamodules.dropped.DroppedItems`
             lists them in ``dropped.csv``.
+        meta: per-item lists a dataset adds (``cohort``: the list a MedBLIP row came from).
     """
 
     images: Tensor
@@ -47,6 +50,7 @@ class ImageTextBatch:
     anatomy_masks: Tensor | None = None
     anatomy_texts: dict[str, list[str]] | None = None
     anatomy_abnormal: Tensor | None = None
+    descriptions: list[str] | None = None
     prompts: list[str] | None = None
     boxes: list[Tensor] | None = None
     box_labels: list[Tensor] | None = None

@@ -25,6 +25,8 @@ EXAMPLES = """examples:
   medvlp fit --resume runs/clip-mimic-cxr-...     continue an interrupted run
   medvlp zeroshot --run runs/clip-...             per-finding zero-shot AUROC on the test split
   medvlp retrieve --run runs/clip-...             image<->report recall@1/5/10
+  medvlp fit --method medblip                     3D volumes + EHR text into a Q-Former and a frozen LLM
+  medvlp vqa --run runs/medblip-... --study ADNI-test:1 --question "What will this subject be diagnosed with?"
   medvlp preprocess --data rsna_pneumonia data.root=/data/rsna   decode every image once (cache)
   medvlp demo --out demo_data                     write the synthetic datasets
   medvlp list                                     methods, datamodules, encoders, tasks, configs
@@ -61,6 +63,18 @@ def _parser() -> argparse.ArgumentParser:
         ev.add_argument("--split", default="test", help="split to evaluate: test (default), val, train, or one the dataset defines (e.g. chexpert 5x200)")
         ev.add_argument("--json", metavar="FILE", help="also write the result as JSON")
         ev.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.root=/other/copy")
+
+    vq = sub.add_parser("vqa", help="answer questions about a study with a generative run (MedBLIP)",
+                        description="Answer free-text questions about one study from its volume and EHR prompt (a run of a "
+                                    "generative method, e.g. MedBLIP), and / or score the run on a CSV of reference answers "
+                                    "(image,question,answer) by exact match and token-F1.")
+    vq.add_argument("--run", required=True, metavar="RUN_DIR")
+    vq.add_argument("--study", default="", help="study id (e.g. ADNI-test:3) or image path as the list writes it")
+    vq.add_argument("--question", action="append", default=[], help="a question (repeatable)")
+    vq.add_argument("--split", default="test", help="split the study is in (default test)")
+    vq.add_argument("--answers", default="", metavar="FILE", help="reference answers to score against (CSV image,question,answer)")
+    vq.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    vq.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.root=/other/copy")
 
     pre = sub.add_parser(
         "preprocess", help="decode a 2D radiograph or CT dataset once into a cache that training reads",
@@ -121,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", required=True)
     demo.add_argument("--kind", default="all", choices=["all", "cxr", "ct", "brain_mri", "chexpert", "rsna", "siim", "nih14",
                                                         "covidx", "object_cxr", "rad_chestct", "cq500", "rsna_ich", "pub_brain5",
-                                                        "medblip_mri"])
+                                                        "medblip_mri", "adni"])
     demo.add_argument("--size", default="default", choices=["tiny", "default"])
     demo.add_argument("--seed", type=int, default=0)
 
@@ -187,6 +201,21 @@ def cmd_eval(args: argparse.Namespace, task: str) -> None:
     res = api.evaluate(args.run, tasks=(task,), split=args.split, data_overrides=args.overrides, data=args.data)
     print_table(*get_task(task).rows(res))
     if args.json:  # whole or not at all: a killed process leaves no partial file
+        write_atomic(Path(args.json), json.dumps(res, indent=2))
+
+
+def cmd_vqa(args: argparse.Namespace) -> None:
+    from medvlp import api
+    from medvlp.cache import write_atomic
+    from medvlp.downstream.task import get_task, print_table
+
+    res = api.vqa(args.run, study=args.study, questions=args.question, split=args.split, references=args.answers,
+                  data_overrides=args.overrides)
+    for qa in res.get("answers", []):
+        print(f"Q: {qa['question']}\nA: {qa['answer']}")
+    if "vqa" in res:
+        print_table(*get_task("vqa").rows(res))
+    if args.json:
         write_atomic(Path(args.json), json.dumps(res, indent=2))
 
 
@@ -273,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         "preprocess": cmd_preprocess,
         "explain": cmd_explain,
         "downstream": cmd_downstream,
+        "vqa": cmd_vqa,
         "sweep": sweep.cmd_sweep,
         "demo": cmd_demo,
         "list": lambda a: cmd_list(a.what),

@@ -344,6 +344,10 @@ class TrainerConfig:
     enable_progress_bar: bool = True
     deterministic: bool = False
     compile: bool = False
+    # strategy fsdp (Lightning's FSDP, CUDA) or model_parallel (Lightning's FSDP2 strategy, also on CPU / gloo):
+    # the module classes, by name, sharded as their own units (e.g. FrozenLLM, T5Block); the rest is one root unit
+    fsdp_wrap: list[str] = field(default_factory=list)
+    fsdp_sharding: Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"] = "FULL_SHARD"  # fsdp only
 
 
 @dataclass

@@ -70,3 +70,27 @@ def all_reduce_sum(x: Tensor) -> Tensor:
     x = x.clone()
     dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+def wrap_policy(names: list[str]):
+    """An FSDP auto-wrap policy: every module whose class name is in ``names`` becomes its own unit."""
+    wanted = set(names)
+
+    def policy(module: torch.nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+        return recurse or type(module).__name__ in wanted
+
+    return policy
+
+
+def shard_modules(model: torch.nn.Module, names: list[str], mesh) -> int:
+    """FSDP2 (``fully_shard``) on every submodule whose class name is in ``names`` (innermost first), then on
+    ``model`` itself; returns the number of units sharded below the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    wanted = set(names)
+    units = [m for m in model.modules() if m is not model and type(m).__name__ in wanted]
+    inner = {id(x) for m in units for x in m.modules() if x is not m}
+    for m in sorted(units, key=lambda m: id(m) in inner, reverse=True):  # nested units before their parents
+        fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return len(units)

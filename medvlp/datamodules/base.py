@@ -251,6 +251,25 @@ class VLPDataModule:
             return record.text
         return augment_text(record.text, self.cfg.text_augment, float(self.cfg.text_keep))
 
+    def vqa_file(self) -> Path | None:
+        """Reference answers for VQA (a CSV ``image,question,answer``) if the dataset has them; None here."""
+        return None
+
+    def study_index(self, split: str) -> dict[str, int]:
+        """Index of each record of ``split`` by its study id and by its image path (as stored, and relative to
+        ``data.root``), so a study can be named either way."""
+        index: dict[str, int] = {}
+        root = Path(str(self.cfg.root))
+        for i, rec in enumerate(self.records(split)):
+            index.setdefault(str(rec.study_id), i)
+            for path in [rec.image_path] if isinstance(rec.image_path, str) else list(rec.image_path):
+                index.setdefault(str(path), i)
+                try:
+                    index.setdefault(str(Path(path).relative_to(root)), i)
+                except ValueError:
+                    pass
+        return index
+
     # ------------------------------------------------------------------ dropped items
     def note_dropped(self, split: str, study_id: str, reason: str) -> None:
         """Record that ``study_id`` of ``split`` is not used, and why (a message naming the file or
@@ -344,6 +363,9 @@ class VLPDataModule:
             names = list(kept[0]["meta"]["anatomy_texts"])
             targets["anatomy_texts"] = {n: [it["meta"]["anatomy_texts"][n] for it in kept] for n in names}
             targets["anatomy_abnormal"] = torch.tensor([it["meta"]["anatomy_abnormal"] for it in kept], dtype=torch.bool)
+        if "description" in kept[0]["meta"]:  # EHR text before the diagnosis (MedBLIP's lists), and its cohort
+            targets["descriptions"] = [str(it["meta"]["description"]) for it in kept]
+            targets["meta"] = {"cohort": [str(it["meta"].get("list", "")) for it in kept]}
         images, scan_mask = stack_images([it["image"] for it in kept], self.multi_scan)
         if scan_mask is not None:
             targets["scan_mask"] = scan_mask

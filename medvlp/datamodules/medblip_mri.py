@@ -29,7 +29,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -72,6 +72,11 @@ class MedBLIPMRIConfig(DataConfig):
     batch_size: int = 4
     eval_batch_size: int = 4
     max_length: int = 256
+    # the text of an item (input_ids, retrieval): full (the list's text, diagnosis sentence included) |
+    # description (the EHR part only, what MedBLIP contrasts with the image)
+    text: Literal["full", "description"] = "full"
+    image_only: bool = False  # the image-only ablation (spec §3.3): every EHR description is empty
+    vqa_file: str = ""  # reference answers for medvlp vqa / the vqa task: CSV image,question,answer (relative to root)
 
 
 def parse_text(text: str) -> tuple[str, str]:
@@ -90,6 +95,8 @@ class MedBLIPMRIDataModule(VLPDataModule):
 
     Config = MedBLIPMRIConfig
     modality = "3d"
+    multiclass = True
+    demo_kind = "adni"  # data.root=demo: the synthetic ADNI-style cohort (demo/adni.py)
     label_names = list(CLASSES)
     EXPECTED_LAYOUT = """\
   <root>/local_data/ADNI-train.csv, ADNI-test.csv, ...   (or directly under <root>)
@@ -138,6 +145,8 @@ class MedBLIPMRIDataModule(VLPDataModule):
                                 f"'<image path>\\t<text>' (a tab inside the text breaks the format).")
             image, text = fields[0].strip(), fields[1].strip()
             description, answer = parse_text(text)
+            if self.cfg.image_only:
+                description = ""
             key = answer.lower()
             labels = np.full(len(CLASSES), np.nan, np.float32)
             if key in SYNONYMS:
@@ -179,6 +188,22 @@ class MedBLIPMRIDataModule(VLPDataModule):
             log.info("medblip_mri: rows without a usable diagnosis so far: %s",
                      {k: v for k, v in self.counts.items() if "diagnosis" in k})
         return records
+
+    def vqa_file(self) -> Path | None:
+        """``data.vqa_file`` (relative to ``data.root``), or None; a named file that does not exist is an error."""
+        if not self.cfg.vqa_file:
+            return None
+        path = Path(self.cfg.vqa_file)
+        path = path if path.is_absolute() else Path(self.cfg.root) / path
+        if not path.is_file():
+            raise DataError(f"data.vqa_file: {path} does not exist (a CSV with the columns image,question,answer).")
+        return path
+
+    def item_text(self, record: Record, train: bool) -> str:
+        """``data.text``: the list's whole text, or its EHR description only."""
+        if self.cfg.text == "description":
+            return str(record.meta["description"])
+        return super().item_text(record, train)
 
     def split_of(self, subject: str) -> str:
         return "val" if stable_fraction(int(self.cfg.split_seed), subject) < float(self.cfg.val_fraction) else "train"

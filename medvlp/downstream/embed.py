@@ -16,6 +16,7 @@ class Embeddings:
     texts: Tensor  # [N, D]
     study_ids: list[str]
     labels: Tensor | None  # [N, K], NaN unknown
+    split: str = ""  # the split they were extracted from, when known
 
 
 def default_device() -> torch.device:

@@ -186,6 +186,10 @@ class ZeroShotTask(Task):
     def evaluate(self, method: Any, dm: Any, emb: Embeddings, cfg: Any) -> dict[str, Any]:
         from medvlp.downstream.embed import extract
 
+        if method.supports("generate") and dm.multiclass:  # MedBLIP: the class named by text, in three modes
+            from medvlp.downstream.generative import zero_shot_diagnosis
+
+            return zero_shot_diagnosis(method, dm.eval_dataloader(emb.split or "test"), list(dm.label_names))
         prompts = load_prompts(dm.prompt_file())
         split = str(cfg.data.get("threshold_split", "") or "")
         other = extract(method, dm.eval_dataloader(split)) if split else None
@@ -197,6 +201,11 @@ class ZeroShotTask(Task):
 
     def rows(self, res: dict[str, Any]) -> tuple[str, list[tuple[str, str]], tuple[str, str]]:
         z = res["zeroshot"]
+        if "modes" in z:
+            from medvlp.downstream.generative import diagnosis_rows
+
+            return (f"zero-shot {', '.join(z['classes'])} on the {res['split']} split ({z['n']} volumes; "
+                    f"{z['unlabelled']} without a diagnosis left out)", diagnosis_rows(z), ("mode", "result"))
         rows = [(lab, f"{auc:.3f}   (pos {z['positives'][lab]}, neg {z['negatives'][lab]})") for lab, auc in z["auroc"].items()]
         rows.append(("mean", f"{z['mean_auroc']:.3f}"))
         where = ("chosen on this split, as HLIP / fVLM report" if z.get("threshold_split", "evaluated") == "evaluated"

@@ -99,6 +99,7 @@ class VLPMethod(L.LightningModule):
     """
 
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    shard_classes: list[str] = []  # trainer.fsdp_wrap: classes sharded as units under the model_parallel strategy
     terms: ClassVar[tuple[str, ...]] = ()
     global_batch_keys: ClassVar[tuple[str, ...]] = ()
     may_skip_batches: ClassVar[bool] = False
@@ -225,6 +226,17 @@ class VLPMethod(L.LightningModule):
         """Capability: text generated from the images (generative methods: report, answer, diagnosis)."""
         return None
 
+    def pretrained_parts(self) -> dict[str, Any]:
+        """Components besides the text encoder whose tokenizer and architecture files a run directory keeps
+        (``<run>/<name>``, written by ``save_pretrained_parts(directory)``), so that :func:`medvlp.api.load_run`
+        rebuilds the method offline (MedBLIP: its LLM). Name -> component; none here."""
+        return {}
+
+    @classmethod
+    def offline_config(cls, cfg: Any, run_dir: Any) -> None:
+        """Point ``cfg.method`` at the parts :meth:`pretrained_parts` saved in ``run_dir`` (no hub access); the
+        weights come from the checkpoint. Nothing to do here."""
+
     def export_encoder(self) -> EncoderExport:
         """The pretrained image encoder and its input contract (what transfer tasks build on)."""
         c = self.cfg.image_encoder
@@ -311,6 +323,17 @@ class VLPMethod(L.LightningModule):
             self.log("data/skipped", float(self._skipped), reduce_fx="sum", sync_dist=True)
             self._skipped = 0
             self._skipped_ids = []
+
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy`` (``trainer.strategy=model_parallel``): FSDP2 over the data-parallel
+        mesh, each module of a class in :attr:`shard_classes` (``trainer.fsdp_wrap``) its own unit."""
+        mesh = self._device_mesh
+        if mesh is None or getattr(self, "_sharded", False):
+            return
+        from medvlp.distributed import shard_modules
+
+        shard_modules(self, list(self.shard_classes), mesh["data_parallel"] if mesh.mesh_dim_names else mesh)
+        self._sharded = True
 
     # ------------------------------------------------------------------ optimisation
     def param_groups(self) -> list[dict[str, Any]]:
