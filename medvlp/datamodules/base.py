@@ -175,6 +175,26 @@ class RecordDataset:
         return item
 
 
+class MemoryLRUMixin:
+    """An in-memory LRU of finished items per process, bounded by ``data.cache_size`` entries (0 = none):
+    ``_recall(key)`` / ``_remember(key, value)`` over ``self._cache`` (an ``OrderedDict`` the datamodule makes)."""
+
+    def _recall(self, key: str) -> Any:
+        """An entry of the in-memory LRU (``data.cache_size``), or None."""
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+        return cached
+
+    def _remember(self, key: str, value: Any) -> Any:
+        """Keep ``value`` in the in-memory LRU (when ``data.cache_size`` > 0); returns it."""
+        if self.cfg.cache_size > 0:
+            self._cache[key] = value
+            while len(self._cache) > self.cfg.cache_size:
+                self._cache.popitem(last=False)
+        return value
+
+
 class VLPDataModule:
     """Base class of every image-text datamodule (see the module docstring for the contract)."""
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +39,7 @@ from medvlp.datamodules.base import (
     DataConfig,
     DataError,
     DataRootError,
+    MemoryLRUMixin,
     Record,
     VLPDataModule,
     stable_fraction,
@@ -76,6 +78,7 @@ class MedBLIPMRIConfig(DataConfig):
     # description (the EHR part only, what MedBLIP contrasts with the image)
     text: Literal["full", "description"] = "full"
     image_only: bool = False  # the image-only ablation (spec §3.3): every EHR description is empty
+    cache_size: int = bounded(0, ge=0)  # finished volumes kept in memory per process (0 = none; none is random)
     vqa_file: str = ""  # reference answers for medvlp vqa / the vqa task: CSV image,question,answer (relative to root)
 
 
@@ -90,7 +93,7 @@ def parse_text(text: str) -> tuple[str, str]:
 
 
 @register_datamodule("medblip_mri")
-class MedBLIPMRIDataModule(VLPDataModule):
+class MedBLIPMRIDataModule(MemoryLRUMixin, VLPDataModule):
     """MedBLIP-format brain MRI lists: volume + EHR text + CN / MCI / AD."""
 
     Config = MedBLIPMRIConfig
@@ -112,6 +115,7 @@ class MedBLIPMRIDataModule(VLPDataModule):
                                            or not 0 <= cfg.clip_percentiles[0] < cfg.clip_percentiles[1] <= 100):
             raise ValueError(f"data.clip_percentiles must be [] or [low, high] within [0, 100], got {list(cfg.clip_percentiles)}.")
         self._pattern = re.compile(cfg.subject_pattern)
+        self._cache: OrderedDict[str, Any] = OrderedDict()
         self.counts: dict[str, int] = {}
 
     @classmethod
@@ -209,7 +213,14 @@ class MedBLIPMRIDataModule(VLPDataModule):
         return "val" if stable_fraction(int(self.cfg.split_seed), subject) < float(self.cfg.val_fraction) else "train"
 
     def load_image(self, record: Record, train: bool) -> Any:
-        """``[1, size, size, size]``: min-max, aspect-keeping trilinear resize, centred zero padding."""
+        """``[1, size, size, size]``: min-max, aspect-keeping trilinear resize, centred zero padding (the same
+        tensor every time: kept in the in-memory LRU when ``data.cache_size`` > 0)."""
+        cached = self._recall(str(record.image_path))
+        if cached is not None:
+            return cached.clone()
+        return self._remember(str(record.image_path), self._read_volume(record)).clone()
+
+    def _read_volume(self, record: Record) -> Any:
         import SimpleITK as sitk
         import torch
         import torch.nn.functional as F

@@ -29,6 +29,7 @@ from medvlp.datamodules.base import (
     DataConfig,
     DataError,
     DataRootError,
+    MemoryLRUMixin,
     PreprocessedCacheMixin,
     Record,
     VLPDataModule,
@@ -79,7 +80,7 @@ ANATOMY_GROUPS = {
 }
 
 
-class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
+class VolumeDataModule(PreprocessedCacheMixin, MemoryLRUMixin, VLPDataModule):
     """Base of the CT datamodules (see the module docstring)."""
 
     Config = VolumeConfig
@@ -207,21 +208,6 @@ class VolumeDataModule(PreprocessedCacheMixin, VLPDataModule):
         if cfg.hu_sanity_check:
             nifti.check_hu(hu, path, [float(v) for v in cfg.hu_check_range])
         return hu, img
-
-    def _recall(self, key: str) -> Any:
-        """An entry of the in-memory LRU (``data.cache_size``), or None."""
-        cached = self._cache.get(key)
-        if cached is not None:
-            self._cache.move_to_end(key)
-        return cached
-
-    def _remember(self, key: str, value: Any) -> Any:
-        """Keep ``value`` in the in-memory LRU (when ``data.cache_size`` > 0); returns it."""
-        if self.cfg.cache_size > 0:
-            self._cache[key] = value
-            while len(self._cache) > self.cfg.cache_size:
-                self._cache.popitem(last=False)
-        return value
 
     def hu_resampled(self, path: str, source: Any = None) -> np.ndarray:
         """HU ``[D, H, W]`` after orientation and resampling (before any crop): from the preprocessed

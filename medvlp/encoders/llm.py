@@ -484,13 +484,25 @@ class FrozenLLM(nn.Module):
         visual_first: bool = False,
         supervise_prompt: bool = False,
         positions_from_mask: bool = False,
+        global_mean: bool = False,
     ) -> Tensor:
         """Mean token cross-entropy (float32) over the supervised positions of :meth:`lm_inputs` (same
-        arguments); 0 when there is none. Gradients reach ``visual`` (and LoRA adapters), never the base."""
+        arguments); 0 when there is none. Gradients reach ``visual`` (and LoRA adapters), never the base.
+
+        ``global_mean``: under DDP, the mean over the supervised tokens of every process (this process's sum
+        times the world size over the all-reduced count), so that the processes' mean - what DDP's gradient
+        averaging optimises - is the token mean of the global batch, however the tokens are spread."""
         inputs = self.lm_inputs(visual, prompt_ids, prompt_mask, answer_ids, answer_mask, visual_first=visual_first,
                                 supervise_prompt=supervise_prompt, positions_from_mask=positions_from_mask)
         ce, selected = self._token_losses(inputs)
-        return ce.sum() / selected.sum().clamp(min=1)
+        count = selected.sum().float()
+        if global_mean:
+            from medvlp.distributed import all_reduce_sum, world
+
+            size = world()[1]
+            if size > 1:
+                return ce.sum() * size / all_reduce_sum(count).clamp(min=1)
+        return ce.sum() / count.clamp(min=1)
 
     forward = lm_loss
 

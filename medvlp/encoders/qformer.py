@@ -16,7 +16,7 @@ lavis/models/blip2_models/Qformer.py``:
   image-text matching pass).
 
 Submodules carry the names of transformers' ``BertModel`` (and of LAVIS), so a BERT checkpoint loads
-key by key; cross-attention, query feed-forward blocks and query tokens start random (std 0.02).
+key by key; cross-attention, query feed-forward blocks and query tokens start random (std: the config's initializer_range, 0.02).
 Attention runs through PyTorch SDPA.
 
 Differences from the official code: MedBLIP deletes the word and position tables after loading
@@ -205,11 +205,11 @@ class QFormerEncoder(nn.Module):
         )
 
 
-def init_bert_weights(module: nn.Module) -> None:
-    """BERT's initialisation: normal(0, 0.02) for Linear and Embedding weights (padding row zero), zero
-    biases, LayerNorm 1 / 0."""
+def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BERT's initialisation: normal(0, ``std``) (the config's ``initializer_range``, 0.02) for Linear and
+    Embedding weights (padding row zero), zero biases, LayerNorm 1 / 0."""
     if isinstance(module, nn.Linear | nn.Embedding):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        nn.init.normal_(module.weight, mean=0.0, std=std)
     if isinstance(module, nn.Linear) and module.bias is not None:
         nn.init.zeros_(module.bias)
     if isinstance(module, nn.Embedding) and module.padding_idx is not None:
@@ -264,8 +264,9 @@ class QFormer(nn.Module):
         self.embeddings = QFormerEmbeddings(bert_cfg)
         self.encoder = QFormerEncoder(bert_cfg, self.cross_attention_freq, self.encoder_width)
         self.query_tokens = nn.Parameter(torch.zeros(1, self.num_query_tokens, self.out_dim))
-        self.apply(init_bert_weights)
-        nn.init.normal_(self.query_tokens, mean=0.0, std=0.02)
+        std = float(getattr(bert_cfg, "initializer_range", 0.02))
+        self.apply(lambda m: init_bert_weights(m, std))
+        nn.init.normal_(self.query_tokens, mean=0.0, std=std)
         self.cross_attention_layers = [i for i, layer in enumerate(self.encoder.layer) if layer.crossattention is not None]
         if cfg.pretrained and cfg.model != "tiny":
             if self._is_saved_qformer:  # a run's text_encoder directory: the weights are in its checkpoint

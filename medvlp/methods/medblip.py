@@ -267,7 +267,8 @@ class MedBLIP(VLPMethod):
             p_ids, p_mask, cut = self.prompt_tokens(desc)
             a_ids, a_mask = self.answer_tokens(answers)
             out["lm"] = self.llm.lm_loss(self.llm_proj(z_raw), p_ids, p_mask, a_ids, a_mask,
-                                         supervise_prompt=bool(c.lm_supervise_prompt), **self.lm_kwargs())
+                                         supervise_prompt=bool(c.lm_supervise_prompt), global_mean=bool(c.gather_distributed),
+                                         **self.lm_kwargs())
             self.log_terms({"prompts_truncated": float(cut)}, batch_size=len(batch))
         if self.itm_head is not None:
             out["itm"] = self.itm_loss(seq, z, t, desc_ids, desc_mask, tau)

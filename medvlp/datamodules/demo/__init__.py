@@ -10,6 +10,10 @@ procedurally drawn images whose findings also appear, with side and location, in
   (:mod:`~medvlp.datamodules.demo.ct`);
 * ``brain_mri`` - brain-MRI studies of 1-6 series (T1, T2, FLAIR, DWI, post-contrast T1) with report
   sentence lists in HLIP's study-JSON layout (§12.4) (:mod:`~medvlp.datamodules.demo.brain_mri`);
+* ``adni`` - T1 brain MRI of ADNI / NACC / OASIS-2 / AIBL / MIRIAD-style cohorts with EHR text ending in
+  ``The diagnosis is <LABEL>.``, in MedBLIP's tab-separated ``local_data/<list>.csv`` lists (§13.2); the
+  diagnosis (CN / MCI / AD) shows as ventricle enlargement, cortical atrophy and hippocampal loss
+  (:mod:`~medvlp.datamodules.demo.adni`);
 * ``rad_chestct`` / ``cq500`` / ``rsna_ich`` / ``pub_brain5`` / ``medblip_mri`` - format examples: the small
   fixtures of those layouts (one size; for reading a format, too small to train on);
 * ``chexpert`` / ``rsna`` / ``siim`` / ``nih14`` / ``covidx`` / ``object_cxr`` - the same synthetic
@@ -18,7 +22,8 @@ procedurally drawn images whose findings also appear, with side and location, in
   tasks (:mod:`~medvlp.datamodules.demo.downstream`).
 
 Ground truth that is not part of the official layouts lives in ``<root>/demo_truth/``
-(``cxr_findings.csv`` + ``masks/*.png``, ``ct_findings.csv``, ``info.json``); CT anatomy masks
+(``cxr_findings.csv`` + ``masks/*.png``, ``ct_findings.csv``, ``info.json``, the ``adni`` world's
+``vqa.csv``); CT anatomy masks
 live in ``<root>/anatomy_masks/<split>/<VolumeName>`` with ``labels.json``. The same seed gives
 byte-identical CSVs and identical pixel arrays. ``ensure_demo`` generates a world once into the
 cache and returns its root; ``medvlp demo --out DIR`` calls :func:`main_demo`.
@@ -32,7 +37,9 @@ blank), a study without a CheXpert row, -1.0 labels. CT-RATE - ``valid`` vs ``va
 names, recon ``_10`` beside ``_1``/``_2``, a patient with scans ``a`` and ``b``, raw stored values
 (int16 with intercept -1024, uint16 with -8192 on "Siemens Healthineers" rows) under a default
 header, ``*_fixed`` v2 copies in HU with true geometry, list-valued metadata strings,
-``Not given.`` and empty report cells.
+``Not given.`` and empty report cells. ADNI lists - every label spelling (``CN``, ``NC``, ``Control``,
+``control``, ``Nondemented``, ``MCI``, ``AD``, ``Dementia``, ``Demented``), OASIS-2 ``Converted`` rows, ADNI
+visits without a diagnosis sentence, rows missing an EHR field, subjects with several visits.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medvlp.cache import cache_dir
-from medvlp.datamodules.demo import brain_mri, ct, cxr, downstream
+from medvlp.datamodules.demo import adni, brain_mri, ct, cxr, downstream
 from medvlp.datamodules.demo._util import pick, rng_for, write_json
 from medvlp.datamodules.demo.brain_mri import BRAIN_FINDINGS
 from medvlp.datamodules.demo.ct import CT_FINDINGS
@@ -55,7 +62,7 @@ from medvlp.datamodules.demo.cxr import CXR_FINDINGS
 
 __all__ = [
     "BRAIN_FINDINGS", "CT_FINDINGS", "CXR_FINDINGS", "GEN_VERSION", "SIZES", "DemoSize", "cache_dir", "ensure_demo", "main_demo",
-    "report_corpus", "write_brain_mri_demo", "write_ct_demo", "write_cxr_demo",
+    "report_corpus", "write_adni_demo", "write_brain_mri_demo", "write_ct_demo", "write_cxr_demo",
 ]  # fmt: skip
 
 GEN_VERSION = 2  # bump whenever the generated content changes, so cached copies are rebuilt
@@ -69,11 +76,12 @@ class DemoSize:
     ct_patients: int  # CT-RATE patients, ~2/9 of them in the valid split
     downstream_images: int  # images of each downstream world (CheXpert, RSNA, SIIM, NIH14)
     brain_studies: int  # brain-MRI studies (HLIP layout), ~1/5 of them in the valid split
+    adni_subjects: int  # training subjects of the MedBLIP-list world (ADNI ~55 %, NACC ~28 %, OASIS-2 the rest)
 
 
 SIZES = {
-    "tiny": DemoSize(cxr_studies=12, ct_patients=6, downstream_images=40, brain_studies=12),  # unit tests: every trap, a few seconds
-    "default": DemoSize(cxr_studies=1200, ct_patients=360, downstream_images=600, brain_studies=500),  # CPU training demos
+    "tiny": DemoSize(cxr_studies=12, ct_patients=6, downstream_images=40, brain_studies=12, adni_subjects=20),  # unit tests: every trap, a few seconds
+    "default": DemoSize(cxr_studies=1200, ct_patients=360, downstream_images=600, brain_studies=500, adni_subjects=360),  # CPU training demos
 }
 # format examples: the tiny fixtures of specs/datasets.md §9-13, one size (for reading a layout, not training)
 FORMAT_KINDS = {
@@ -83,7 +91,7 @@ FORMAT_KINDS = {
     "pub_brain5": ("pub_brain5", "write_pub_brain5_fixture", "pub-brain-5"),
     "medblip_mri": ("medblip_mri", "write_medblip_fixture", "medblip-mri"),
 }
-KINDS = ("cxr", "ct", "brain_mri", *downstream.KINDS, *FORMAT_KINDS)
+KINDS = ("cxr", "ct", "brain_mri", "adni", *downstream.KINDS, *FORMAT_KINDS)
 _CORPUS_STREAM = 99
 
 
@@ -143,6 +151,22 @@ def write_brain_mri_demo(out: str | os.PathLike, size: str = "default", seed: in
     return root
 
 
+def write_adni_demo(out: str | os.PathLike, size: str = "default", seed: int = 0) -> Path:
+    """Write the Alzheimer's brain-MRI world (MedBLIP's ``local_data/<list>.csv`` lists) into ``out``.
+
+    Args:
+        out: dataset root to write (gets ``local_data/``, the cohort folders and ``demo_truth/``).
+        size: a key of ``SIZES`` (``adni_subjects`` training subjects; class-balanced test lists).
+        seed: world seed; the same seed gives identical lists and voxel arrays.
+
+    Returns:
+        The dataset root (``out``).
+    """
+    root = Path(out)
+    adni.write_dataset(root, _size(size).adni_subjects, seed)
+    return root
+
+
 def _downstream_writer(kind: str) -> Callable[[str | os.PathLike, str, int], Path]:
     def write(out: str | os.PathLike, size: str = "default", seed: int = 0) -> Path:
         downstream.write_downstream(kind, Path(out), _size(size).downstream_images, seed)
@@ -173,6 +197,7 @@ _WRITERS: dict[str, Callable[[str | os.PathLike, str, int], Path]] = {
     "cxr": write_cxr_demo,
     "ct": write_ct_demo,
     "brain_mri": write_brain_mri_demo,
+    "adni": write_adni_demo,
     **{k: _downstream_writer(k) for k in downstream.KINDS},
     **{k: _format_writer(k) for k in FORMAT_KINDS},
 }
@@ -186,8 +211,8 @@ def ensure_demo(kind: str, size: str = "default", seed: int = 0) -> Path:
     one: if another process finishes first, its copy is kept and ours is discarded.
 
     Args:
-        kind: ``cxr`` (MIMIC-CXR-JPG), ``ct`` (CT-RATE), ``brain_mri`` (HLIP study JSON) or a downstream world (``chexpert``,
-            ``rsna``, ``siim``, ``nih14``, ``covidx``, ``object_cxr``).
+        kind: ``cxr`` (MIMIC-CXR-JPG), ``ct`` (CT-RATE), ``brain_mri`` (HLIP study JSON), ``adni`` (MedBLIP lists), a
+            downstream world (``chexpert``, ``rsna``, ``siim``, ``nih14``, ``covidx``, ``object_cxr``) or a format example.
         size: a key of ``SIZES``.
         seed: world seed.
 
@@ -263,6 +288,7 @@ def main_demo(out: str | os.PathLike, kind: str = "all", size: str = "default", 
         raise ValueError(f"Unknown demo kind '{kind}'. Choose one of: all, {', '.join(KINDS)}.")
     folders = {"cxr": "mimic-cxr-jpg", "ct": "ct-rate", "chexpert": "CheXpert-v1.0-small", "rsna": "rsna-pneumonia",
                "siim": "siim-acr-pneumothorax", "nih14": "chestx-ray14", "covidx": "covidx", "object_cxr": "object-cxr", "brain_mri": "brain-mri",
+               "adni": "adni-medblip",
                **{k: v[2] for k, v in FORMAT_KINDS.items()}}
     written = {}
     for k in kinds:
