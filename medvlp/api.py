@@ -229,8 +229,12 @@ def _strategy(t: DictConfig) -> Any:
     if t.strategy == "model_parallel":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
+        import torch
+
         # one data-parallel dimension over every process (FSDP2); checkpoints are whole files, as load_run reads them
-        return ModelParallelStrategy(data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=False)
+        devices = int(t.devices) if str(t.devices).isdigit() else (torch.cuda.device_count() or 1)
+        return ModelParallelStrategy(data_parallel_size=devices * int(t.num_nodes), tensor_parallel_size=1,
+                                     save_distributed_checkpoint=False)
     return t.strategy
 
 

@@ -84,13 +84,17 @@ def wrap_policy(names: list[str]):
 
 def shard_modules(model: torch.nn.Module, names: list[str], mesh) -> int:
     """FSDP2 (``fully_shard``) on every submodule whose class name is in ``names`` (innermost first), then on
-    ``model`` itself; returns the number of units sharded below the root."""
-    from torch.distributed.fsdp import fully_shard
+    ``model`` itself; returns the number of units sharded below the root. A class's ``fsdp_forward_methods``
+    (e.g. a LightningModule's ``training_step``, an LLM wrapper's ``generate``) gather its parameters as
+    ``forward`` does."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     wanted = set(names)
     units = [m for m in model.modules() if m is not model and type(m).__name__ in wanted]
     inner = {id(x) for m in units for x in m.modules() if x is not m}
-    for m in sorted(units, key=lambda m: id(m) in inner, reverse=True):  # nested units before their parents
+    for m in [*sorted(units, key=lambda m: id(m) in inner, reverse=True), model]:  # nested units before their parents
         fully_shard(m, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        # methods other than forward that use the unit's parameters gather them too (FSDP2 hooks forward only)
+        for name in getattr(type(m), "fsdp_forward_methods", ()):
+            register_fsdp_forward_method(m, name)
     return len(units)

@@ -47,6 +47,10 @@ def _tiny_t5_config(tokenizer: Any) -> Any:
         d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4, vocab_size=len(tokenizer),
         pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=pad, dropout_rate=0.0,
         feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+        # at T5's own init the untied head of a random, frozen decoder starts at an LM loss of ~35 whose gradient
+        # (through weights that never learn) drowns everything upstream; a small init keeps its output near
+        # uniform (loss ~ ln V). config_overrides can set it back (initializer_factor=1.0).
+        initializer_factor=0.01,
     )
 
 
@@ -134,6 +138,8 @@ class FrozenLLM(nn.Module):
     """
 
     Config = LLMConfig
+
+    fsdp_forward_methods = ("lm_loss", "answer_logprob", "generate")  # sharded by FSDP2: these gather the weights
 
     def __init__(self, cfg: LLMConfig) -> None:
         super().__init__()

@@ -244,6 +244,8 @@ class QFormer(nn.Module):
 
     ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
+    fsdp_forward_methods = ("encode_queries", "encode_joint")  # sharded by FSDP2: these gather the weights
+
     def __init__(self, cfg: QFormerConfig) -> None:
         super().__init__()
         self.cfg = cfg

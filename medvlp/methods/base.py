@@ -100,6 +100,8 @@ class VLPMethod(L.LightningModule):
 
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     shard_classes: list[str] = []  # trainer.fsdp_wrap: classes sharded as units under the model_parallel strategy
+    # the entry points Lightning calls instead of forward: FSDP2 gathers the root unit's parameters around them
+    fsdp_forward_methods: ClassVar[tuple[str, ...]] = ("training_step", "validation_step")
     terms: ClassVar[tuple[str, ...]] = ()
     global_batch_keys: ClassVar[tuple[str, ...]] = ()
     may_skip_batches: ClassVar[bool] = False

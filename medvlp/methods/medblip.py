@@ -119,7 +119,7 @@ class MedBLIP(VLPMethod):
         self.text_proj = nn.Linear(hidden, c.embed_dim)
         self.qa_proj = nn.Linear(hidden, c.embed_dim)
         self.llm_proj = nn.Linear(hidden, int(self.llm.width))
-        self.temp = nn.Parameter(torch.tensor(float(c.temperature)))
+        self.temp = nn.Parameter(torch.tensor([float(c.temperature)]))  # 1-d: FSDP2 shards no 0-d parameter
         self.itm_head = nn.Linear(hidden, 2) if self.loss_weight("itm") > 0 else None
         self._itm_generator: torch.Generator | None = None
 
@@ -129,7 +129,7 @@ class MedBLIP(VLPMethod):
         if self.cfg.clamp_temperature:
             with torch.no_grad():
                 self.temp.clamp_(*(float(v) for v in self.cfg.temperature_range))
-        return self.temp
+        return self.temp[0]
 
     def temperature(self) -> float:
         return float(self.temperature_value().detach())

@@ -288,3 +288,54 @@ def test_offline_stand_ins_need_no_network(monkeypatch):
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
     m = build()
     assert m.llm.is_seq2seq and Path(m.llm.tokenizer.name_or_path).exists()
+
+
+# --------------------------------------------------------------------------- end to end
+def test_fit_zeroshot_and_vqa_from_the_command_line_on_a_list_fixture(tmp_path, capsys):
+    """``medvlp fit --method medblip --data medblip_mri data.root=<fixture>``, then ``medvlp zeroshot`` (three
+    modes, per cohort) and ``medvlp vqa`` (one question; the reference file) on the run."""
+    import json
+
+    from medvlp.cli import main
+    from medvlp.datamodules.demo.adni import write_dataset
+
+    root = tmp_path / "lists"
+    write_dataset(root, 20, seed=0)  # MedBLIP's TSV lists and NIfTI volumes (the tiny world)
+    runs = tmp_path / "runs"
+    assert main(["fit", "--method", "medblip", "--data", "medblip_mri", f"data.root={root}", "trainer.max_steps=3",
+                 f"run.out_dir={runs}", "trainer.enable_progress_bar=false", "data.batch_size=4"]) == 0
+    (run,) = runs.iterdir()
+    assert (run / "text_encoder" / "config.json").is_file() and not (run / "llm").exists()  # the stand-in rebuilds by name
+    capsys.readouterr()
+    assert main(["zeroshot", "--run", str(run), "--json", str(tmp_path / "z.json"), "data.test_lists=[ADNI-test,AIBL-test]"]) == 0
+    out = capsys.readouterr().out
+    assert all(m in out for m in ("itc", "rank", "generate", "unparsed", "ADNI-test", "AIBL-test")), out
+    z = json.loads((tmp_path / "z.json").read_text())["zeroshot"]
+    assert set(z["modes"]) == {"itc", "rank", "generate"} and z["n"] > 0
+    assert main(["vqa", "--run", str(run), "--study", "ADNI-test:1", "--question", "Is the subject demented?",
+                 "--answers", str(root / "demo_truth" / "vqa.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "Q: Is the subject demented?\nA:" in out and "token-F1" in out and "exact match" in out, out
+    assert main(["vqa", "--run", str(run), "--study", "no-such-study", "--question", "x"]) == 2
+    assert "No study 'no-such-study'" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # two processes with their own imports: about 40 s
+@pytest.mark.distributed
+def test_two_process_sharded_step_on_cpu(tmp_path):
+    """The frozen LLM sharded over 2 gloo processes: Lightning's FSDP strategy needs CUDA, so on CPU the same
+    units (``trainer.fsdp_wrap``) go through its FSDP2 strategy (``trainer.strategy=model_parallel``); the run
+    writes whole checkpoints that ``load_run`` reads back."""
+    import subprocess
+    import sys
+
+    runs = tmp_path / "runs"
+    fit = subprocess.run([sys.executable, "-m", "medvlp.cli", "fit", "--method", "medblip", "trainer.strategy=model_parallel",
+                          "trainer.devices=2", "trainer.accelerator=cpu", "trainer.fsdp_wrap=[FrozenLLM,T5Block]",
+                          "trainer.max_steps=2", f"run.out_dir={runs}", "trainer.enable_progress_bar=false",
+                          "trainer.limit_val_batches=1"], capture_output=True, text=True, timeout=600)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    (run,) = runs.iterdir()
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    method, _ = api.load_run(run)
+    assert method.temperature() > 0 and "train/loss_lm_epoch" in (run / "metrics.csv").read_text().splitlines()[0]
