@@ -227,9 +227,8 @@ def _strategy(t: DictConfig) -> Any:
         return FSDPStrategy(auto_wrap_policy=wrap_policy(list(t.fsdp_wrap)), sharding_strategy=t.fsdp_sharding,
                             use_orig_params=True)
     if t.strategy == "model_parallel":
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
         import torch
+        from lightning.pytorch.strategies import ModelParallelStrategy
 
         # one data-parallel dimension over every process (FSDP2); checkpoints are whole files, as load_run reads them
         devices = int(t.devices) if str(t.devices).isdigit() else (torch.cuda.device_count() or 1)
