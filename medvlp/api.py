@@ -386,7 +386,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None):
         offline.method.image_encoder.inflate_from = ""  # weights come from the checkpoint
     if offline.method.image_encoder.get("trunk_checkpoint"):
         offline.method.image_encoder.trunk_checkpoint = ""
-    METHODS.get(offline.method.name).offline_config(offline, run_dir)
+    METHODS.get(offline.method.name).offline_config(offline, run_dir, cfg)
     method = build_method(offline)
     # tensors and plain containers only: a checkpoint that would run code is refused, a broken one named
     if checkpoint:

@@ -235,9 +235,9 @@ class VLPMethod(L.LightningModule):
         return {}
 
     @classmethod
-    def offline_config(cls, cfg: Any, run_dir: Any) -> None:
-        """Point ``cfg.method`` at the parts :meth:`pretrained_parts` saved in ``run_dir`` (no hub access); the
-        weights come from the checkpoint. Nothing to do here."""
+    def offline_config(cls, cfg: Any, run_dir: Any, saved: Any) -> None:
+        """Point ``cfg.method`` (the run's config ``saved``, made offline: no pretrained downloads) at the parts
+        :meth:`pretrained_parts` saved in ``run_dir``; the weights come from the checkpoint. Nothing to do here."""
 
     def export_encoder(self) -> EncoderExport:
         """The pretrained image encoder and its input contract (what transfer tasks build on)."""

@@ -21,9 +21,10 @@ Terms (§4), weighted by ``method.loss_weights``:
 The official code's bugs (§11) are flags; fixes the code cannot run without are always on: the
 Q-Former keeps its word and position tables (Q1), the Q-Former reads its own WordPiece ids (Q2), a
 decoder-only LLM reuses EOS as padding and is never given new tokens (Q3), similarities come from
-einsums (Q14). Flags: ``truncate`` (Q5), ``lm_supervise_prompt`` (Q6), ``answer_eos`` (Q7),
-``prompt_padding`` (Q8), ``visual_tokens_first`` (Q9), ``generate_num_beams`` (Q10),
-``clamp_temperature`` (Q11), ``itc_qa_positive`` (Q15), ``weight_decay_rule``.
+einsums (Q14). Flags: ``loss_weights.itm`` (Q4), ``truncate`` (Q5), ``lm_supervise_prompt`` (Q6),
+``answer_eos`` (Q7), ``prompt_padding`` (Q8), ``visual_tokens_first`` (Q9), ``generate_num_beams`` (Q10),
+``clamp_temperature`` (Q11), ``data.orientation`` (Q12), ``data.clip_percentiles`` (Q13), ``itc_qa_positive``
+(Q15), ``checkpoint_frozen`` (Q17), ``weight_decay_rule``.
 
 Differences from the official code (``Qybc/MedBLIP: medblip/modeling_medblip_t5.py``,
 ``modeling_medblip_biomedlm.py``): the ITC features are gathered across processes (the code runs on one
@@ -84,6 +85,7 @@ class MedBLIPConfig(MethodConfig):
     generate_num_beams: int = bounded(1, gt=0)  # Q10: the official generate hard-codes 1
     weight_decay_rule: Literal["names", "shapes"] = "names"  # names: official (no decay on *bias* / LayerNorm.*); shapes: the base rule
     itm_seed: int = bounded(0, ge=0)  # seed of the hard-negative draws (per step)
+    checkpoint_frozen: bool = True  # Q17: checkpoints hold the frozen ViT and LLM too (official); false = trainable parts only
 
 
 @register_method("medblip")
@@ -101,6 +103,11 @@ class MedBLIP(VLPMethod):
             raise ValueError(f"method.temperature_range={list(cfg.temperature_range)}: expected [low, high] with 0 < low < high.")
         if not cfg.answers or len(set(cfg.answers)) != len(cfg.answers) or any(not str(a).strip() for a in cfg.answers):
             raise ValueError(f"method.answers={list(cfg.answers)}: expected distinct, non-empty answers, one per class.")
+        if not cfg.checkpoint_frozen and (cfg.llm.model in STAND_INS or not cfg.llm.pretrained or not (
+                cfg.image_encoder.pretrained or cfg.image_encoder.trunk_checkpoint)):
+            raise ValueError("method.checkpoint_frozen=false leaves the frozen ViT and LLM out of checkpoints, so they must "
+                             "come from a source when the run is reloaded: a pretrained method.llm (not a stand-in) and "
+                             "method.image_encoder.pretrained=true or a trunk_checkpoint.")
         if cfg.image_encoder.name != "medblip_vit" or cfg.text_encoder.name != "qformer":
             raise ValueError(f"MedBLIP needs method.image_encoder.name=medblip_vit and method.text_encoder.name=qformer, "
                              f"got '{cfg.image_encoder.name}' and '{cfg.text_encoder.name}'.")
@@ -340,12 +347,45 @@ class MedBLIP(VLPMethod):
         return {} if self.cfg.llm.model in STAND_INS else {"llm": self.llm}
 
     @classmethod
-    def offline_config(cls, cfg: Any, run_dir: Any) -> None:
+    def offline_config(cls, cfg: Any, run_dir: Any, saved: Any) -> None:
+        """The LLM from ``<run>/llm`` with the checkpoint's weights; with ``checkpoint_frozen=false`` the frozen
+        weights are not in the checkpoint, so the trunk and the LLM are read from their sources again."""
         from pathlib import Path
 
-        saved = Path(run_dir) / "llm"
-        if cfg.method.llm.model not in STAND_INS and saved.is_dir():
-            cfg.method.llm.model, cfg.method.llm.tokenizer, cfg.method.llm.pretrained = str(saved), "", False
+        if not saved.method.checkpoint_frozen:
+            for key in ("pretrained", "trunk_checkpoint"):
+                cfg.method.image_encoder[key] = saved.method.image_encoder[key]
+            return
+        parts = Path(run_dir) / "llm"
+        if cfg.method.llm.model not in STAND_INS and parts.is_dir():
+            cfg.method.llm.model, cfg.method.llm.tokenizer, cfg.method.llm.pretrained = str(parts), "", False
+
+    def frozen_keys(self) -> list[str]:
+        """State-dict keys of the frozen trunk and LLM (LoRA adapters excluded): what ``checkpoint_frozen=false``
+        leaves out of checkpoints."""
+        frozen = {n for n, p in self.named_parameters() if not p.requires_grad}
+        owners = ("image_encoder.trunk_blocks.", "image_encoder.cls_token", "llm.")
+        return [k for k in self.state_dict() if k.startswith(owners) and (k in frozen or "lora_" not in k)]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """``checkpoint_frozen=false`` (Q17): checkpoints hold the trainable parts only (the frozen ViT and LLM
+        are read from their sources when the run is reloaded)."""
+        if not self.cfg.checkpoint_frozen:
+            for key in self.frozen_keys():
+                checkpoint["state_dict"].pop(key, None)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Strict, except that with ``checkpoint_frozen=false`` the frozen trunk and LLM may be absent (they were
+        built from their sources); any other missing or unexpected key is still an error."""
+        if self.cfg.checkpoint_frozen:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        allowed = set(self.frozen_keys())
+        missing = [k for k in result.missing_keys if k not in allowed]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"MedBLIP checkpoint does not match the model: missing {missing[:5]}, unexpected "
+                               f"{result.unexpected_keys[:5]} (the frozen trunk and LLM may be absent).")
+        return result
 
     # ------------------------------------------------------------------ optimisation
     def param_groups(self) -> list[dict[str, Any]]:

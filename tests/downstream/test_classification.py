@@ -59,7 +59,8 @@ def test_loss_ignores_unknown_labels_and_uses_softmax_for_classes():
 # CLIP in the default suite; MGCA and G2D (about 20 s each) with the slow tests
 @pytest.mark.parametrize("method", [m if m == "clip" else pytest.param(m, marks=pytest.mark.slow) for m in METHODS_2D])
 def test_linear_probe_and_finetune_beat_chance_for_every_2d_method(runs, method, tmp_path):
-    lin = api.downstream("classification", "demo_chexpert", runs[method], protocol="linear", out=tmp_path / "lin")
+    # 15 epochs reach 0.92 with CLIP (50 reach 0.97): beating chance needs no more
+    lin = api.downstream("classification", "demo_chexpert", runs[method], protocol="linear", out=tmp_path / "lin", max_epochs=15)
     assert lin["protocol"] == "linear" and lin["n_train"] == 540 and set(lin["auroc"]) == set(lin["labels"])
     assert lin["mean_auroc"] > 0.7, lin["auroc"]
     assert json.loads((tmp_path / "lin" / "result.json").read_text())["mean_auroc"] == lin["mean_auroc"]

@@ -243,7 +243,50 @@ def test_paper_configs_hold_the_papers_settings():
     m = r.method
     assert (m.truncate, m.lm_supervise_prompt, m.answer_eos, m.prompt_padding, m.clamp_temperature) == ("description", False, True, "left", True)
     assert (m.llm.model, m.llm.dtype, r.data.orientation) == ("stanford-crfm/BioMedLM", "bfloat16", "RAS")
-    assert m.image_encoder.grad_checkpointing and m.image_encoder.trunk_dtype == "bfloat16"
+    assert m.image_encoder.grad_checkpointing and m.image_encoder.trunk_dtype == "bfloat16" and not m.checkpoint_frozen
+    assert compose_experiment("medblip_paper").method.checkpoint_frozen
+
+
+def test_checkpoints_without_the_frozen_parts_reload(tmp_path):
+    """Q17: with checkpoint_frozen=false a checkpoint holds the trainable parts only; the frozen trunk and LLM are
+    rebuilt from their sources (here a trunk file and an LLM directory) and everything else must match."""
+    src = build()
+    trunk = tmp_path / "trunk.pt"
+    sd = src.image_encoder.state_dict()
+    torch.save({**{k.replace("trunk_blocks.", "blocks."): v for k, v in sd.items() if k.startswith("trunk_blocks.")},
+                "cls_token": sd["cls_token"]}, trunk)
+    llm_dir = tmp_path / "llm"
+    src.llm.hf_model.save_pretrained(llm_dir)
+    src.llm.tokenizer.save_pretrained(llm_dir)
+    m = build("method.checkpoint_frozen=false", f"method.image_encoder.trunk_checkpoint={trunk}",
+              f"method.llm.model={llm_dir}", "method.llm.pretrained=true")
+    ckpt = {"state_dict": dict(m.state_dict())}
+    m.on_save_checkpoint(ckpt)
+    kept = set(ckpt["state_dict"])
+    assert not any(k.startswith(("llm.", "image_encoder.trunk_blocks")) for k in kept) and "image_encoder.patch_embed_3d.weight" in kept
+    again = build("method.checkpoint_frozen=false", f"method.image_encoder.trunk_checkpoint={trunk}",
+                  f"method.llm.model={llm_dir}", "method.llm.pretrained=true")
+    again.load_state_dict(ckpt["state_dict"])
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), again.state_dict().values(), strict=True))
+    with pytest.raises(RuntimeError, match="missing"):
+        again.load_state_dict({k: v for k, v in ckpt["state_dict"].items() if k != "temp"})
+    with pytest.raises(ValueError, match="checkpoint_frozen=false"):
+        build("method.checkpoint_frozen=false")  # stand-ins have no source to be read back from
+
+
+def test_demo_config_is_the_code_with_the_stand_ins():
+    """configs/method/medblip.yaml: the released code's loss settings on the §12.2 stand-ins and the synthetic cohort."""
+    cfg = C.compose(method="medblip")
+    m, d = cfg.method, cfg.data
+    assert (m.image_encoder.name, m.image_encoder.trunk, list(m.image_encoder.img_size), list(m.image_encoder.patch_size),
+            m.image_encoder.width, m.image_encoder.depth) == ("medblip_vit", "eva", [32] * 3, [8] * 3, 64, 2)
+    assert (m.text_encoder.name, m.text_encoder.model, m.text_encoder.hidden_size, m.text_encoder.num_hidden_layers,
+            m.text_encoder.num_query_tokens, m.text_encoder.cross_attention_freq, m.text_encoder.encoder_width) == (
+        "qformer", "tiny", 64, 2, 4, 2, 64)
+    assert (m.llm.model, m.llm.dtype, m.temperature, m.clamp_temperature, m.label_smoothing) == ("tiny_t5", "float32", 0.07, False, 0.1)
+    assert (m.truncate, m.visual_tokens_first, m.itc_qa_positive, dict(m.loss_weights)) == ("prompt", False, "diagonal", {"itm": 0.0})
+    assert (d.name, d.root, d.text, d.vqa_file) == ("medblip_mri", "demo", "description", "demo_truth/vqa.csv")
+    assert C.resolve(cfg).data.size == 32 and cfg.data.max_length == 48
 
 
 def test_fsdp_config_composes_and_names_real_module_classes():
