@@ -71,6 +71,7 @@ def test_unet_carries_the_pretrained_encoder_weights(cnn_run):
     assert seg(torch.randn(2, 1, 64, 64)).shape == (2, 64, 64)
 
 
+@pytest.mark.slow  # 16 s; in the default suite the SETR test below trains the same task module end to end
 def test_frozen_unet_on_siim_beats_a_constant_mask(cnn_run, tmp_path):
     res = api.downstream("segmentation", "demo_siim", cnn_run, protocol="frozen", out=tmp_path / "seg",
                          max_epochs=4, batch_size=16, decoder_channels=(32, 16, 16, 8, 8))

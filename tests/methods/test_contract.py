@@ -13,7 +13,7 @@ a plug-in package (an entry point in ``medvlp.plugins`` and its configs folder):
 * a fit on the demo data lowers the loss on a fixed batch; the run directory reloads (``load_run``)
   into a method with identical embeddings; zero-shot and retrieval run on it. The fit is the method's
   shared learning run (``tests/learning.py``, the one its learning test asserts on); a method without
-  one (a new method, the plug-in) gets a 40-step fit.
+  one (a new method, the plug-in) gets a 25-step fit.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 PLUGIN = "convirt"
 BUILT_IN = METHODS.names()
 ALL = [*BUILT_IN, PLUGIN]
-FIT_STEPS = 40
+FIT_STEPS = 25
 BATCH = 16  # the fixed batch: big enough that its loss measures learning, not noise
 
 

@@ -1,7 +1,7 @@
 """G2D measurably learns the 2D synthetic world on CPU: zero-shot AUROC, the pseudo-segmentation loss
 falls, and the decoder's masks find the drawn consolidations better than a constant mask.
 
-140 steps of ``medvlp fit --method g2d`` (the shared run of ``tests/learning.py``).
+110 steps of ``medvlp fit --method g2d`` (the shared run of ``tests/learning.py``).
 """
 
 from __future__ import annotations
