@@ -1,6 +1,6 @@
 """CLIP measurably learns the synthetic world (2D and 3D) - and the same checks fail untrained.
 
-The runs are the session's shared learning runs (``tests/learning.py``): 2D 140 steps (under a minute
+The runs are the session's shared learning runs (``tests/learning.py``): 2D 100 steps (under a minute
 on 2 idle cores, in the default suite, also used by the contract and transfer tests), 3D 600 steps
 (with the slow tests).
 """

@@ -312,6 +312,7 @@ def test_zero_shot_and_retrieval_run(setup):
 
 
 # --------------------------------------------------------------------------- the README recipe, end to end
+@pytest.mark.slow  # 18 s; in the default suite the contract above installs, trains and evaluates the same plug-in in-process
 def test_the_readme_method_trains_and_evaluates_from_the_command_line(tmp_path):
     """``medvlp fit --method convirt trainer.max_steps=30`` then ``medvlp zeroshot`` through the command line's
     ``main`` in a fresh process that finds the plug-in only through its entry point (one process for both:
