@@ -212,7 +212,7 @@ def cmd_vqa(args: argparse.Namespace) -> None:
     res = api.vqa(args.run, study=args.study, questions=args.question, split=args.split, references=args.answers,
                   data_overrides=args.overrides)
     for qa in res.get("answers", []):
-        print(f"Q: {qa['question']}\nA: {qa['answer']}")
+        print(f"Q: {qa['question']}\nA: {qa['answer'] or '(the model generated no text)'}")
     if "vqa" in res:
         print_table(*get_task("vqa").rows(res))
     if args.json:
