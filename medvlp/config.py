@@ -209,6 +209,9 @@ class TextEncoderConfig:
     pool: Literal["cls", "mean", "max"] = "cls"
     grad_checkpointing: bool = False
     config_overrides: dict[str, Any] = field(default_factory=dict)  # fields of the HF config
+    # sequential: positions 0..T-1 (BERT); zeros: every token at position row 0 and no token-type embedding - how
+    # MGCA's released text encoder ran (spec mgca.md Q19), for parity with its checkpoints
+    position_ids: Literal["sequential", "zeros"] = "sequential"
 
 
 @dataclass

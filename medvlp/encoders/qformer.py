@@ -254,6 +254,9 @@ class QFormer(nn.Module):
         if cfg.attn_implementation not in self.ATTN_IMPLEMENTATIONS:
             raise ValueError(f"method.text_encoder.attn_implementation='{cfg.attn_implementation}': the Q-Former "
                              f"supports {' or '.join(self.ATTN_IMPLEMENTATIONS)}")
+        if cfg.position_ids != "sequential":
+            raise ValueError(f"method.text_encoder.position_ids='{cfg.position_ids}': the Q-Former uses positions 0..T-1 "
+                             f"(sequential).")
         self.tokenizer, bert_cfg = self._tokenizer_and_config(cfg)
         self.bert_config = bert_cfg
         self.num_query_tokens = int(bert_cfg.num_query_tokens)

@@ -131,7 +131,8 @@ class LastTextAttentionRecorder:
 class HFTextEncoder(nn.Module):
     """A BERT-family encoder from transformers; ``pooled`` pools the last layer (``pool``).
 
-    Config keys: ``model``, ``pretrained``, ``tokenizer``, ``num_layers`` (keep the first N layers),
+    Config keys: ``model``, ``pretrained``, ``tokenizer``, ``num_layers`` (keep the first N layers), ``position_ids``
+    (``zeros``: MGCA's position-blind encoder, spec mgca.md Q19),
     ``freeze_layers`` (freeze the first N layers, and the embeddings unless ``freeze_embeddings=false``), ``attn_implementation`` (``sdpa``),
     ``pool`` (``cls`` token, or ``mean`` / ``max`` over the unmasked tokens), ``grad_checkpointing``,
     ``config_overrides``.
@@ -191,6 +192,14 @@ class HFTextEncoder(nn.Module):
         self.out_dim = int(hf_cfg.hidden_size)
         self.cfg_freeze_embeddings = bool(cfg.freeze_embeddings)
         self._freeze(cfg.freeze_layers)
+        if cfg.position_ids not in ("sequential", "zeros"):
+            raise ValueError(f"method.text_encoder.position_ids='{cfg.position_ids}': expected sequential or zeros")
+        self.zero_positions = cfg.position_ids == "zeros"
+        token_types = getattr(getattr(self.model, "embeddings", None), "token_type_embeddings", None)
+        if self.zero_positions and token_types is not None:  # MGCA's encoder has no token-type table: add nothing
+            with torch.no_grad():
+                token_types.weight.zero_()
+            token_types.weight.requires_grad_(False)
 
     def _freeze(self, n: int) -> None:
         if n <= 0:
@@ -206,15 +215,16 @@ class HFTextEncoder(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor, return_attention: bool = False) -> TextFeatures:
         """Encode token ids ``[B, T]``; returns ``pooled`` ``[B, D]`` and ``tokens`` ``[B, T, D]``."""
         attn = None
+        extra = {"position_ids": torch.zeros_like(input_ids)} if self.zero_positions else {}
         if return_attention:
             module = last_self_attention(self.model)
             if module is None:
                 raise ValueError(f"return_attention needs a BERT-family text encoder; {type(self.model).__name__} is not one.")
             with LastTextAttentionRecorder(module) as rec:
-                out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
             attn = rec.probs(attention_mask)
         else:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
         tokens = out.last_hidden_state
         return TextFeatures(pooled=pool_tokens(tokens, attention_mask, self.cfg.pool), tokens=tokens,
                             mask=attention_mask, attentions=attn)
