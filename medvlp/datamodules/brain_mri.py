@@ -66,8 +66,8 @@ class BrainMRIConfig(DataConfig):
 
     name: str = "brain_mri"
     train_file: str = "train.json"  # study index per split, relative to data.root (or absolute)
-    val_file: str = "valid.json"  # absent file: data.val_fraction of the train studies (by study id)
-    test_file: str = ""  # "" = the validation studies
+    val_file: str = "valid.json"  # the test studies when test_file is ""; absent: drawn from train
+    test_file: str = ""  # "" = val_file's studies test, and data.val_fraction of the train studies validate
     val_fraction: float = bounded(0.05, ge=0, lt=1)
     labels_file: str = "labels.csv"  # optional study,<label>,... CSV (0/1); absent file = no labels
     text_prefix: str = "This MRI study shows: "
@@ -189,17 +189,39 @@ class BrainMRIDataModule(VLPDataModule):
         return index
 
     def _split_studies(self, split: str) -> tuple[str, dict[str, Any]]:
+        """The index file and studies of ``split``. ``test``: ``data.test_file``, else ``data.val_file``;
+        ``val``: ``data.val_file`` when ``test_file`` is set, else ``data.val_fraction`` of the train
+        studies (by a stable hash of the study id); with neither file, ``test`` is another
+        ``val_fraction`` of them. No split validates on its test studies."""
         cfg = self.cfg
-        if split == "test" and cfg.test_file:
-            return cfg.test_file, self.read_index(cfg.test_file)
-        if split != "train" and self._path(cfg.val_file).is_file():
-            return cfg.val_file, self.read_index(cfg.val_file)
+        has_val_file = self._path(cfg.val_file).is_file() if cfg.val_file else False
+        test_file = cfg.test_file or (cfg.val_file if has_val_file else "")
+        val_file = cfg.val_file if cfg.test_file and has_val_file else ""
+        if split == "test" and test_file:
+            return test_file, self.read_index(test_file)
+        if split == "val" and val_file:
+            return val_file, self.read_index(val_file)
         train = self.read_index(cfg.train_file)
-        if self._path(cfg.val_file).is_file():
-            return cfg.train_file, train
-        frac, seed = float(cfg.val_fraction), int(cfg.seed)
-        want_val = split != "train"
-        return cfg.train_file, {s: e for s, e in train.items() if (stable_fraction(seed, s) < frac) == want_val}
+        parts = self._held_out(train, (["val"] if not val_file else []) + ([] if test_file else ["test"]))
+        if split == "train":
+            kept = set().union(*parts.values()) if parts else set()
+            return cfg.train_file, {s: e for s, e in train.items() if s not in kept}
+        return cfg.train_file, {s: e for s, e in train.items() if s in parts[split]}
+
+    def _held_out(self, train: dict[str, Any], splits: list[str]) -> dict[str, set[str]]:
+        """Studies of the train index drawn as ``splits`` (``val`` then ``test``): those whose stable hash
+        falls in ``[k * f, (k + 1) * f)`` for ``f = data.val_fraction``, at least one each (the lowest
+        remaining hash) while two or more studies stay for training."""
+        frac, seed = float(self.cfg.val_fraction), int(self.cfg.seed)
+        u = {s: stable_fraction(seed, s) for s in train}
+        out: dict[str, set[str]] = {}
+        for k, name in enumerate(splits):
+            free = sorted((v, s) for s, v in u.items() if not any(s in o for o in out.values()))
+            pick = {s for v, s in free if k * frac <= v < (k + 1) * frac}
+            if not pick and frac > 0 and len(free) > 2:
+                pick = {free[0][1]}
+            out[name] = pick
+        return out
 
     # ------------------------------------------------------------------ records
     def build_records(self, split: str) -> list[Record]:
@@ -247,7 +269,7 @@ class BrainMRIDataModule(VLPDataModule):
             nan = np.full(len(self.label_names), np.nan, np.float32)
             records = [r if r.labels is not None else _with_labels(r, nan) for r in records]
         if split == "train":
-            self._count_unlisted(index)
+            self._count_unlisted(self.read_index(self.cfg.train_file))
         return records
 
     def _count_unlisted(self, train_index: dict[str, Any]) -> None:

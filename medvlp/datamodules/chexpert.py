@@ -29,7 +29,10 @@ Splits (``data.split_protocol``):
   random rows of the remainder (``RandomState(data.val_seed).choice``, as MGCA's
   ``np.random.seed(0)`` + ``np.random.choice``) are ``val``, the rest ``train``; ``valid.csv`` is
   ``test`` (MGCA / GLoRIA evaluate on it). The view filter applies after the split, as in MGCA.
-* ``official``: ``train.csv`` = ``train`` (5x200 rows included), ``valid.csv`` = ``val`` and ``test``.
+* ``official``: ``valid.csv`` (the radiologists' consensus labels) is ``test``; ``data.val_fraction`` of
+  the patients of ``train.csv`` (drawn with ``RandomState(data.val_seed)``, whole patients, so no
+  patient is in both) are ``val``, the rest ``train`` (5x200 rows included). No split validates on
+  the images it is tested on.
 
 ``5x200`` (either protocol): the zero-shot set of GLoRIA / MGCA (spec §2.6): ``train.csv`` with
 blanks as 0, frontal rows only; for each competition label the rows where it is 1 and every other
@@ -107,9 +110,10 @@ class CheXpertConfig(RadiographConfig):
     views: list[str] = field(default_factory=lambda: ["Frontal"])  # Frontal / Lateral kept; [] = both
     labels: Any = "competition"  # competition (5) | all (14) | an explicit list of CheXpert labels
     uncertain: str = "mgca"  # mgca | zeros | ones | ignore (see the module docstring)
-    split_protocol: str = "mgca"  # mgca (val from train, valid.csv = test) | official (valid.csv = val = test)
+    split_protocol: str = "mgca"  # mgca (val rows from train) | official (val patients from train); valid.csv = test
     val_size: int = bounded(5000, ge=0)  # mgca: rows of train.csv (minus 5x200) drawn as val
-    val_seed: int = bounded(0, ge=0, le=2**32 - 1)  # mgca: seed of that draw (MGCA: np.random.seed(0))
+    val_fraction: float = bounded(0.1, gt=0.0, lt=1.0)  # official: fraction of train.csv's patients drawn as val
+    val_seed: int = bounded(0, ge=0, le=2**32 - 1)  # seed of the val draw (MGCA: np.random.seed(0))
     per_class: int = bounded(200, gt=0)  # 5x200: images per competition class
     csv_5x200: str = ""  # 5x200 CSV: read if it exists, else built and written there; "" = see csv_path_5x200()
 
@@ -285,7 +289,9 @@ class CheXpertDataModule(RadiographDataModule):
         """Everything that defines the train split (names the label-fraction file)."""
         c = self.cfg
         key = f"{type(self).__name__}|{c.split_protocol}|views={sorted(str(v) for v in c.views)}"
-        return key + (f"|val={c.val_size}@{c.val_seed}|5x{c.per_class}" if c.split_protocol == "mgca" else "")
+        if c.split_protocol == "mgca":
+            return key + f"|val={c.val_size}@{c.val_seed}|5x{c.per_class}"
+        return key + f"|valpatients={float(c.val_fraction):g}@{c.val_seed}"
 
     # ------------------------------------------------------------------ tables
     def table(self, name: str) -> pd.DataFrame:
@@ -377,11 +383,22 @@ class CheXpertDataModule(RadiographDataModule):
         """Rows of ``split`` (before the view filter) and the CSV they come from."""
         if split == "5x200":
             return self.table_5x200(), self.csv_path_5x200().name
-        if split == "test" or (split == "val" and self.cfg.split_protocol == "official"):
+        if split == "test":
             return self.table(VALID_CSV), VALID_CSV
         train = self.table(TRAIN_CSV)
         if self.cfg.split_protocol == "official":
-            return train, TRAIN_CSV
+            if "official_val" not in self._tables:
+                patients = train["rel"].str.split("/").str[1].to_numpy()
+                unique = np.unique(patients)
+                n_val = int(round(float(self.cfg.val_fraction) * len(unique)))
+                if len(unique) < 2 or not 1 <= n_val < len(unique):
+                    raise DataError(
+                        f"data.val_fraction={self.cfg.val_fraction} of the {len(unique)} patient(s) of {self.root / TRAIN_CSV} "
+                        f"leaves no {'training' if n_val >= 1 else 'validation'} patient; change data.val_fraction.")
+                held = set(unique[np.random.RandomState(int(self.cfg.val_seed)).permutation(len(unique))[:n_val]])
+                is_val = np.fromiter((p in held for p in patients), bool, len(patients))
+                self._tables["official_val"], self._tables["official_train"] = np.flatnonzero(is_val), np.flatnonzero(~is_val)
+            return train.iloc[self._tables[f"official_{split}"]], TRAIN_CSV
         if "mgca_val" not in self._tables:
             held_out = set(self.table_5x200()["rel"])
             pool = np.flatnonzero(~train["rel"].isin(held_out).to_numpy())

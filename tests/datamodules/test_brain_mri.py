@@ -56,7 +56,10 @@ def test_records_text_labels_and_counts(root: Path, caplog: pytest.LogCaptureFix
     assert dm.label_names == world.BRAIN_FINDINGS
     assert dm.counts["train_empty_reports"] == 1 and "empty report" in caplog.text
     index = json.loads((root / "train.json").read_text())
-    assert len(train) == len(index) - 1 and dm.records("test") == val
+    test = dm.records("test")
+    assert len(train) + len(val) == len(index) - 1 and val  # val is drawn from train.json's studies
+    assert len(test) == len(json.loads((root / "valid.json").read_text()))  # valid.json tests, never validates
+    assert not {r.study_id for r in val} & {r.study_id for r in test} and not {r.study_id for r in val} & {r.study_id for r in train}
     planned = {s.study_id: s for s in world.plan_studies(12, 0)}
     for rec in train + val:
         s = planned[rec.study_id]

@@ -92,17 +92,40 @@ def test_full_release_prefix(tmp_path):
     items = [it for it in chexpert_fixture_items() if it.patient in ("patient00001", "patient00019", "patient64543")]
     folder = write_chexpert(tmp_path / "chexpert_full_renamed", items, prefix="CheXpert-v1.0")
     assert (folder / "train.csv").read_text().splitlines()[1].startswith("CheXpert-v1.0/train/patient00001/")
-    recs = make(folder, split_protocol="official", views=[]).records("train")
+    dm = make(folder, split_protocol="official", views=[], val_fraction=0.5)
+    recs = dm.records("train") + dm.records("val")
     assert len(recs) == 3 and all(Path(r.image_path).is_file() for r in recs)
+
+
+def train_and_val(dm):
+    """The official protocol's train + val records (all of train.csv), by patient."""
+    return sorted(dm.records("train") + dm.records("val"), key=lambda r: (r.meta["patient_id"], r.meta["path"]))
+
+
+def test_official_protocol_validates_on_train_patients(root):
+    dm = make(root, split_protocol="official")
+    train, val, test = (dm.records(s) for s in ("train", "val", "test"))
+    patients = [{r.meta["patient_id"] for r in recs} for recs in (train, val, test)]
+    assert val and not patients[0] & patients[1]  # whole patients
+    assert all(r.meta["path"].startswith("train/") for r in train + val)
+    assert all(r.meta["path"].startswith("valid/") for r in test)  # valid.csv tests, never validates
+    assert not {r.image_path for r in val} & {r.image_path for r in test}
+    assert len({r.meta["patient_id"] for r in train_and_val(dm)}) * 0.1 == pytest.approx(len(patients[1]), abs=0.5)
+    other = make(root, split_protocol="official", val_seed=1)
+    assert {r.meta["patient_id"] for r in other.records("val")} != patients[1]
+    with pytest.raises(DataError, match="data.val_fraction=0.99 .* leaves no training patient"):
+        make(root, split_protocol="official", val_fraction=0.99).records("train")
 
 
 def test_official_protocol_counts_views_and_meta(root):
     dm = make(root, split_protocol="official")
-    train = dm.records("train")
+    train = train_and_val(dm)
     assert len(train) == 26  # 29 rows, 3 laterals
     assert all(r.meta["view"] == "Frontal" and Path(r.image_path).is_file() for r in train)
-    assert len(make(root, split_protocol="official", views=[]).records("train")) == 29
+    assert len(train_and_val(make(root, split_protocol="official", views=[]))) == 29
     lateral = make(root, split_protocol="official", views=["Lateral"]).records("train")
+    assert lateral and all(r.meta["view"] == "Lateral" for r in lateral)
+    lateral = [r for r in train_and_val(make(root, split_protocol="official", views=[])) if r.meta["view"] == "Lateral"]
     assert [r.meta["patient_id"] for r in lateral] == ["patient00019", "patient00020", "patient00024"]
     assert all(r.meta["ap_pa"] == "" for r in lateral)  # blank for laterals
     p = by_patient(train)
@@ -110,8 +133,7 @@ def test_official_protocol_counts_views_and_meta(root):
     assert p["patient00022"][0].meta["sex"] == "Unknown" and p["patient00022"][0].meta["age"] == "0"
     assert p["patient00025"][0].study_id == "patient00025/study2"
     assert all(r.text == "" and r.labels.dtype == np.float32 and r.labels.shape == (5,) for r in train)
-    val, test = dm.records("val"), dm.records("test")
-    assert [r.meta["patient_id"] for r in val] == [r.meta["patient_id"] for r in test]
+    test = dm.records("test")
     assert [r.meta["patient_id"] for r in test] == ["patient64541", "patient64542", "patient64543", "patient64544"]
     assert dm.label_names == COMPETITION
     np.testing.assert_array_equal(by_patient(test)["patient64542"][0].labels, [0, 0, 0, 1, 1])
