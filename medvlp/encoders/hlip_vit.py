@@ -24,8 +24,10 @@ computed and discarded, study blocks mask padded keys, and every [CLS] mean runs
 only - a study gives the same feature alone and inside a padded batch.
 
 Positions (fixed, not learned, §2.4): a spatial table per scan - MAE's 2D sin-cos table of the
-inflated model resized to ``(h, w)`` plus a 1-D sin-cos over ``d`` (full width), or a 3-D sin-cos
-table without inflation - resized trilinearly to other grids; and, for multi-scan models, a 1-D
+inflated model resized to ``(h, w)`` with timm's ``resample_abs_pos_embed`` plus a 1-D sin-cos over
+``d`` (full width), or, without inflation, the 3-D sin-cos table whose channel thirds encode
+(w, h, d) (:func:`~medvlp.encoders.image3d.sincos_pos_embed_3d`) - resized trilinearly
+(``align_corners=False``) to other grids; and, for multi-scan models, a 1-D
 sin-cos **sequence** table of ``max_scans`` rows (training: a random set of distinct rows in random
 order, shared by the batch; evaluation: rows ``0..N-1``, interpolated when ``N > max_scans``).
 ``pos_embed=learned`` makes both tables trainable (initialised the same way).
@@ -124,7 +126,8 @@ class HierarchicalViT(nn.Module):
 
     # ------------------------------------------------------------------ positions
     def spatial_positions(self, grid: tuple[int, int, int]) -> Tensor:
-        """``[d, h, w, width]`` (resized trilinearly from the reference grid when it differs)."""
+        """``[d, h, w, width]`` (resized trilinearly, ``align_corners=False``, from the reference grid when it
+        differs, as the official ``resample_3d_posemb``)."""
         table = self.spatial_pos
         if tuple(grid) != self.ref_grid:
             table = F.interpolate(table, size=grid, mode="trilinear", align_corners=False)
@@ -283,7 +286,8 @@ class HierarchicalViT(nn.Module):
         """HLIP's initialisation from a timm 2D ViT (e.g. ``vit_base_patch16_224.mae``), §2.3: blocks, final
         norm and [CLS] copied; the patch kernel resized bicubically in-plane (no magnitude rescaling),
         summed over the RGB inputs, repeated along depth and divided by ``pd``; the bias copied; the
-        spatial table = the 2D position table resized to ``(h, w)`` + a 1-D sin-cos over ``d``."""
+        spatial table = the 2D position table resized to ``(h, w)`` by timm's antialiased
+        ``resample_abs_pos_embed`` (:func:`resize_2d_positions`) + a 1-D sin-cos over ``d``."""
         import timm
 
         src = timm.create_model(name, pretrained=pretrained, num_classes=0)
@@ -303,20 +307,45 @@ class HierarchicalViT(nn.Module):
         self.patch_embed.proj.bias.copy_(src.patch_embed.proj.bias)
         if getattr(src, "pos_embed", None) is not None:
             start = 0 if getattr(src, "no_embed_class", False) else n_prefix
-            table = src.pos_embed[0, start:]
-            side = int(math.isqrt(table.shape[0]))
-            table = table.T.reshape(1, -1, side, side)
-            if (side, side) != self.ref_grid[1:]:
-                table = F.interpolate(table, size=self.ref_grid[1:], mode="bicubic", align_corners=False)
+            table = resize_2d_positions(src.pos_embed[:, start:], self.ref_grid[1:],
+                                        getattr(src.patch_embed, "grid_size", None))  # [1, C, h, w]
             depth = sincos_1d(torch.arange(self.ref_grid[0]), self.cfg.width).T  # [C, d]
             spatial = table[:, :, None] + depth[None, :, :, None, None]
             self.spatial_pos.copy_(spatial.to(self.spatial_pos))
 
 
+def resize_2d_positions(table: Tensor, size: tuple[int, int], src_grid: tuple[int, int] | None = None) -> Tensor:
+    """A 2D ViT's position table ``[1, n, C]`` (prefix rows removed, rows in raster order) resized to
+    ``size`` = ``(h, w)`` -> ``[1, C, h, w]``.
+
+    This is timm's ``resample_abs_pos_embed`` (bicubic, ``align_corners=False``, **antialiased**), as in
+    HLIP's ``study_pos_embed`` (``src/hlip/pos_embed.py``, spec §2.4); a table already of ``size`` is
+    returned unchanged. ``src_grid`` is the source's token grid; without it the source is taken to be
+    square, as in the official code (which cannot load a non-square source).
+    """
+    from timm.layers import resample_abs_pos_embed
+
+    n = table.shape[1]
+    if src_grid is None:
+        side = math.isqrt(n)
+        src_grid = (side, side)
+    src_grid = (int(src_grid[0]), int(src_grid[1]))
+    if src_grid[0] * src_grid[1] != n:
+        raise ValueError(f"A 2D position table of {n} rows does not fill the source token grid {src_grid}; "
+                         f"inflate from a ViT with an absolute position table over its patch grid.")
+    size = (int(size[0]), int(size[1]))
+    resized = resample_abs_pos_embed(table, new_size=size, old_size=src_grid, num_prefix_tokens=0)
+    return resized.reshape(1, *size, table.shape[-1]).permute(0, 3, 1, 2)
+
+
 def inflate_patch_kernel(w2d: Tensor, patch: tuple[int, int, int], in_chans: int = 1) -> Tensor:
     """HLIP's average inflation of a 2D patch kernel ``[D, 3, ph0, pw0]`` -> ``[D, in_chans, pd, ph, pw]``:
     bicubic in-plane resize without rescaling, summed over the input channels (for one grey channel),
-    repeated ``pd`` times along depth and divided by ``pd``."""
+    repeated ``pd`` times along depth and divided by ``pd``.
+
+    The resize is a plain ``F.interpolate(mode="bicubic", align_corners=False)`` without antialiasing,
+    as in ``custom_checkpoint_filter_fn`` (``src/hlip/visual_encoder.py``), not timm's
+    ``resample_patch_embed`` (a pseudo-inverse resize that preserves the patch response)."""
     pd, ph, pw = patch
     if tuple(w2d.shape[-2:]) != (ph, pw):
         w2d = F.interpolate(w2d, size=(ph, pw), mode="bicubic", align_corners=False)
@@ -327,4 +356,4 @@ def inflate_patch_kernel(w2d: Tensor, patch: tuple[int, int, int], in_chans: int
     return w2d[:, :, None].repeat(1, 1, pd, 1, 1) / pd
 
 
-__all__ = ["HierarchicalViT", "LEVELS", "inflate_patch_kernel", "parse_levels", "sincos_1d"]
+__all__ = ["HierarchicalViT", "LEVELS", "inflate_patch_kernel", "parse_levels", "resize_2d_positions", "sincos_1d"]

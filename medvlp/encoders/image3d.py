@@ -23,13 +23,26 @@ from medvlp.registry import register_image_encoder
 
 
 def sincos_pos_embed_3d(grid: tuple[int, int, int], dim: int) -> Tensor:
-    """Fixed sine-cosine positions ``[d*h*w, dim]`` (a third of the channels per axis, rest zero)."""
+    """Fixed sine-cosine positions ``[d*h*w, dim]`` for a token grid ``(d, h, w)``.
+
+    Rows follow the patch embedding's flattening (depth slowest, width fastest: row ``(i*h + j)*w + k``
+    is depth ``i``, height ``j``, width ``k``). Each row is three 1-D MAE sin-cos codes of ``dim // 3``
+    channels (``[sin(p w_n), cos(p w_n)]``, ``w_n = 10000^(-n / (dim/6))``) laid out in the order
+    **(w, h, d)**: channels ``[0, dim/3)`` encode ``k``, ``[dim/3, 2 dim/3)`` encode ``j`` and the last
+    third ``i``. This is HLIP's ``get_3d_sincos_pos_embed`` (``src/hlip/pos_embed.py``; specs/methods/
+    hlip.md §2.4), whose (w, h, d) order extends MAE's 2-D table (first half: the column, second half:
+    the row). It is the one 3-D sin-cos layout in the library: HLIP's table without 2-D inflation and
+    ``vit3d`` with ``pos_embed=sincos`` (which no spec pins) both use it.
+
+    Differences from the official code: widths that are not a multiple of 6 are accepted; each axis
+    then gets ``(dim // 6) * 2`` channels and the remaining ones are zero (the official code asserts).
+    """
     per_axis = (dim // 6) * 2  # even number of channels per axis
+    omega = 1.0 / (10000 ** (torch.arange(per_axis // 2, dtype=torch.float32) / max(per_axis // 2, 1)))
     out = []
-    for axis, size in enumerate(grid):
-        pos = torch.arange(size, dtype=torch.float32)
-        omega = 1.0 / (10000 ** (torch.arange(per_axis // 2, dtype=torch.float32) / max(per_axis // 2, 1)))
-        ang = pos[:, None] * omega[None]
+    for axis in (2, 1, 0):  # (w, h, d) as in the official table
+        size = grid[axis]
+        ang = torch.arange(size, dtype=torch.float32)[:, None] * omega[None]
         emb = torch.cat([ang.sin(), ang.cos()], dim=1)  # [size, per_axis]
         shape = [1, 1, 1, per_axis]
         shape[axis] = size
