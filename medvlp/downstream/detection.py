@@ -1,38 +1,47 @@
 """Detection transfer of a pretrained image encoder (RSNA pneumonia, Object-CXR foreign objects).
 
-A torchvision detector runs over a feature pyramid built on the run's image backbone:
+Detectors (``detector``):
 
-* CNN encoders (timm): the stage outputs at strides 4 / 8 / 16 / 32 (``layer1`` ... ``layer4`` of a
-  ResNet, as torchvision's ResNet-50-FPN taps them) go through a feature pyramid network with an extra
-  max-pooled level at stride 64.
-* ViT encoders: the last block's patch-token map goes through ViTDet's simple feature pyramid -
-  scales 4x and 2x by 2x2 transposed convolutions, 1x, and 0.5x by max pooling, each then
-  [1x1 conv, LayerNorm, 3x3 conv, LayerNorm] - plus the pooled level.
+* ``yolov3``: MGCA's detector (``specs/methods/mgca.md`` §7.3, which G2D reuses) - a YOLOv3 head on the
+  encoder's stages at strides 8 / 16 / 32 (``layer2`` ... ``layer4`` of a ResNet), three anchors per
+  map (YOLOv3's COCO anchors scaled by ``image_size / 416``), MGCA's YOLO loss (xy 2.5, wh 2.5,
+  objectness 1, class 1, ignore IoU 0.5); ``medvlp.downstream.yolo`` has the details and the
+  differences from the official code. CNN encoders only (a ViT has no stage outputs); the head's width
+  is ``pyramid_channels`` (256: the official head, branches 512 / 256 / 128).
+* ``fcos`` (default), ``retinanet``, ``faster_rcnn``: a torchvision detector over a feature pyramid
+  built on the run's image backbone, for CNN and ViT encoders alike:
 
-Every level has ``pyramid_channels`` (256) channels. Detectors (``detector``): ``fcos`` (default;
-anchor-free, one location per pixel of each level), ``retinanet`` and ``faster_rcnn`` (anchors of three
-sizes per level, ``2 * stride * 2^(k/3)`` pixels, aspect ratios 0.5 / 1 / 2). Images enter at the
-datamodule's size (no rescaling inside the detector) and already normalised.
+  * CNN encoders (timm): the stage outputs at strides 4 / 8 / 16 / 32 (``layer1`` ... ``layer4`` of a
+    ResNet, as torchvision's ResNet-50-FPN taps them) go through a feature pyramid network with an
+    extra max-pooled level at stride 64.
+  * ViT encoders: the last block's patch-token map goes through ViTDet's simple feature pyramid -
+    scales 4x and 2x by 2x2 transposed convolutions, 1x, and 0.5x by max pooling, each then
+    [1x1 conv, LayerNorm, 3x3 conv, LayerNorm] - plus the pooled level.
 
-The protocol follows MGCA's (``specs/methods/mgca.md`` §7.3, which G2D reuses) except for the head:
-the papers put a YOLOv3 head on layers 2-4 of a frozen ResNet-50; torchvision has no YOLOv3, and its
-closest relative there - a single-stage dense detector on a feature pyramid - is FCOS. On the demo
-boxes FCOS reaches in one epoch what RetinaNet does not in six, and Faster R-CNN's RoIAlign backward
-makes it about 4x slower per step on CPUs.
+  Every level has ``pyramid_channels`` (256) channels. ``fcos``: anchor-free, one location per pixel
+  of each level; ``retinanet`` and ``faster_rcnn``: anchors of three sizes per level,
+  ``2 * stride * 2^(k/3)`` pixels, aspect ratios 0.5 / 1 / 2. They are not the papers' head but work
+  on any encoder; FCOS is the default because on the demo boxes it reaches in one epoch what RetinaNet
+  does not in six, and Faster R-CNN's RoIAlign backward makes it about 4x slower per step on CPUs. The
+  MGCA and G2D paper protocols use ``detector=yolov3``.
 
-* ``protocol=frozen``: the encoder is frozen (eval mode, no gradients); pyramid, RPN and box head
-  train. ``finetune`` trains the encoder as well.
+Images enter at the datamodule's size (no rescaling inside the detector) and already normalised. The
+protocol follows MGCA's:
+
+* ``protocol=frozen``: the encoder is frozen (eval mode, no gradients); the head (pyramid and
+  detection heads, or the YOLOv3 head) trains. ``finetune`` trains the encoder as well.
 * AdamW, betas (0.9, 0.999), weight decay 1e-6, no schedule; per label fraction as MGCA's scripts:
   1 % -> batch 8, lr 2e-4 (RSNA) / 2.5e-4 (Object-CXR); 10 % and 100 % -> batch 16, lr 5e-4. At most
   50 epochs, early stopping on the validation mAP (patience 10), the best weights are tested.
-* No augmentation (the API turns ``data.augment`` off unless asked); NMS at IoU 0.5.
+* No augmentation (the API turns ``data.augment`` off unless asked); NMS at IoU 0.5 (class-wise).
 
 Metric: COCO mean average precision (torchmetrics, 101-point interpolation) averaged over the IoU
 thresholds 0.40, 0.45, ..., 0.75. Two modes:
 
 * ``standard`` (the headline ``map``): every test image; detections with a score of at least
-  ``score_threshold`` (0.05).
-* ``mgca`` (``map_mgca``, quirk Q10): MGCA's evaluation - detections with a score of at least 0.5,
+  ``score_threshold`` (0.05; for ``yolov3`` the score is the objectness).
+* ``mgca`` (``map_mgca``, quirk Q10): MGCA's evaluation - detections with a score of at least 0.5
+  (MGCA's objectness threshold; NMS before or after this filter keeps the same detections),
   and only images with both such a detection and a true box (missed images and false alarms on
   images without a finding are not counted), which inflates mAP; use it to compare with the papers.
 """
@@ -62,6 +71,7 @@ PROTOCOLS = ("frozen", "finetune")
 IOU_THRESHOLDS = tuple(round(0.40 + 0.05 * i, 2) for i in range(8))
 MAP_MODES = ("standard", "mgca")
 EXAMPLE_POOL = 64  # test images kept in memory to pick the overlay examples from
+DETECTORS = ("fcos", "retinanet", "faster_rcnn", "yolov3")
 
 
 @dataclass
@@ -75,16 +85,30 @@ class DetectorSettings:
     max_epochs: int = 50
     patience: int = 10
     max_steps: int = 0  # > 0: stop after this many optimiser steps (quick runs)
+    min_steps: int = 0  # patience counts only after this many optimiser steps
+    bn: str = "eval"  # frozen encoder's batch norms: eval (pre-training statistics) | train (batch statistics, MGCA's code)
     score_threshold: float = 0.05  # detections kept for the standard mAP
     mgca_score_threshold: float = 0.5  # MGCA's objectness threshold (map_mgca)
     nms_iou: float = 0.5
     detections_per_image: int = 100
-    detector: str = "fcos"  # fcos | retinanet | faster_rcnn
+    detector: str = "fcos"  # fcos | retinanet | faster_rcnn | yolov3 (MGCA's head, CNN encoders)
     bf16: bool = True  # on CUDA: encoder + pyramid under bf16 autocast (heads and losses in fp32)
-    pyramid_channels: int = 256  # width of every pyramid level (RPN and box head input)
+    pyramid_channels: int = 256  # width of every pyramid level (RPN and box head input); yolov3: the head's
+    # width, branches 2x / 1x / 0.5x of it at strides 32 / 16 / 8 (256: MGCA's head, 512 / 256 / 128)
     box_head_dim: int = 1024  # width of the two-layer box head
     roi_samples: int = 512  # proposals sampled per training image for the box head
     rpn_proposals: int = 2000  # proposals kept after NMS per image in training (half at evaluation)
+
+    def __post_init__(self) -> None:
+        if self.detector not in DETECTORS:
+            import difflib
+
+            close = difflib.get_close_matches(str(self.detector), DETECTORS, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"Unknown detection setting detector='{self.detector}'.{hint} Available: "
+                             f"{', '.join(DETECTORS)} (yolov3: MGCA's YOLOv3 head, CNN encoders only).")
+        if self.bn not in ("eval", "train"):
+            raise ValueError(f"bn='{self.bn}' is not one of ('eval', 'train').")
 
 
 def settings_for(fraction: float = 1.0, data_name: str = "", **overrides: Any) -> DetectorSettings:
@@ -163,6 +187,18 @@ class LayerNorm2d(nn.LayerNorm):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+def stage_indices(encoder: nn.Module, strides: tuple[int, ...]) -> list[int]:
+    """Index in ``encoder.stages`` (timm's ``feature_info``) of the last stage at each of ``strides``
+    (a ResNet: ``layer1`` ... ``layer4`` at 4 ... 32)."""
+    stages = encoder.stages
+    by_stride = {int(s["reduction"]): i for i, s in enumerate(stages)}  # the last stage of each stride
+    missing = [s for s in strides if s not in by_stride]
+    if missing:
+        raise ValueError(f"{encoder.cfg.model} has no feature stage at stride(s) {missing}: "
+                         f"{[(s['module'], s['reduction']) for s in stages]}.")
+    return [by_stride[s] for s in strides]
+
+
 class CNNPyramid(nn.Module):
     """Stages at strides 4-32 of a timm CNN + an FPN (+ max-pooled stride-64 level)."""
 
@@ -173,12 +209,7 @@ class CNNPyramid(nn.Module):
 
         self.encoder = encoder
         stages = encoder.stages
-        by_stride = {int(s["reduction"]): i for i, s in enumerate(stages)}  # the last stage of each stride
-        missing = [s for s in strides if s not in by_stride]
-        if missing:
-            raise ValueError(f"{encoder.cfg.model} has no feature stage at stride(s) {missing}: "
-                             f"{[(s['module'], s['reduction']) for s in stages]}.")
-        self.indices = [by_stride[s] for s in strides]
+        self.indices = stage_indices(encoder, strides)
         self.fpn = FeaturePyramidNetwork([int(stages[i]["num_chs"]) for i in self.indices], out_channels,
                                          extra_blocks=LastLevelMaxPool())
         self.strides = (*strides, strides[-1] * 2)
@@ -234,13 +265,13 @@ class ViTSimplePyramid(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- detector
-DETECTORS = ("fcos", "retinanet", "faster_rcnn")
-
-
 def build_detector(method: Any, in_channels: int, image_size: int, n_classes: int = 1,
                    settings: DetectorSettings | None = None) -> nn.Module:
-    """A torchvision detector (``settings.detector``) over a feature pyramid of a copy of the run's
-    image encoder (the method is unchanged). Class 0 is the background; dataset classes are 1..K."""
+    """The detector ``settings.detector`` on a copy of the run's image encoder (the method is unchanged):
+    a torchvision detector over a feature pyramid (``fcos``, ``retinanet``, ``faster_rcnn``) or MGCA's
+    YOLOv3 head on the encoder's stages (``yolov3``, ``medvlp.downstream.yolo.YOLODetector``). Every
+    detector has ``backbone`` (with ``encoder``) and ``anchor_sizes``; class 0 is the background and
+    dataset classes are 1..K."""
     from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -248,8 +279,13 @@ def build_detector(method: Any, in_channels: int, image_size: int, n_classes: in
 
     s = settings or DetectorSettings()
     if s.detector not in DETECTORS:
-        raise ValueError(f"detector '{s.detector}' is not one of {DETECTORS}.")
+        raise ValueError(f"Unknown detection setting detector='{s.detector}'. Available: {', '.join(DETECTORS)}.")
     encoder = copy.deepcopy(method.export_encoder().module)
+    if s.detector == "yolov3":
+        from medvlp.downstream.yolo import build_yolov3
+
+        return build_yolov3(encoder, n_classes, image_size, width=s.pyramid_channels, score_threshold=s.score_threshold,
+                            nms_iou=s.nms_iou, detections_per_image=s.detections_per_image)
     if getattr(encoder, "is_vit", False) and hasattr(encoder, "model"):
         backbone: nn.Module = ViTSimplePyramid(encoder, s.pyramid_channels)
     elif hasattr(encoder, "pyramid"):
@@ -290,7 +326,7 @@ def _targets(batch: Any, device: torch.device) -> list[dict[str, Tensor]]:
 
 
 def detection_step(model: nn.Module, batch: Any, device: torch.device) -> tuple[Tensor, dict[str, float]]:
-    """The summed Faster R-CNN losses of one batch (model in train mode)."""
+    """The detector's summed losses of one batch (model in train mode) and each loss as a float."""
     losses = model(list(batch.images.to(device)), _targets(batch, device))
     total = sum(v.float() for v in losses.values())
     return total, {k: float(v.detach()) for k, v in losses.items()}
@@ -325,7 +361,7 @@ def mean_box_baseline(train_targets: list[Tensor], n_test: int, test_truths: lis
 
 def run_detection(method: Any, dm: Any, protocol: str = "frozen", seed: int = 0, device: torch.device | None = None,
                   folder: Path | None = None, trainer_cfg: Any = None, **settings: Any) -> dict[str, Any] | None:
-    """Train a Faster R-CNN over the run's encoder on ``dm``'s boxes; test mAP.
+    """Train a detector (``settings["detector"]``) over the run's encoder on ``dm``'s boxes; test mAP.
 
     Returns:
         A JSON-ready dict (``map``, ``map_50``, ``map_mgca``, AP per IoU threshold, the mean-box
@@ -375,10 +411,11 @@ def run_detection(method: Any, dm: Any, protocol: str = "frozen", seed: int = 0,
         return 0.0 if math.isnan(value) else value
 
     module = TransferModule(model, loss, val_items, val_map, s.lr, s.betas, s.weight_decay,
-                            frozen=model.backbone.encoder if frozen else None, monitor="val_map", on_train_batch=bookkeeping)
+                            frozen=model.backbone.encoder if frozen and s.bn == "eval" else None, monitor="val_map",
+                            on_train_batch=bookkeeping)
     history, trainer = fit_transfer(module, dm.train_dataloader(), dm.val_dataloader(), folder, mode="max",
                                     patience=s.patience, max_epochs=s.max_epochs, max_steps=s.max_steps,
-                                    trainer_cfg=trainer_cfg, seed=seed)
+                                    trainer_cfg=trainer_cfg, seed=seed, min_steps=s.min_steps)
     if not trainer.is_global_zero:
         return None
     history["last_losses"] = last_losses
@@ -396,7 +433,7 @@ def run_detection(method: Any, dm: Any, protocol: str = "frozen", seed: int = 0,
             "map_mgca": parity["map"], "map_mgca_images": parity["n_images"], "iou_thresholds": list(IOU_THRESHOLDS),
             "baseline_mean_box_map": baseline, "anchor_sizes": [list(a) for a in model.anchor_sizes],
             "settings": asdict(s), "history": history, "seconds": time.perf_counter() - start,
-            "precision": standard["precision"],
+            "precision": standard.get("precision"),  # absent when no test image has a true box
             "examples": {"images": [images[i] for i in order], "truths": [truths[i]["boxes"] for i in order],
                          "predictions": [preds[i] for i in order]}}
 
@@ -404,9 +441,9 @@ def run_detection(method: Any, dm: Any, protocol: str = "frozen", seed: int = 0,
 
 @register_task("detection")
 class DetectionTask(Task):
-    """FCOS / RetinaNet / Faster R-CNN on a feature pyramid of the image encoder (mAP)"""
+    """FCOS / RetinaNet / Faster R-CNN on a feature pyramid of the image encoder, or MGCA's YOLOv3 head (mAP)"""
 
-    settings = ("lr", "batch_size", "max_epochs", "patience", "max_steps", "detector", "pyramid_channels")
+    settings = ("lr", "batch_size", "max_epochs", "patience", "max_steps", "min_steps", "detector", "pyramid_channels", "bn")
 
     def run(self, method: Any, dm: Any, protocol: str, seed: int, folder: Path, settings: dict[str, Any],
             trainer_cfg: Any = None) -> dict[str, Any] | None:
@@ -435,5 +472,5 @@ class DetectionTask(Task):
         return transfer_title(res), rows, ("mAP", "")
 
 
-__all__ = ["DetectionTask", "DetectorSettings", "IOU_THRESHOLDS", "PROTOCOLS", "build_detector", "detection_map", "mean_box_baseline",
-           "predict_boxes", "run_detection", "settings_for"]
+__all__ = ["DETECTORS", "DetectionTask", "DetectorSettings", "IOU_THRESHOLDS", "PROTOCOLS", "build_detector", "detection_map", "mean_box_baseline",
+           "predict_boxes", "run_detection", "settings_for", "stage_indices"]
