@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from medvlp.distributed import world
 from medvlp.downstream.metrics import accuracy, auroc
 from medvlp.downstream.task import Task, task_defaults, transfer_title
 from medvlp.downstream.transfer import TransferModule, fit_transfer
@@ -44,6 +45,8 @@ from medvlp.registry import register_task
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("linear", "finetune")
+PROBES = ("adamw", "lbfgs")
+LBFGS_GRID = tuple(10.0**e for e in range(-6, 7))  # CLIP's initial sweep of the inverse L2 strength C
 
 
 @dataclass
@@ -56,15 +59,21 @@ class ClassifierSettings:
     weight_decay: float
     betas: tuple[float, float]
     max_epochs: int
-    patience: int  # epochs without a lower validation loss before stopping
+    patience: int  # validation checks (one per epoch) without a lower validation loss before stopping
     max_steps: int = 0  # > 0: stop after this many optimiser steps (quick runs)
+    min_steps: int = 0  # patience counts only after this many optimiser steps (0: from the first epoch, the papers' rule)
+    probe: str = "adamw"  # linear: adamw (the papers' mini-batch head) | lbfgs (CLIP's full-batch logistic regression)
+    lbfgs_max_iter: int = 1000  # lbfgs: iterations per fit (scikit-learn's LogisticRegression(max_iter=1000) in CLIP)
 
 
 def settings_for(protocol: str, **overrides: Any) -> ClassifierSettings:
     """The protocol's settings from ``configs/downstream/classification.yaml``, then ``overrides``."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol '{protocol}' is not one of {PROTOCOLS}.")
-    base = {"max_steps": 0, **task_defaults("classification").settings.get(protocol, {})}
+    from dataclasses import MISSING
+
+    optional = {f.name: f.default for f in fields(ClassifierSettings) if f.default is not MISSING}
+    base = {**optional, **task_defaults("classification").settings.get(protocol, {})}
     known = [f.name for f in fields(ClassifierSettings)]
     unknown = [k for k in [*base, *overrides] if k not in known]
     if unknown:
@@ -74,6 +83,13 @@ def settings_for(protocol: str, **overrides: Any) -> ClassifierSettings:
     if missing:
         raise ValueError(f"configs/downstream/classification.yaml gives protocol '{protocol}' no {missing}.")
     merged["betas"] = tuple(float(b) for b in merged["betas"])
+    if merged["probe"] not in PROBES:
+        raise ValueError(f"probe='{merged['probe']}' is not one of {PROBES} (adamw: the papers' linear head; lbfgs: CLIP's).")
+    if merged["probe"] == "lbfgs" and protocol != "linear":
+        raise ValueError("probe=lbfgs fits a logistic regression on frozen features: it needs protocol linear / frozen.")
+    for key in ("min_steps", "max_steps", "patience", "lbfgs_max_iter"):
+        if int(merged[key]) < 0:
+            raise ValueError(f"{key} must be >= 0, got {merged[key]}.")
     return ClassifierSettings(**merged)
 
 
@@ -163,7 +179,105 @@ def train_linear(model: Classifier, train: tuple[Tensor, Tensor], val: tuple[Ten
 
     module = TransferModule(model.head, loss, _val_items, _val_loss(multiclass), s.lr, s.betas, s.weight_decay)
     return fit_transfer(module, train_loader, val_loader, folder, mode="min", patience=s.patience,
-                        max_epochs=s.max_epochs, max_steps=s.max_steps, trainer_cfg=trainer_cfg, seed=seed)
+                        max_epochs=s.max_epochs, max_steps=s.max_steps, trainer_cfg=trainer_cfg, seed=seed,
+                        min_steps=s.min_steps)
+
+
+def _logistic_objective(head: nn.Linear, x: Tensor, y: Tensor, multiclass: bool, c: float) -> Tensor:
+    """scikit-learn's L2 logistic regression objective per output, divided by its number of known
+    labels: ``mean loss + |w|^2 / (2 C n)`` (the bias is not penalised). Multi-label: one independent
+    binary problem per column over its known (non-NaN) rows; multi-class: the multinomial loss."""
+    logits = head(x)
+    if multiclass:
+        return F.cross_entropy(logits, y.argmax(dim=1)) + head.weight.square().sum() / (2 * c * len(x))
+    known = ~torch.isnan(y)
+    n = known.sum(0).clamp_min(1)
+    bce = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(y), reduction="none") * known
+    return (bce.sum(0) / n).sum() + (head.weight.square().sum(1) / (2 * c * n)).sum()
+
+
+def fit_logistic(x: Tensor, y: Tensor, multiclass: bool, c: float, max_iter: int = 1000,
+                 init: nn.Linear | None = None) -> nn.Linear:
+    """Full-batch L-BFGS (strong Wolfe line search) on :func:`_logistic_objective`; ``init`` warm-starts."""
+    head = nn.Linear(x.shape[1], y.shape[1]).to(x.device, x.dtype)
+    with torch.no_grad():
+        if init is None:
+            head.weight.zero_()
+            head.bias.zero_()
+        else:
+            head.load_state_dict(init.state_dict())
+    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=int(max_iter), tolerance_grad=1e-6,
+                            tolerance_change=1e-9, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = _logistic_objective(head, x, y, multiclass, c)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return head
+
+
+def _probe_score(head: nn.Linear, x: Tensor, y: Tensor, multiclass: bool) -> tuple[float, float]:
+    """``(-loss, headline)`` of a head on a split: its validation loss (a proper score: small validation
+    splits saturate AUROC, so it decides), then the mean AUROC (accuracy for exclusive classes)."""
+    with torch.no_grad():
+        logits = head(x)
+        loss = float(classification_loss(logits, y, multiclass))
+    m = scores_and_metrics(logits.double().cpu().numpy(), y.double().cpu().numpy(), [str(i) for i in range(y.shape[1])], multiclass)
+    value = m["accuracy"] if multiclass else m["mean_auroc"]
+    return -loss, (float("-inf") if math.isnan(value) else float(value))
+
+
+def train_lbfgs(model: Classifier, train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], multiclass: bool,
+                s: ClassifierSettings) -> dict[str, Any]:
+    """CLIP's linear probe: an L2-regularised logistic regression fitted full-batch by L-BFGS on the
+    frozen training features for each inverse strength ``C`` of :data:`LBFGS_GRID` (1e-6 ... 1e6), then
+    refined around the best by halving the step in log10(C) twice; ``C`` is chosen on the validation
+    split by its loss (CLIP chooses by the validation metric; on small validation splits AUROC saturates
+    and ties, the loss does not). The chosen fit becomes ``model.head``. Returns the history."""
+    device = model.head.weight.device
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and train[0].numel() < 2**22:  # thousands of tiny steps: threads only wait on each other
+        torch.set_num_threads(1)
+    try:
+        return _train_lbfgs(model, train, val, multiclass, s, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_lbfgs(model: Classifier, train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], multiclass: bool,
+                 s: ClassifierSettings, device: torch.device) -> dict[str, Any]:
+    x, y = train[0].to(device, torch.float64 if device.type == "cpu" else torch.float32), train[1].to(device)
+    xv, yv = val[0].to(device, x.dtype), val[1].to(device)
+    y, yv = y.to(x.dtype), yv.to(x.dtype)
+    tried: dict[float, tuple[tuple[float, float], nn.Linear]] = {}
+    warm: nn.Linear | None = None
+
+    def attempt(log_c: float) -> None:
+        nonlocal warm
+        key = round(log_c, 6)
+        if key not in tried:
+            warm = fit_logistic(x, y, multiclass, 10.0**key, s.lbfgs_max_iter, init=warm)
+            tried[key] = (_probe_score(warm, xv, yv, multiclass), warm)
+
+    for c in LBFGS_GRID:
+        attempt(math.log10(c))
+    step = 1.0
+    for _ in range(2):
+        step /= 2
+        best = max(tried, key=lambda k: (tried[k][0], -k))
+        attempt(best - step)
+        attempt(best + step)
+    best = max(tried, key=lambda k: (tried[k][0], -k))
+    head = tried[best][1]
+    with torch.no_grad():
+        model.head.weight.copy_(head.weight.to(model.head.weight.dtype))
+        model.head.bias.copy_(head.bias.to(model.head.bias.dtype))
+    return {"epochs": 0, "steps": 0, "solver": "lbfgs", "C": 10.0**best, "best_val_loss": -tried[best][0][0],
+            "val_loss_by_log10_C": {f"{k:g}": -tried[k][0][0] for k in sorted(tried)},
+            "val_score_by_log10_C": {f"{k:g}": tried[k][0][1] for k in sorted(tried)}}
 
 
 def train_finetune(model: Classifier, dm: Any, multiclass: bool, s: ClassifierSettings, seed: int,
@@ -229,12 +343,15 @@ def run_classification(method: Any, dm: Any, protocol: str = "linear", seed: int
             p.requires_grad_(False)
         train = extract_features(model, dm.eval_dataloader("train"), device)
         val = extract_features(model, dm.val_dataloader(), device)
-        history, trainer = train_linear(model, train, val, multiclass, s, seed, folder, trainer_cfg)
+        if s.probe == "lbfgs":
+            history, trainer = train_lbfgs(model, train, val, multiclass, s), None
+        else:
+            history, trainer = train_linear(model, train, val, multiclass, s, seed, folder, trainer_cfg)
         n_train = len(train[0])
     else:
         history, trainer = train_finetune(model, dm, multiclass, s, seed, folder, trainer_cfg)
         n_train = len(dm.records("train"))
-    if not trainer.is_global_zero:
+    if not (trainer.is_global_zero if trainer is not None else world()[0] == 0):
         return None
     logits, labels = predict(model, dm.test_dataloader(), device)
     metrics = scores_and_metrics(logits, labels, names, multiclass)
@@ -249,7 +366,7 @@ def run_classification(method: Any, dm: Any, protocol: str = "linear", seed: int
 class ClassificationTask(Task):
     """linear probe / fine-tuning of the image encoder (AUROC, accuracy)"""
 
-    settings = ("lr", "batch_size", "max_epochs", "patience", "max_steps")
+    settings = ("lr", "batch_size", "max_epochs", "patience", "max_steps", "min_steps", "probe", "lbfgs_max_iter")
 
     def run(self, method: Any, dm: Any, protocol: str, seed: int, folder: Path, settings: dict[str, Any],
             trainer_cfg: Any = None) -> dict[str, Any] | None:

@@ -92,8 +92,10 @@ class Task:
         return protocol
 
     def headline(self, res: dict[str, Any]) -> tuple[str, float]:
-        """``(key, value)`` of the task's headline metric in a result."""
+        """``(key, value)`` of the task's headline metric in a result (a protocol preset may name another:
+        ``res["headline"]``)."""
         key = self.defaults.multiclass_metric if res.get("multiclass") and self.defaults.multiclass_metric else self.defaults.metric
+        key = str(res.get("headline") or key)
         value: Any = res
         for part in key.split("."):
             value = value[part]
@@ -129,9 +131,12 @@ class Task:
 
 def transfer_title(res: dict[str, Any]) -> str:
     """The first line printed for a transfer result."""
-    return (f"{res['task']} ({res['protocol']}) of {res.get('method', '?')} on {res.get('data', '?')}, "
+    h = res["history"]
+    length = f"L-BFGS, C={h['C']:.3g}" if h.get("solver") == "lbfgs" else f"{h['epochs']} epochs, {h.get('steps', 0)} steps"
+    proto = f"{res['preset']} protocol, {res['protocol']}" if res.get("preset") else res["protocol"]
+    return (f"{res['task']} ({proto}) of {res.get('method', '?')} on {res.get('data', '?')}, "
             f"{res['fraction']:g} of the training labels ({res['n_train']} images), test split ({res['n_test']} "
-            f"images), {res['history']['epochs']} epochs:")
+            f"images), {length}:")
 
 
 def get_task(name: str) -> Task:

@@ -13,6 +13,7 @@ split's order (the distributed sampler's padding dropped), so the score is the o
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -120,15 +121,44 @@ def trainer_args(trainer_cfg: Any) -> dict[str, Any]:
             "gradient_clip_val": t.gradient_clip_val or None}
 
 
+def min_steps_epochs(min_steps: int, steps_per_epoch: int, patience: int, max_epochs: int) -> int:
+    """The epoch bound of a run that must make ``min_steps`` optimiser steps and then may wait
+    ``patience`` validation checks: ``max_epochs``, raised as far as that needs."""
+    if min_steps <= 0 or steps_per_epoch <= 0:
+        return int(max_epochs)
+    return max(int(max_epochs), math.ceil(min_steps / steps_per_epoch) + int(patience))
+
+
+class StopAfterMinSteps:
+    """Early stopping that starts counting after ``min_steps`` optimiser steps: the validation checks
+    before it neither stop the run nor use up its patience (the best weights are still kept from
+    every check). Built lazily so Lightning is imported only when training."""
+
+    @staticmethod
+    def make(min_steps: int, **kwargs: Any) -> Any:
+        from lightning.pytorch.callbacks import EarlyStopping
+
+        class _Stop(EarlyStopping):
+            def _run_early_stopping_check(self, trainer: L.Trainer) -> None:
+                if trainer.global_step < min_steps:
+                    return
+                super()._run_early_stopping_check(trainer)
+
+        return _Stop(**kwargs)
+
+
 def fit_transfer(module: TransferModule, train_loader: Any, val_loader: Any, folder: Path | None, *, mode: str,
                  patience: int, max_epochs: int, max_steps: int = 0, trainer_cfg: Any = None,
-                 seed: int = 0) -> tuple[dict[str, Any], L.Trainer]:
+                 seed: int = 0, min_steps: int = 0) -> tuple[dict[str, Any], L.Trainer]:
     """Train ``module`` with early stopping on its score; load the best weights back.
 
     Args:
         mode: ``min`` (a loss) or ``max`` (e.g. mAP).
-        patience: validation epochs without a better score before stopping.
+        patience: validation checks (one per epoch) without a better score before stopping, counted
+            from the first check after ``min_steps`` optimiser steps.
         max_epochs, max_steps: the length (``max_steps`` > 0 stops after that many optimiser steps).
+            ``min_steps`` > 0 raises ``max_epochs`` to ``ceil(min_steps / steps per epoch) + patience``
+            when that is larger, so a small label fraction (a few steps per epoch) still trains.
         trainer_cfg: the ``trainer.*`` section (devices, strategy, precision, ...); None = one CPU / GPU.
         folder: where ``checkpoints/best.ckpt`` and ``metrics.csv`` go (None: a temporary folder).
 
@@ -138,7 +168,7 @@ def fit_transfer(module: TransferModule, train_loader: Any, val_loader: Any, fol
     """
     import tempfile
 
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
     if mode not in ("min", "max"):
@@ -149,10 +179,15 @@ def fit_transfer(module: TransferModule, train_loader: Any, val_loader: Any, fol
         tmp = tempfile.TemporaryDirectory()
         folder = Path(tmp.name)
     module.val_size = len(val_loader.dataset)
+    try:
+        steps_per_epoch = len(train_loader)
+    except TypeError:  # an iterable without a length
+        steps_per_epoch = 0
+    max_epochs = min_steps_epochs(int(min_steps), steps_per_epoch, int(patience), int(max_epochs))
     ckpt = ModelCheckpoint(dirpath=Path(folder) / "checkpoints", filename="best", monitor=module.monitor, mode=mode,
                            save_top_k=1, save_weights_only=True, enable_version_counter=False)
-    stop = EarlyStopping(monitor=module.monitor, mode=mode, patience=int(patience), min_delta=1e-6,
-                         check_on_train_epoch_end=False, check_finite=False)
+    stop = StopAfterMinSteps.make(int(min_steps), monitor=module.monitor, mode=mode, patience=int(patience), min_delta=1e-6,
+                                  check_on_train_epoch_end=False, check_finite=False)
     args = {"accelerator": "auto", "devices": 1, **trainer_args(trainer_cfg)}
     trainer = L.Trainer(max_epochs=int(max_epochs), max_steps=int(max_steps) if max_steps else -1, callbacks=[ckpt, stop],
                         logger=CSVLogger(folder, name="", version=""), num_sanity_val_steps=0, log_every_n_steps=1,
@@ -171,4 +206,4 @@ def fit_transfer(module: TransferModule, train_loader: Any, val_loader: Any, fol
     return history, trainer
 
 
-__all__ = ["TransferModule", "fit_transfer", "gather_in_order", "trainer_args"]
+__all__ = ["StopAfterMinSteps", "TransferModule", "fit_transfer", "gather_in_order", "min_steps_epochs", "trainer_args"]
