@@ -2,7 +2,7 @@ PYTHON ?= python
 PYTEST_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test test-slow test-gpu lint demo sweep clean
+.PHONY: install test test-slow test-gpu lint demo sweep reproduce clean
 
 install:  ## install medvlp (editable) with the test tools
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -43,6 +43,14 @@ sweep:  ## pre-train METHODS where needed, evaluate TASKS x FRACTIONS x SEEDS, w
 		--out $(OUT) --runs $(RUNS) --pretrain-steps $(PRETRAIN_STEPS) \
 		$(if $(PRETRAIN_DATA),--pretrain-data $(PRETRAIN_DATA)) $(if $(PRETRAIN_ROOT),--pretrain-root $(PRETRAIN_ROOT)) \
 		$(if $(ROOTS),--roots $(ROOTS)) $(SWEEP_ARGS)
+
+# make reproduce PAPER=g2d ROOTS="siim_pneumothorax=/data/siim rsna_pneumonia=/data/rsna ..." RUN=runs/g2d-...
+# Without ROOTS: the synthetic stand-ins at small settings (and, without RUN, a demo pre-training run first).
+PAPER ?= g2d
+RUN ?=
+reproduce:  ## a paper's tables under its protocol preset, beside its numbers: results/$(PAPER)/table.md
+	$(PYTHON) -m medvlp.cli reproduce --paper $(PAPER) --out $(OUT)/$(PAPER) $(if $(RUN),--run $(RUN)) \
+		$(if $(ROOTS),--roots $(ROOTS),--demo)
 
 clean:
 	rm -rf runs .cache build *.egg-info

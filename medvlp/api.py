@@ -50,7 +50,7 @@ def build_datamodule(cfg: DictConfig, tokenizer: Any = None):
 
 
 # --------------------------------------------------------------------------- runs
-def _run_info(cfg: DictConfig) -> dict[str, Any]:
+def run_info(cfg: DictConfig) -> dict[str, Any]:
     import lightning
     import torch
     import transformers
@@ -319,7 +319,7 @@ def fit(cfg: DictConfig, resume: str | Path | None = None) -> Path:
             lock = _lock_run(run_dir)
             rewind_metrics(run_dir / "metrics.csv", resumed_step)
             if not (run_dir / TEXT_DIR).is_dir():
-                _save_text_encoder(method, run_dir)
+                save_text_encoder(method, run_dir)
             _record_resume(run_dir, ckpt_path, resumed_step)
     elif role == "launched":
         run_dir = Path(os.environ[RUN_DIR_ENV])
@@ -328,8 +328,8 @@ def fit(cfg: DictConfig, resume: str | Path | None = None) -> Path:
     else:
         run_dir = new_run_dir(cfg)
         lock = _lock_run(run_dir)
-        _save_text_encoder(method, run_dir)
-        write_atomic(run_dir / "run_info.json", json.dumps(_run_info(cfg), indent=2))
+        save_text_encoder(method, run_dir)
+        write_atomic(run_dir / "run_info.json", json.dumps(run_info(cfg), indent=2))
     from medvlp.datamodules.dropped import DroppedItems
 
     callbacks = [ExactResume(train_loader.sampler, batch_size=int(cfg.data.batch_size)), DroppedItems(dm, run_dir)]
@@ -351,7 +351,7 @@ def fit(cfg: DictConfig, resume: str | Path | None = None) -> Path:
     return run_dir
 
 
-def _save_text_encoder(method: Any, run_dir: Path) -> None:
+def save_text_encoder(method: Any, run_dir: Path) -> None:
     """``<run>/text_encoder`` and the method's other :meth:`~medvlp.methods.base.VLPMethod.pretrained_parts`
     (``<run>/<name>``): each written beside it, then renamed into place (complete or absent)."""
     import shutil
@@ -402,16 +402,28 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None):
 
 
 def evaluate(run_dir: str | Path, tasks: tuple[str, ...] = ("zeroshot", "retrieval"), split: str = "test",
-             data_overrides: list[str] | None = None, data: str = "") -> dict[str, Any]:
+             data_overrides: list[str] | None = None, data: str = "", protocol: str = "") -> dict[str, Any]:
     """Evaluation tasks (zero-shot AUROC, retrieval recall, ...) of a run on a split of its dataset, or,
     with ``data``, of another dataset (``configs/data/<data>.yaml`` + ``data_overrides``) read at the
-    run's image size, channels and text length."""
+    run's image size, channels and text length (and, for one task, with that task's ``data`` defaults).
+    ``protocol`` names a paper's preset (``configs/protocol``) whose ``data.*`` for the first task (its
+    prompts, input size, threshold split) apply under ``data_overrides``."""
+    from medvlp.downstream.protocols import resolve
+
     method, cfg = load_run(run_dir)
+    preset: dict[str, Any] = {}
+    if protocol:
+        name = C.compose(data=data, overrides=list(data_overrides or []), sections=("data",)).data.name if data else cfg.data.name
+        preset = resolve(protocol, tasks[0], str(name), 1.0).data
     if data:
         overrides = [*(data_overrides or []), f"data.max_length={cfg.data.max_length}"]
-        _, cfg = downstream_datamodule(cfg, data, overrides, 1.0, method.tokenizer, task=None)
-    elif data_overrides:
-        cfg = OmegaConf.merge(cfg, C.parse_overrides(data_overrides))
+        _, cfg = downstream_datamodule(cfg, data, overrides, 1.0, method.tokenizer, task=tasks[0] if len(tasks) == 1 else None,
+                                       preset_data=preset)
+    else:
+        given = set(C.parse_overrides(list(data_overrides or [])).get("data", {}) or {})
+        extra = {k: v for k, v in preset.items() if k not in given}
+        if data_overrides or extra:
+            cfg = OmegaConf.merge(cfg, {"data": extra}, C.parse_overrides(list(data_overrides or [])))
     out = evaluate_method(method, cfg, tasks, split)
     out["run"] = str(run_dir)
     return out
@@ -487,11 +499,13 @@ def vqa(run_dir: str | Path, study: str = "", questions: tuple[str, ...] | list[
 
 # --------------------------------------------------------------------------- downstream transfer
 def downstream_datamodule(run_cfg: DictConfig, data: str, overrides: list[str], fraction: float, tokenizer: Any,
-                          task: str | None = "classification"):
+                          task: str | None = "classification", preset_data: dict[str, Any] | None = None):
     """The labelled datamodule of a transfer task: ``configs/data/<data>.yaml`` + ``overrides``, with the
     pretraining run's ``image_size`` / ``channels`` (what its encoder expects), ``data.task`` = the
     transfer task for datasets with several target kinds (RSNA, SIIM) and the task's own ``data``
-    defaults (``configs/downstream/<task>.yaml``), each unless overridden (``task=None``: neither)."""
+    defaults (``configs/downstream/<task>.yaml``), each unless overridden (``task=None``: neither).
+    ``preset_data`` (a protocol preset's ``data.*``, e.g. G2D's 224 px) wins over the run's and the
+    task's values, the user's ``overrides`` over everything."""
     from medvlp.downstream.task import get_task
 
     dot = C.parse_overrides(overrides)
@@ -500,15 +514,37 @@ def downstream_datamodule(run_cfg: DictConfig, data: str, overrides: list[str], 
     for key in ("image_size", "channels"):
         if key in cfg.data and key in run_cfg.data and key not in given:
             cfg.data[key] = run_cfg.data[key]
-    if task is not None and "task" in cfg.data and "task" not in given:
+    if task is not None and "task" in cfg.data and "task" not in given and get_task(task).transfer:
         cfg.data.task = task
     for key, value in (get_task(task).data_defaults(given) if task is not None else {}).items():
         if key in cfg.data:
+            cfg.data[key] = value
+    unknown = sorted(k for k in (preset_data or {}) if k not in cfg.data)
+    if unknown:
+        raise C.ConfigError(f"The protocol preset sets data.{unknown[0]}, which {data} ({cfg.data.name}) does not have.")
+    for key, value in (preset_data or {}).items():
+        if key not in given:
             cfg.data[key] = value
     cfg.data.label_fraction = float(fraction)
     resolve_data_root(cfg)
     C.resolve(cfg)
     return build_datamodule(cfg, tokenizer=tokenizer), cfg
+
+
+def downstream_plan(task: str, data: str, fraction: float, protocol: str, overrides: list[str] | None,
+                    settings: dict[str, Any]) -> tuple[str, str, dict[str, Any], dict[str, Any], str]:
+    """``(mode, preset, preset data, settings, headline metric)`` of a transfer run: ``protocol`` is a mode
+    (``linear`` / ``frozen`` / ``finetune``) or a paper preset (``configs/protocol/<name>.yaml``), with
+    ``settings["mode"]`` then choosing the mode; the preset's settings sit under the user's."""
+    from medvlp.downstream.protocols import is_protocol, resolve
+
+    settings = dict(settings)
+    mode = str(settings.pop("mode", "") or "")
+    if not is_protocol(protocol):
+        return mode or protocol, "", {}, settings, ""
+    name = C.compose(data=data, overrides=list(overrides or []), sections=("data",)).data.name
+    r = resolve(protocol, task, str(name), float(fraction), mode)
+    return r.mode, protocol, r.data, {**r.settings, **settings}, r.metric
 
 
 def downstream(task: str, data: str, run_dir: str | Path, fraction: float = 1.0, protocol: str = "",
@@ -521,11 +557,13 @@ def downstream(task: str, data: str, run_dir: str | Path, fraction: float = 1.0,
         data: a ``configs/data`` name with labels (e.g. ``demo_chexpert``, ``chexpert``, ``covidx``).
         run_dir: a pre-training run directory (any method).
         fraction: fraction of the training labels (the shared label-fraction files).
-        protocol: ``linear`` / ``frozen`` (frozen encoder) or ``finetune``; "" = the task's default.
+        protocol: a mode - ``linear`` / ``frozen`` (frozen encoder) or ``finetune`` - or a paper's preset
+            (``mgca``, ``g2d``, ...: ``configs/protocol``, its settings under the ones given here; the
+            setting ``mode`` then picks the mode); "" = the task's default mode and settings.
         seed: seed of the head and batch order.
         overrides: ``data.*`` and ``trainer.*`` overrides (``trainer.devices=2 trainer.strategy=ddp``,
             ``trainer.precision=bf16-mixed``); the length of training comes from the task's settings.
-        out: output folder (default ``<run_dir>/downstream/<task>-<data>-<protocol>-f<fraction>-s<seed>``).
+        out: output folder (default ``<run_dir>/downstream/<task>-<data>-[<preset>-]<mode>-f<fraction>-s<seed>``).
         settings: the task's settings (``Task.settings``: lr, batch_size, max_epochs, patience, max_steps, ...).
     """
     from medvlp.downstream.task import get_task
@@ -533,20 +571,25 @@ def downstream(task: str, data: str, run_dir: str | Path, fraction: float = 1.0,
     t = get_task(task)
     if not t.transfer:
         raise C.ConfigError(f"{task} evaluates a run as it is: use medvlp {task} --run RUN (not medvlp downstream).")
-    protocol = t.check_protocol(protocol)
+    if not 0 < float(fraction) <= 1:
+        raise C.ConfigError(f"fraction={fraction}: label fractions are in (0, 1], e.g. 0.01, 0.1 or 1.")
+    mode, preset, preset_data, settings, metric = downstream_plan(task, data, fraction, protocol, overrides, settings)
+    mode = t.check_protocol(mode)
     unknown = sorted(set(settings) - set(t.settings))
     if unknown:
         raise C.ConfigError(f"{task} takes no setting(s) {unknown}; its settings: {', '.join(t.settings)}.")
-    if not 0 < float(fraction) <= 1:
-        raise C.ConfigError(f"fraction={fraction}: label fractions are in (0, 1], e.g. 0.01, 0.1 or 1.")
     method, run_cfg = load_run(run_dir)
-    dm, cfg = downstream_datamodule(run_cfg, data, list(overrides or []), fraction, method.tokenizer, task)
-    folder = Path(out) if out else Path(run_dir) / "downstream" / f"{task}-{data}-{protocol}-f{fraction:g}-s{seed}"
+    dm, cfg = downstream_datamodule(run_cfg, data, list(overrides or []), fraction, method.tokenizer, task, preset_data)
+    label = f"{preset}-{mode}" if preset else mode
+    folder = Path(out) if out else Path(run_dir) / "downstream" / f"{task}-{data}-{label}-f{fraction:g}-s{seed}"
     folder.mkdir(parents=True, exist_ok=True)
-    res = t.run(method, dm, protocol, seed, folder, settings, trainer_cfg=cfg.trainer)
+    res = t.run(method, dm, mode, seed, folder, settings, trainer_cfg=cfg.trainer)
     if res is None:  # another process of a multi-process run: rank 0 writes the result
         return {}
-    res.update({"run": str(run_dir), "method": run_cfg.method.name, "data": data, "data_name": cfg.data.name})
+    res.update({"run": str(run_dir), "method": run_cfg.method.name, "data": data, "data_name": cfg.data.name,
+                "preset": preset, "image_size": cfg.data.get("image_size")})
+    if metric:
+        res["headline"] = metric
     if dm.dropped:
         dm.write_dropped(folder / "dropped.csv")  # every study left out, by id and reason
     res["dropped"] = dm.dropped_summary()

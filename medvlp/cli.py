@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
         ev.add_argument("--data", default="", help="evaluate on another dataset (configs/data/<name>.yaml) at the run's "
                                                    "image size, channels and text length (default: the run's own)")
         ev.add_argument("--split", default="test", help="split to evaluate: test (default), val, train, or one the dataset defines (e.g. chexpert 5x200)")
+        ev.add_argument("--protocol", default="", help="a paper's preset (configs/protocol: g2d, hlip, fvlm): its prompts, "
+                                                       "input size and threshold rule for this task")
         ev.add_argument("--json", metavar="FILE", help="also write the result as JSON")
         ev.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.root=/other/copy")
 
@@ -116,20 +118,51 @@ def _parser() -> argparse.ArgumentParser:
     ds.add_argument("--run", required=True, metavar="RUN_DIR")
     ds.add_argument("--fraction", type=float, default=1.0, help="fraction of the training labels (e.g. 0.01, 0.1, 1)")
     ds.add_argument("--protocol", default="",
-                    help="linear / frozen: encoder frozen (a linear head, or a trained decoder); finetune: all trained "
-                         "(default: the task's, configs/downstream/<task>.yaml)")
+                    help="a paper's protocol preset (configs/protocol: mgca, g2d, hlip, fvlm), or a mode: linear / frozen: "
+                         "encoder frozen (a linear head, or a trained decoder); finetune: all trained "
+                         "(default: the task's mode and settings, configs/downstream/<task>.yaml)")
+    ds.add_argument("--mode", choices=["linear", "frozen", "finetune"], help="the mode under a preset (default: the preset's)")
     ds.add_argument("--seed", type=int, default=0)
     ds.add_argument("--lr", type=float, help="default: 5e-4 (linear), 1e-4 (finetune)")
     ds.add_argument("--batch-size", type=int, help="default: 48 (linear), 64 (finetune)")
     ds.add_argument("--max-epochs", type=int, help="default 50")
     ds.add_argument("--patience", type=int, help="early-stopping patience in epochs (default 10)")
     ds.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (quick runs)")
-    ds.add_argument("--detector", choices=["fcos", "retinanet", "faster_rcnn"], help="detection: the torchvision detector (default fcos)")
+    ds.add_argument("--min-steps", type=int, help="early stopping counts its patience only after this many optimiser steps")
+    ds.add_argument("--probe", choices=["adamw", "lbfgs"], help="classification, linear: the papers' AdamW head (default) "
+                                                                "or CLIP's L-BFGS logistic regression (L2 chosen on val)")
+    ds.add_argument("--decoder", choices=["fresh", "pretrained"], help="segmentation: a new decoder (default) or the run's "
+                                                                       "pre-trained one (G2D's encoder-decoder transfer)")
+    ds.add_argument("--bn", choices=["eval", "train"], help="segmentation / detection with a frozen encoder: its batch norms "
+                                                            "keep pre-training statistics (eval, default) or use batch statistics "
+                                                            "(train, as MGCA's code)")
+    ds.add_argument("--detector", choices=["fcos", "retinanet", "faster_rcnn", "yolov3"], help="detection: the detector head (default fcos; yolov3: MGCA's)")
     ds.add_argument("--pyramid-channels", type=int, help="detection: width of the feature pyramid (default 256)")
     ds.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
                     help="a setting of the task (repeatable; YAML values), e.g. --set decoder_channels=[32,16]")
     ds.add_argument("--out", help="output folder (default RUN_DIR/downstream/<task>-<data>-<protocol>-f<F>-s<seed>)")
     ds.add_argument("overrides", nargs="*", help="data.* and trainer.* overrides, e.g. data.root=/data/chexpert trainer.devices=2 trainer.strategy=ddp")
+
+    from medvlp import importer
+
+    importer.add_parser(sub)
+
+    rp = sub.add_parser("reproduce", help="a paper's tables under its protocol preset, beside the paper's numbers",
+                        description="Run every row of a paper's tables (configs/protocol/<paper>.yaml: tables) with its "
+                                    "protocol on a run and write <out>/table.md: the paper's value, ours and the difference "
+                                    "per cell. Resumable: finished cells are read back.")
+    rp.add_argument("--paper", required=True, help="a preset with tables, e.g. g2d")
+    rp.add_argument("--run", metavar="RUN_DIR", help="the pre-trained run (e.g. made by medvlp import from the authors' weights)")
+    rp.add_argument("--roots", nargs="*", default=[], metavar="DATASET=PATH", help="the downloads, e.g. siim_pneumothorax=/data/siim "
+                                                                                   "rsna_pneumonia=/data/rsna (rows without one are skipped)")
+    rp.add_argument("--demo", action="store_true", help="the synthetic stand-ins, small settings (CPU minutes); without --run "
+                                                        "the paper's method is pre-trained on the demo first")
+    rp.add_argument("--max-steps", type=int, default=20, help="--demo: optimiser steps per transfer cell (default 20)")
+    rp.add_argument("--pretrain-steps", type=int, default=100, help="--demo without --run: pre-training steps (default 100)")
+    rp.add_argument("--fractions", type=float, nargs="*", help="only these label fractions (default: all the table has)")
+    rp.add_argument("--rows", nargs="*", help="only the rows whose name contains one of these (e.g. SIIM grounding)")
+    rp.add_argument("--out", default="", help="output folder (default results/<paper>)")
+    rp.add_argument("--runs", default="runs/reproduce", help="--demo: where the pre-training run goes")
 
     demo = sub.add_parser("demo", help="write the synthetic demo datasets", description="Write the synthetic radiology world in the real dataset formats.")
     demo.add_argument("--out", required=True)
@@ -198,7 +231,8 @@ def cmd_eval(args: argparse.Namespace, task: str) -> None:
     from medvlp.cache import write_atomic
     from medvlp.downstream.task import get_task, print_table
 
-    res = api.evaluate(args.run, tasks=(task,), split=args.split, data_overrides=args.overrides, data=args.data)
+    res = api.evaluate(args.run, tasks=(task,), split=args.split, data_overrides=args.overrides, data=args.data,
+                       protocol=args.protocol)
     print_table(*get_task(task).rows(res))
     if args.json:  # whole or not at all: a killed process leaves no partial file
         write_atomic(Path(args.json), json.dumps(res, indent=2))
@@ -225,7 +259,8 @@ def cmd_downstream(args: argparse.Namespace) -> None:
     from medvlp.downstream.task import get_task, print_table
 
     settings = {"lr": args.lr, "batch_size": args.batch_size, "max_epochs": args.max_epochs, "patience": args.patience,
-                "max_steps": args.max_steps, "detector": args.detector, "pyramid_channels": args.pyramid_channels}
+                "max_steps": args.max_steps, "detector": args.detector, "pyramid_channels": args.pyramid_channels,
+                "min_steps": args.min_steps, "probe": args.probe, "decoder": args.decoder, "bn": args.bn, "mode": args.mode}
     for item in args.settings:
         import yaml
 
@@ -242,6 +277,23 @@ def cmd_downstream(args: argparse.Namespace) -> None:
         return
     print_table(*get_task(args.task).rows(res))
     print(f"wrote {', '.join(res['files'].values())}")
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from medvlp.importer import cmd_import as run_import
+
+    run_import(args)
+
+
+def cmd_reproduce(args: argparse.Namespace) -> None:
+    from medvlp.reproduce import parse_roots, reproduce
+
+    path, cells = reproduce(args.paper, run=args.run, out=args.out, roots=parse_roots(args.roots), demo=args.demo,
+                            max_steps=args.max_steps, pretrain_steps=args.pretrain_steps, fractions=args.fractions,
+                            runs=args.runs, rows=args.rows)
+    done = sum(c.status == "done" for c in cells)
+    print(path.read_text())
+    print(f"wrote {path}: {done} of {len(cells)} cells computed")
 
 
 def cmd_preprocess(args: argparse.Namespace) -> None:
@@ -302,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         "preprocess": cmd_preprocess,
         "explain": cmd_explain,
         "downstream": cmd_downstream,
+        "reproduce": cmd_reproduce,
+        "import": cmd_import,
         "vqa": cmd_vqa,
         "sweep": sweep.cmd_sweep,
         "demo": cmd_demo,

@@ -366,7 +366,8 @@ def run_classification(method: Any, dm: Any, protocol: str = "linear", seed: int
 class ClassificationTask(Task):
     """linear probe / fine-tuning of the image encoder (AUROC, accuracy)"""
 
-    settings = ("lr", "batch_size", "max_epochs", "patience", "max_steps", "min_steps", "probe", "lbfgs_max_iter")
+    settings = ("lr", "batch_size", "weight_decay", "betas", "max_epochs", "patience", "max_steps", "min_steps", "probe",
+                "lbfgs_max_iter")
 
     def run(self, method: Any, dm: Any, protocol: str, seed: int, folder: Path, settings: dict[str, Any],
             trainer_cfg: Any = None) -> dict[str, Any] | None:

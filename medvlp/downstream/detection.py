@@ -443,7 +443,8 @@ def run_detection(method: Any, dm: Any, protocol: str = "frozen", seed: int = 0,
 class DetectionTask(Task):
     """FCOS / RetinaNet / Faster R-CNN on a feature pyramid of the image encoder, or MGCA's YOLOv3 head (mAP)"""
 
-    settings = ("lr", "batch_size", "max_epochs", "patience", "max_steps", "min_steps", "detector", "pyramid_channels", "bn")
+    settings = ("lr", "batch_size", "weight_decay", "betas", "max_epochs", "patience", "max_steps", "min_steps", "detector",
+                "pyramid_channels", "bn")
 
     def run(self, method: Any, dm: Any, protocol: str, seed: int, folder: Path, settings: dict[str, Any],
             trainer_cfg: Any = None) -> dict[str, Any] | None:

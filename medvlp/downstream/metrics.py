@@ -77,8 +77,9 @@ def youden_like_threshold(probs: np.ndarray, targets: np.ndarray, grid: int = 10
 
 
 def binary_report(pred: np.ndarray, targets: np.ndarray) -> dict[str, float]:
-    """Accuracy, precision and recall of the positive class, and the support-weighted F1 over both
-    classes (scikit-learn's ``average="weighted"``), for 0/1 predictions; NaN targets ignored."""
+    """Accuracy, precision, recall and F1 of the positive class (``f1``, scikit-learn's default binary F1),
+    and the support-weighted F1 over both classes (``average="weighted"``), for 0/1 predictions; NaN
+    targets ignored."""
     pred, targets = np.asarray(pred).astype(bool), np.asarray(targets, np.float64)
     keep = ~np.isnan(targets)
     pred, y = pred[keep], targets[keep] > 0.5
@@ -92,7 +93,7 @@ def binary_report(pred: np.ndarray, targets: np.ndarray) -> dict[str, float]:
     weighted = (n_pos * f1(pred, y) + n_neg * f1(~pred, ~y)) / max(n_pos + n_neg, 1)
     return {"accuracy": float((pred == y).mean()) if len(y) else float("nan"),
             "precision": tp / (tp + fp) if tp + fp else 0.0, "recall": tp / (tp + fn) if tp + fn else 0.0,
-            "f1_weighted": float(weighted)}
+            "f1": f1(pred, y), "f1_weighted": float(weighted)}
 
 
 def recall_at_k(sim: np.ndarray, query_ids: list[str], gallery_ids: list[str], ks: tuple[int, ...] = (1, 5, 10)) -> dict[int, float]:

@@ -53,7 +53,14 @@ class SegmenterSettings:
     max_epochs: int = 50
     patience: int = 10
     max_steps: int = 0  # > 0: stop after this many optimiser steps (quick runs)
+    min_steps: int = 0  # patience counts only after this many optimiser steps
     focal_weight: float = 10.0
+    decoder: str = "fresh"  # fresh: a new decoder | pretrained: the run's exported decoder (G2D's encoder-decoder transfer)
+    bn: str = "eval"  # frozen encoder's batch norms: eval (pre-training statistics) | train (batch statistics, MGCA's code)
+
+
+DECODERS = ("fresh", "pretrained")
+BN_MODES = ("eval", "train")
 
 
 def settings_for(**overrides: Any) -> SegmenterSettings:
@@ -61,7 +68,12 @@ def settings_for(**overrides: Any) -> SegmenterSettings:
     unknown = [k for k in overrides if k not in base]
     if unknown:
         raise ValueError(f"Unknown segmentation setting(s) {unknown}; known: {sorted(base)}.")
-    return SegmenterSettings(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
+    s = SegmenterSettings(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
+    if s.decoder not in DECODERS:
+        raise ValueError(f"decoder='{s.decoder}' is not one of {DECODERS}.")
+    if s.bn not in BN_MODES:
+        raise ValueError(f"bn='{s.bn}' is not one of {BN_MODES}.")
+    return s
 
 
 # ---------------------------------------------------------------------------------------------- metric + loss
@@ -141,14 +153,46 @@ class SETRNaiveSegmenter(nn.Module):
         return F.interpolate(out, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
 
 
-def build_segmenter(method: Any, in_channels: int, decoder_channels: tuple[int, ...] | None = None) -> nn.Module:
-    """The segmenter for the run's image encoder (a copy; the method is unchanged)."""
+def build_segmenter(method: Any, in_channels: int, decoder_channels: tuple[int, ...] | None = None,
+                    decoder: str = "fresh") -> nn.Module:
+    """The segmenter for the run's image encoder (a copy; the method is unchanged). ``decoder="pretrained"``
+    rebuilds the U-Net the method exports (:meth:`~medvlp.methods.base.VLPMethod.export_decoder`: G2D's
+    pixel-alignment decoder) with all its weights; its segmentation head too when it has one output."""
+    if decoder == "pretrained":
+        return pretrained_unet(method, in_channels, decoder_channels)
     encoder = copy.deepcopy(method.export_encoder().module)
     if getattr(encoder, "is_vit", False):
         return SETRNaiveSegmenter(encoder, tuple(decoder_channels or (512, 256, 128, 64)))
     if not hasattr(encoder, "model") or not hasattr(encoder, "cfg"):
         raise ValueError(f"Segmentation transfer needs a timm image encoder (CNN or ViT), got {type(encoder).__name__}.")
     return UnetSegmenter(encoder, in_channels, decoder_channels=tuple(decoder_channels or (256, 128, 64, 32, 16)))
+
+
+def pretrained_unet(method: Any, in_channels: int, decoder_channels: tuple[int, ...] | None = None) -> UnetSegmenter:
+    """:class:`UnetSegmenter` with the encoder, decoder (and, for one pre-training output, head) of the
+    U-Net the method exports. Errors name what does not fit: no exported decoder, other channels."""
+    export = method.export_decoder() if method.supports("export_decoder") else None
+    if not export:
+        raise ValueError(f"decoder=pretrained: the {method.cfg.name} run exports no pre-trained decoder (only methods "
+                         f"that train one, e.g. G2D, do); use decoder=fresh.")
+    if int(export["in_channels"]) != int(in_channels):
+        raise ValueError(f"decoder=pretrained: the run's U-Net takes {export['in_channels']} input channel(s), the data has "
+                         f"{in_channels}; set data.channels={export['in_channels']}.")
+    if decoder_channels and [int(c) for c in decoder_channels] != list(export["decoder_channels"]):
+        raise ValueError(f"decoder=pretrained keeps the run's decoder channels {list(export['decoder_channels'])}; "
+                         f"decoder_channels={list(decoder_channels)} cannot be used with it.")
+    encoder = copy.deepcopy(method.export_encoder().module)
+    model = UnetSegmenter(encoder, in_channels, depth=int(export["encoder_depth"]),
+                          decoder_channels=tuple(export["decoder_channels"]))
+    state = dict(export["state_dict"])
+    if int(export["classes"]) != 1:  # several pseudo-mask channels: a new one-channel head
+        state = {k: v for k, v in state.items() if not k.startswith("segmentation_head.")}
+    missing, unexpected = model.unet.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k.startswith("segmentation_head.") and int(export["classes"]) != 1)]
+    if missing or unexpected:
+        raise ValueError(f"decoder=pretrained: the exported U-Net does not fit (missing {missing[:3]}, unexpected {unexpected[:3]}).")
+    model.pretrained_decoder = True
+    return model
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -195,7 +239,7 @@ def run_segmentation(method: Any, dm: Any, protocol: str = "frozen", seed: int =
     s = settings_for(**settings)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
-    model = build_segmenter(method, int(dm.cfg.channels), decoder_channels).to(device)
+    model = build_segmenter(method, int(dm.cfg.channels), decoder_channels, s.decoder).to(device)
     if protocol == "frozen":
         for p in model.encoder.parameters():
             p.requires_grad_(False)
@@ -216,10 +260,10 @@ def run_segmentation(method: Any, dm: Any, protocol: str = "frozen", seed: int =
         return float(segmentation_loss(torch.logit(probs.clamp(1e-6, 1 - 1e-6)), truths, s.focal_weight))
 
     module = TransferModule(model, loss, val_items, val_loss, s.lr, s.betas, s.weight_decay,
-                            frozen=model.encoder if protocol == "frozen" else None)
+                            frozen=model.encoder if protocol == "frozen" and s.bn == "eval" else None)
     history, trainer = fit_transfer(module, dm.train_dataloader(), dm.val_dataloader(), folder, mode="min",
                                     patience=s.patience, max_epochs=s.max_epochs, max_steps=s.max_steps,
-                                    trainer_cfg=trainer_cfg, seed=seed)
+                                    trainer_cfg=trainer_cfg, seed=seed, min_steps=s.min_steps)
     if not trainer.is_global_zero:
         return None
     probs, truths, images = predict_masks(model, dm.test_dataloader(), device)
@@ -239,19 +283,24 @@ def run_segmentation(method: Any, dm: Any, protocol: str = "frozen", seed: int =
 class SegmentationTask(Task):
     """U-Net (CNN) or SETR (ViT) decoder on the image encoder (Dice)"""
 
-    settings = ("lr", "batch_size", "max_epochs", "patience", "max_steps", "decoder_channels")
+    settings = ("lr", "batch_size", "weight_decay", "betas", "max_epochs", "patience", "max_steps", "min_steps", "decoder_channels",
+                "decoder", "bn")
 
     def run(self, method: Any, dm: Any, protocol: str, seed: int, folder: Path, settings: dict[str, Any],
             trainer_cfg: Any = None) -> dict[str, Any] | None:
         from medvlp.downstream.plots import mask_overlays_png
 
-        balance = bool(dm.balance_segmentation)
+        balanced = bool(dm.balance_segmentation)
+        # MGCA balances SIIM first and draws the label fraction from the balanced images: a datamodule that
+        # balances its train split itself (data.balance_train) has done so before its fraction was drawn
+        by_data = bool(getattr(dm.cfg, "balance_train", False))
         settings = dict(settings)
-        settings.setdefault("batch_size", 8 if balance else 16)  # MGCA: 8 (SIIM), 16 (RSNA)
+        settings.setdefault("batch_size", 8 if balanced else 16)  # MGCA: 8 (SIIM), 16 (RSNA)
         res = run_segmentation(method, dm, protocol="frozen" if protocol == "linear" else protocol, seed=seed,
-                               balance=balance, folder=folder, trainer_cfg=trainer_cfg, **settings)
+                               balance=balanced and not by_data, folder=folder, trainer_cfg=trainer_cfg, **settings)
         if res is None:
             return None
+        res["balanced"] = balanced
         ex = res.pop("examples")
         mask_overlays_png(folder / "overlays.png", ex["images"], ex["truths"], ex["predictions"])
         truths = ex["truths"]

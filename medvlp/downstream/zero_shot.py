@@ -55,7 +55,8 @@ def load_prompts(path: str | Path) -> dict[str, dict[str, list[str]]]:
 
 def load_options(path: str | Path) -> dict[str, str]:
     """The file-level scoring options of a prompt file, checked: ``_threshold`` (``hlip``: ``p >= t``, first
-    best threshold; ``fvlm``: ``p > t``, last best, as fVLM's ``calc_metrics.py``) and ``_missing`` (an image
+    best threshold; ``fvlm``: ``p > t``, last best, as fVLM's ``calc_metrics.py``; ``argmax``: positive iff
+    the positive prompt is the more similar, G2D's rule, no threshold chosen) and ``_missing`` (an image
     the method cannot score for a label, e.g. fVLM without the anatomy: ``zero`` = probability 0, fVLM's
     rule; ``exclude`` = left out of that label's metrics)."""
     from omegaconf import OmegaConf
@@ -69,7 +70,7 @@ def load_options(path: str | Path) -> dict[str, str]:
     return out
 
 
-THRESHOLD_RULES = ("hlip", "fvlm")
+THRESHOLD_RULES = ("hlip", "fvlm", "argmax")
 MISSING_RULES = ("zero", "exclude")
 
 
@@ -150,6 +151,7 @@ def zero_shot_auc(method, emb: Embeddings, label_names: list[str], eval_labels: 
     scale = 1.0 / float(method.temperature())
     result["logit_scale"] = scale
     result["thresholded"] = {}
+    result["threshold_rule"] = options["threshold"]
     result["unscored"] = {}
     strict = options["threshold"] == "fvlm"
 
@@ -167,6 +169,10 @@ def zero_shot_auc(method, emb: Embeddings, label_names: list[str], eval_labels: 
         result["auroc"][lab] = auroc(np.where(unscored, floor, score), y)  # unscored = probability 0: ranked last
         result["positives"][lab] = int(np.nansum(y > 0.5))
         result["negatives"][lab] = int(np.sum(y < 0.5))
+        if options["threshold"] == "argmax":  # G2D: positive iff cos(pos) > cos(neg), no threshold is chosen
+            t = 0.5
+            result["thresholded"][lab] = {"threshold": t, **binary_report(score > 0, y)}
+            continue
         if other is None:
             t = youden_like_threshold(probs, y, strict=strict)
         else:
@@ -174,7 +180,7 @@ def zero_shot_auc(method, emb: Embeddings, label_names: list[str], eval_labels: 
         result["thresholded"][lab] = {"threshold": t, **binary_report(probs > t if strict else probs >= t, y)}
     vals = [v for v in result["auroc"].values() if not np.isnan(v)]
     result["mean_auroc"] = float(np.mean(vals)) if vals else float("nan")
-    for key in ("accuracy", "f1_weighted", "precision", "recall"):
+    for key in ("accuracy", "f1", "f1_weighted", "precision", "recall"):
         result[f"mean_{key}"] = float(np.mean([m[key] for m in result["thresholded"].values()])) if columns else float("nan")
     return result
 
@@ -210,7 +216,10 @@ class ZeroShotTask(Task):
         rows.append(("mean", f"{z['mean_auroc']:.3f}"))
         where = ("chosen on this split, as HLIP / fVLM report" if z.get("threshold_split", "evaluated") == "evaluated"
                  else f"chosen on the {z['threshold_split']} split")
-        rows.append(("thresholded", f"at each finding's ROC-corner threshold ({where}): accuracy {z['mean_accuracy']:.3f}, weighted F1 {z['mean_f1_weighted']:.3f}, "
+        rule = ("where the positive prompt is the more similar (G2D)" if z["thresholded"] and all(
+            m["threshold"] == 0.5 for m in z["thresholded"].values()) and z.get("threshold_rule") == "argmax"
+            else f"at each finding's ROC-corner threshold ({where})")
+        rows.append(("thresholded", f"{rule}: accuracy {z['mean_accuracy']:.3f}, F1 {z['mean_f1']:.3f}, weighted F1 {z['mean_f1_weighted']:.3f}, "
                                     f"precision {z['mean_precision']:.3f}, recall {z['mean_recall']:.3f} (means; per "
                                     f"finding in --json)"))
         return f"zero-shot AUROC on the {res['split']} split ({res['n']} images)", rows, ("finding", "AUROC")

@@ -7,7 +7,7 @@ of named terms), ``embed_image`` / ``embed_text`` (the retrieval / zero-shot emb
 ``similarity``, ``embed_images`` (studies of several scans), ``embed_batch`` (evaluation embeddings
 that need more of the batch than its images), ``param_groups``; optional
 capabilities, ``None`` unless a method implements them and asked for explicitly through
-:meth:`VLPMethod.supports`: ``token_alignment`` (``medvlp explain``), ``dense_outputs``,
+:meth:`VLPMethod.supports`: ``token_alignment`` (``medvlp explain``), ``dense_outputs``, ``dense_embeddings`` (grounding),
 ``export_decoder`` (transfer), ``generate`` (generative methods).
 
 The base class owns the rest: encoders built from config through the registries, the check of
@@ -58,7 +58,7 @@ def method_config(method_cls: type, value: Any) -> Any:
                           f"'{names[1]}'; each encoder's keys are those of its Config).") from None
 
 
-CAPABILITIES = ("token_alignment", "dense_outputs", "export_decoder", "generate")
+CAPABILITIES = ("token_alignment", "dense_outputs", "dense_embeddings", "export_decoder", "generate")
 
 
 @dataclass
@@ -218,6 +218,11 @@ class VLPMethod(L.LightningModule):
 
     def dense_outputs(self, images: Tensor) -> dict[str, Tensor] | None:
         """Capability: per-pixel outputs for inspection, e.g. ``{"target", "prediction"}`` ``[B, K, H, W]``."""
+        return None
+
+    def dense_embeddings(self, images: Tensor) -> Tensor | None:
+        """Capability: a dense map ``[B, D, h, w]`` in the joint image-text space, comparable by cosine with
+        :meth:`embed_text` at every position (zero-shot grounding)."""
         return None
 
     def export_decoder(self) -> dict[str, Any] | None:

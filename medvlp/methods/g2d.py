@@ -240,6 +240,13 @@ class G2D(VLPMethod):
             return F.normalize(self.txt_proj(txt.tokens.transpose(1, 2))[:, :, 0], dim=-1)
         return F.normalize(self.txt_proj.vector(txt.pooled), dim=-1)
 
+    def dense_embeddings(self, images: Tensor) -> Tensor:
+        """The projected last encoder stage ``Pv(x)`` ``[B, embed_dim, h, w]`` (before the attention pool; G2D's
+        zero-shot grounding, g2d.md §7.5), unit length at every position."""
+        self._check_size(images)
+        stages = self.image_encoder.pyramid(images, int(self.cfg.encoder_depth))
+        return F.normalize(self.img_proj(stages[-1]), dim=1)
+
     @torch.no_grad()
     def dense_outputs(self, images: Tensor) -> dict[str, Tensor]:
         """For inspection: ``{"target": pseudo masks, "prediction": decoder probabilities, "attention": [B, heads, h, w]}``."""

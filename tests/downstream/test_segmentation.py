@@ -103,3 +103,47 @@ def test_frozen_segmentation_beats_a_constant_mask_for_mgca_and_g2d(runs, method
     ones = res["baseline_all_ones_dice_positive"]
     assert res["dice_positive"] > max(0.3, 2 * ones), (res["dice_positive"], ones)
     assert res["decoder"] == ("SETRNaiveSegmenter" if method == "mgca" else "UnetSegmenter")
+
+
+def test_pretrained_decoder_needs_one_and_bn_mode_reaches_the_trainer(cnn_run, monkeypatch, tmp_path):
+    method, _ = api.load_run(cnn_run)
+    with pytest.raises(ValueError, match="exports no pre-trained decoder"):
+        build_segmenter(method, 1, decoder="pretrained")
+    with pytest.raises(ValueError, match="bn='batch' is not one of"):
+        api.downstream("segmentation", "demo_siim", cnn_run, out=tmp_path / "x", bn="batch")
+    import medvlp.downstream.segmentation as seg
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(*args, **kwargs):
+        seen.append(kwargs["frozen"])
+        raise Stop
+
+    monkeypatch.setattr(seg, "TransferModule", capture)
+    for bn in ("eval", "train"):
+        with pytest.raises(Stop):
+            api.downstream("segmentation", "demo_siim", cnn_run, out=tmp_path / bn, bn=bn, decoder_channels=(8, 8, 8, 8, 8))
+    assert seen[0] is not None and seen[1] is None  # train: the frozen encoder's batch norms use batch statistics
+
+
+def test_g2d_protocol_starts_from_the_exported_decoder(runs, tmp_path):
+    """--protocol g2d --decoder pretrained: the segmenter before any step is the run's own U-Net (encoder, decoder
+    and head), so its first prediction is the pre-trained decoder's; then it trains under the G2D settings."""
+    method, cfg = api.load_run(runs["g2d"])
+    images = torch.randn(3, 1, cfg.data.image_size, cfg.data.image_size)
+    seg = build_segmenter(method, 1, decoder="pretrained").eval()
+    with torch.no_grad():
+        assert torch.equal(seg(images).sigmoid(), method.dense_outputs(images)["prediction"][:, 0])
+    fresh = build_segmenter(method, 1).eval()
+    with torch.no_grad():
+        assert not torch.allclose(fresh(images), seg(images))
+    with pytest.raises(ValueError, match="keeps the run's decoder channels"):
+        build_segmenter(method, 1, decoder_channels=(8, 8), decoder="pretrained")
+    res = api.downstream("segmentation", "demo_siim", runs["g2d"], protocol="g2d", decoder="pretrained", max_steps=2,
+                         overrides=[f"data.image_size={cfg.data.image_size}"], out=tmp_path / "seg")
+    assert res["preset"] == "g2d" and res["protocol"] == "frozen" and res["history"]["steps"] == 2
+    assert res["settings"]["decoder"] == "pretrained" and res["settings"]["lr"] == 2e-4 and res["settings"]["bn"] == "train"
+    assert res["settings"]["batch_size"] == 8 and res["balanced"] and 0.0 <= res["dice"] <= 1.0

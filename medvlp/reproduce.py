@@ -1,0 +1,220 @@
+"""``medvlp reproduce --paper g2d``: a paper's tables, run under its protocol preset, beside its numbers.
+
+The rows come from the preset's ``tables`` (``configs/protocol/<paper>.yaml``): each names a task, a
+dataset (and its synthetic stand-in), the settings that set it apart (e.g. G2D's encoder-decoder row:
+``decoder: pretrained``) and the paper's numbers, per label fraction for transfer tasks or per metric
+for zero-shot ones. Every cell runs with ``protocol=<paper>`` (:mod:`medvlp.downstream.protocols`) on
+the given run, and ``<out>/table.md`` lists, per row and column, the paper's value, ours and the
+difference (percentage points). A cell whose ``result.json`` exists is not run again (the command
+resumes); a cell that fails is reported in the table with its error, and the others still run.
+
+Data: ``--roots name=/path ...`` points each dataset of the tables at its download (rows whose dataset
+has no root are listed as skipped); ``--demo`` uses the synthetic stand-ins at the run's own image size
+with ``--max-steps`` optimiser steps per transfer (default 20), so the whole table runs on a CPU in
+minutes - the machinery, not the paper's numbers. Without ``--run``, ``--demo`` first pre-trains the
+paper's method on the synthetic chest X-rays (``--pretrain-steps``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medvlp import config as C
+
+log = logging.getLogger(__name__)
+
+ZERO_SHOT_KEYS = {"AUC": "zeroshot.mean_auroc", "F1": "zeroshot.mean_f1", "ACC": "zeroshot.mean_accuracy",
+                  "Recall": "grounding.recall", "IoU": "grounding.iou", "Dice": "grounding.dice"}
+PAPER_METHOD = {"mgca": "mgca", "g2d": "g2d", "hlip": "hlip", "fvlm": "fvlm"}
+
+
+@dataclass
+class Cell:
+    """One number of a table: a row at one label fraction (transfer) or one metric (evaluation)."""
+
+    table: str
+    row: str
+    column: str  # "1 %" / "10 %" / "100 %", or a metric name
+    paper: float
+    ours: float = float("nan")
+    status: str = "pending"  # done | failed: ... | skipped: ...
+    folder: str = ""
+    spec: dict[str, Any] = field(default_factory=dict)
+
+
+def fraction_label(f: float) -> str:
+    return f"{f * 100:g} %"
+
+
+def _value(res: dict[str, Any], key: str) -> float:
+    value: Any = res
+    for part in key.split("."):
+        value = value[part]
+    return float(value)
+
+
+def plan(paper: str, demo: bool, roots: dict[str, str], fractions: list[float] | None = None,
+         rows: list[str] | None = None) -> list[Cell]:
+    """Every cell of the paper's tables (or of the rows whose name contains one of ``rows``), with what
+    computes it (``spec``) or why it is skipped."""
+    from medvlp.downstream.protocols import load_protocol
+
+    proto = load_protocol(paper)
+    if not proto.tables:
+        raise C.ConfigError(f"configs/protocol/{paper}.yaml lists no tables to reproduce.")
+    cells: list[Cell] = []
+    for table in proto.tables:
+        for row in table["rows"]:
+            if rows and not any(r.lower() in row["row"].lower() for r in rows):
+                continue
+            data = row["demo"] if demo else row["data"]
+            skip = "" if demo or row["data"] in roots else f"skipped: no --roots entry for {row['data']}"
+            base = {"task": row["task"], "data": data, "settings": dict(row.get("settings") or {}),
+                    "data_overrides": dict(row.get("data_overrides") or {}), "metric": row.get("metric", ""),
+                    "root": "" if demo else roots.get(row["data"], "")}
+            for column, value in (row["paper"] or {}).items():
+                if row["task"] in ("zeroshot", "grounding"):
+                    spec = {**base, "key": ZERO_SHOT_KEYS[str(column)]}
+                    label = str(column)
+                else:
+                    f = float(column)
+                    if fractions and not any(abs(f - g) < 1e-9 for g in fractions):
+                        continue
+                    spec = {**base, "fraction": f}
+                    label = fraction_label(f)
+                cells.append(Cell(table["title"], row["row"], label, float(value), status=skip or "pending", spec=spec))
+    return cells
+
+
+def cell_folder(out: Path, cell: Cell) -> Path:
+    s = cell.spec
+    extra = "-".join(f"{k}={v}" for k, v in sorted(s["settings"].items()))
+    name = f"{s['task']}-{s['data']}" + (f"-{extra}" if extra else "") + (f"-f{s['fraction']:g}" if "fraction" in s else "")
+    return out / "cells" / name.replace("/", "_")
+
+
+def run_cell(paper: str, run: Path, cell: Cell, out: Path, demo_size: int | None, max_steps: int) -> None:
+    """Compute one cell (or read its finished result) into ``cell.ours``."""
+    from medvlp import api
+
+    s = cell.spec
+    folder = cell_folder(out, cell)
+    cell.folder = str(folder)
+    result = folder / "result.json"
+    overrides = [f"data.{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in s["data_overrides"].items()]
+    if s["root"]:
+        overrides.append(f"data.root={s['root']}")
+    if demo_size:
+        overrides.append(f"data.image_size={demo_size}")
+    if not result.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        if "fraction" in s:
+            settings = dict(s["settings"])
+            if max_steps:
+                settings["max_steps"] = max_steps
+            api.downstream(s["task"], s["data"], run, fraction=s["fraction"], protocol=paper, overrides=overrides,
+                           out=folder, **settings)
+        else:
+            res = api.evaluate(run, tasks=(s["task"],), split="test", data_overrides=overrides, data=s["data"],
+                               protocol=paper)
+            result.write_text(json.dumps(res, indent=2, default=str))
+    res = json.loads(result.read_text())
+    key = s.get("key") or s["metric"] or res.get("headline", "")
+    cell.ours = 100 * _value(res, key)
+    cell.status = "done"
+
+
+def demo_run(paper: str, runs: Path, steps: int) -> Path:
+    """The paper's method pre-trained on the synthetic chest X-rays (``steps`` steps), made once."""
+    from medvlp import api
+
+    method = PAPER_METHOD.get(paper, paper)
+    folder = runs / f"{method}-demo-{steps}"
+    done = sorted(p.parent for p in folder.glob("*/run_info.json") if (p.parent / "checkpoints").is_dir()
+                  and any((p.parent / "checkpoints").glob("*.ckpt")))
+    if done:
+        return done[-1]
+    cfg = C.compose(method=method, overrides=[f"run.out_dir={folder}", f"trainer.max_steps={steps}", "trainer.max_epochs=1000",
+                                              "trainer.enable_progress_bar=false", "trainer.limit_val_batches=2"])
+    api.resolve_data_root(cfg)
+    C.resolve(cfg)
+    return api.fit(cfg)
+
+
+def write_table(paper: str, cells: list[Cell], path: Path, run: Path, demo: bool) -> str:
+    """``table.md``: per table, every row x column with the paper's value, ours and the difference."""
+    from medvlp.downstream.protocols import load_protocol
+
+    proto = load_protocol(paper)
+    lines = [f"# {proto.paper or paper}: the paper's numbers beside medvlp's", "",
+             f"Run: `{run}`. Protocol: `configs/protocol/{paper}.yaml` ({proto.spec}). Values in percent; "
+             "difference = ours - paper."]
+    if demo:
+        lines.append("Synthetic demo data at the run's image size and a few optimiser steps per cell: this checks the "
+                     "machinery, the numbers are not comparable with the paper's.")
+    for title in dict.fromkeys(c.table for c in cells):
+        lines += ["", f"## {title}", "", "| row | column | paper | medvlp | difference | status |", "| --- | --- | --- | --- | --- | --- |"]
+        for c in (c for c in cells if c.table == title):
+            ours = f"{c.ours:.1f}" if not math.isnan(c.ours) else "-"
+            diff = f"{c.ours - c.paper:+.1f}" if not math.isnan(c.ours) else "-"
+            lines.append(f"| {c.row} | {c.column} | {c.paper:.1f} | {ours} | {diff} | {c.status} |")
+    text = "\n".join(lines) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return text
+
+
+def reproduce(paper: str, run: str | Path | None = None, out: str | Path = "", roots: dict[str, str] | None = None,
+              demo: bool = False, max_steps: int = 20, pretrain_steps: int = 100, fractions: list[float] | None = None,
+              runs: str | Path = "runs/reproduce", rows: list[str] | None = None) -> tuple[Path, list[Cell]]:
+    """Run every cell of ``paper``'s tables and write ``<out>/table.md`` (default ``results/<paper>``);
+    returns the table's path and the cells."""
+    from medvlp import api
+
+    roots = dict(roots or {})
+    if not demo and run is None:
+        raise C.ConfigError("medvlp reproduce needs --run RUN_DIR (the pre-trained run, or the authors' weights through "
+                            "medvlp import), or --demo.")
+    if max_steps < 0 or pretrain_steps < 1:
+        raise C.ConfigError(f"--max-steps must be >= 0 and --pretrain-steps >= 1, got {max_steps} and {pretrain_steps}.")
+    cells = plan(paper, demo, roots, fractions, rows)
+    if not cells:
+        raise C.ConfigError(f"No cell of {paper}'s tables matches --rows {rows} / --fractions {fractions}.")
+    out = Path(out or Path("results") / paper)
+    run_dir = Path(run) if run is not None else demo_run(paper, Path(runs), pretrain_steps)
+    size = int(api.load_config(run_dir).data.image_size) if demo else None
+    for cell in cells:
+        if cell.status != "pending":
+            continue
+        start = time.perf_counter()
+        try:
+            run_cell(paper, run_dir, cell, out, size, max_steps if demo else 0)
+        except Exception as err:  # one failed cell does not stop the table
+            cell.status = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
+            log.warning("%s / %s / %s: %s", cell.table, cell.row, cell.column, cell.status)
+        log.info("%s %s: %.1f (%.0f s)", cell.row, cell.column, cell.ours, time.perf_counter() - start)
+    path = out / "table.md"
+    write_table(paper, cells, path, run_dir, demo)
+    return path, cells
+
+
+def parse_roots(items: list[str]) -> dict[str, str]:
+    """``["siim_pneumothorax=/data/siim", ...]`` (or one space-separated string) -> dict."""
+    out: dict[str, str] = {}
+    for item in (x for entry in items for x in entry.split()):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise C.ConfigError(f"--roots {item}: expected DATASET=PATH, e.g. siim_pneumothorax=/data/siim.")
+        out[name] = path
+    return out
+
+
+__all__ = ["Cell", "parse_roots", "plan", "reproduce", "write_table"]

@@ -1,0 +1,104 @@
+"""Protocol presets (configs/protocol/*.yaml) pinned value by value against the specs, and their plumbing."""
+
+from __future__ import annotations
+
+import pytest
+
+from medvlp import api
+from medvlp import config as C
+from medvlp.downstream.protocols import load_protocol, protocol_names, resolve
+from medvlp.downstream.zero_shot import load_options, load_prompts
+
+LINEAR_MGCA = {"probe": "adamw", "lr": 5e-4, "batch_size": 48, "weight_decay": 1e-6, "betas": [0.9, 0.999], "max_epochs": 50,
+               "patience": 10, "min_steps": 0}  # mgca.md 7.2
+
+
+def test_presets_exist_and_load():
+    assert {"mgca", "g2d", "hlip", "fvlm"} <= set(protocol_names())
+    for name in protocol_names():
+        p = load_protocol(name)
+        assert p.spec.startswith("specs/methods/") and p.follows in ("paper", "code") and p.tasks
+
+
+def test_g2d_preset_values():  # g2d.md 7.1-7.4, 7.6
+    assert resolve("g2d", "classification", "chexpert", 0.01).settings == {**LINEAR_MGCA, "batch_size": 8}
+    for data in ("chexpert", "rsna_pneumonia", "covidx"):
+        r = resolve("g2d", "classification", data, 0.1)
+        assert r.mode == "linear" and r.data == {"image_size": 224} and r.settings["batch_size"] == 8
+    ft = resolve("g2d", "classification", "nih14", 1.0)  # 7.6: KAD's setup
+    assert ft.mode == "finetune" and ft.data == {"image_size": 256}
+    assert ft.settings == {"lr": 1e-4, "batch_size": 64, "weight_decay": 1e-6, "betas": [0.9, 0.999], "max_epochs": 50,
+                           "patience": 10, "min_steps": 0}
+    seg = {"lr": 2e-4, "weight_decay": 0.05, "betas": [0.9, 0.999], "max_epochs": 50, "patience": 10, "min_steps": 0,
+           "decoder": "fresh", "bn": "train"}
+    siim, rsna = resolve("g2d", "segmentation", "siim_pneumothorax", 0.01), resolve("g2d", "segmentation", "rsna_pneumonia", 1)
+    assert siim.mode == rsna.mode == "frozen" and siim.data == {"image_size": 224}
+    assert siim.settings == {**seg, "batch_size": 8} and rsna.settings == {**seg, "batch_size": 16}
+    det = {"detector": "yolov3", "weight_decay": 1e-6, "betas": [0.9, 0.999], "max_epochs": 50, "patience": 10, "min_steps": 0, "bn": "train"}
+    for data in ("rsna_pneumonia", "object_cxr"):
+        r1, r10, r100 = (resolve("g2d", "detection", data, f) for f in (0.01, 0.1, 1.0))
+        assert r1.settings == {**det, "batch_size": 8, "lr": 2e-4}  # G2D's appendix: 2e-4 for both datasets at 1 %
+        assert r10.settings == r100.settings == {**det, "batch_size": 16, "lr": 5e-4}
+        assert r1.mode == "frozen" and r1.metric == "map_mgca"
+    zs = resolve("g2d", "zeroshot", "rsna_pneumonia", 1.0)
+    assert zs.data == {"image_size": 224, "prompts": "g2d_cxr.yaml", "threshold_split": ""}
+
+
+def test_mgca_preset_values():  # mgca.md 7.2-7.4
+    assert resolve("mgca", "classification", "chexpert", 0.01).settings == LINEAR_MGCA
+    seg = resolve("mgca", "segmentation", "siim_pneumothorax", 0.1)
+    assert seg.settings == {"lr": 5e-4, "weight_decay": 0.05, "betas": [0.9, 0.999], "max_epochs": 50, "patience": 10,
+                            "min_steps": 0, "decoder": "fresh", "bn": "train", "batch_size": 8}
+    assert resolve("mgca", "segmentation", "rsna_pneumonia", 0.1).settings["batch_size"] == 16
+    assert resolve("mgca", "detection", "rsna_pneumonia", 0.01).settings["lr"] == 2e-4
+    assert resolve("mgca", "detection", "object_cxr", 0.01).settings["lr"] == 2.5e-4  # the scripts' Object-CXR value
+    assert resolve("mgca", "detection", "object_cxr", 0.1).settings["lr"] == 5e-4
+    assert resolve("mgca", "detection", "object_cxr", 1).settings["batch_size"] == 16
+    assert resolve("mgca", "detection", "object_cxr", 1).metric == "map_mgca"
+    with pytest.raises(C.ConfigError, match="protocol 'mgca' has no zeroshot protocol"):
+        resolve("mgca", "zeroshot", "chexpert", 1)
+
+
+def test_ct_presets_and_prompts():
+    sixteen = resolve("hlip", "zeroshot", "ct_rate", 1).data["eval_labels"]
+    assert len(sixteen) == 16 and "Medical material" not in sixteen and "Lymphadenopathy" not in sixteen
+    assert resolve("hlip", "zeroshot", "rad_chestct", 1).data["prompts"] == "hlip_rad_chestct.yaml"
+    assert resolve("fvlm", "zeroshot", "ct_rate", 1).data["prompts"] == "fvlm_ct_rate.yaml"
+    assert resolve("fvlm", "zeroshot", "ct_rate", 1).data["eval_labels"] == sixteen
+    for name in ("hlip", "fvlm"):
+        assert resolve(name, "zeroshot", "ct_rate", 1).data["eval_batch_size"] == 1
+    g2d = C.config_dir() / "prompts" / "g2d_cxr.yaml"
+    prompts = load_prompts(g2d)
+    assert load_options(g2d)["threshold"] == "argmax"
+    assert prompts["Pneumonia"] == {"positive": ["pneumonia"], "negative": ["no pneumonia"]}
+    assert all(len(p["positive"]) == len(p["negative"]) == 1 for p in prompts.values())
+
+
+def test_bad_presets_are_named(tmp_path, monkeypatch):
+    with pytest.raises(C.ConfigError, match="protocol 'nope' is not a preset"):
+        load_protocol("nope")
+    folder = tmp_path / "configs"
+    (folder / "protocol").mkdir(parents=True)
+    (folder / "protocol" / "bad.yaml").write_text("spec: specs/methods/x.md\ntasks:\n  segmentation: {mode: frozn}\n")
+    monkeypatch.setattr(C, "config_dir", lambda: folder)
+    with pytest.raises(C.ConfigError, match=r"tasks.segmentation.mode 'frozn' is not one of"):
+        load_protocol("bad")
+    (folder / "protocol" / "bad.yaml").write_text("tasks:\n  detection: {by_fraction: {'2': {}}}\n")
+    with pytest.raises(C.ConfigError, match="by_fraction key '2' is not a label fraction"):
+        load_protocol("bad")
+
+
+def test_g2d_code_preset_run_transfers_at_224():
+    """The G2D code preset pre-trains at 256 px; under the G2D protocol every transfer runs at 224 px."""
+    run_cfg = C.compose(config_file=str(C.config_dir() / "experiment" / "g2d_code_mimic.yaml"), overrides=["data.root=/x"])
+    assert run_cfg.data.image_size == 256
+    mode, preset, data, settings, metric = api.downstream_plan("segmentation", "demo_siim", 0.1, "g2d", [], {"lr": 1e-3})
+    assert (mode, preset, settings["lr"], settings["bn"]) == ("frozen", "g2d", 1e-3, "train")  # the user's lr wins
+    _, cfg = api.downstream_datamodule(run_cfg, "demo_siim", [], 0.1, None, "segmentation", data)
+    assert cfg.data.image_size == 224
+    _, cfg = api.downstream_datamodule(run_cfg, "demo_siim", [], 0.1, None, "segmentation")
+    assert cfg.data.image_size == 256  # without a preset: the run's size
+    _, cfg = api.downstream_datamodule(run_cfg, "demo_siim", ["data.image_size=64"], 0.1, None, "segmentation", data)
+    assert cfg.data.image_size == 64  # the user's override wins over the preset
+    mode, preset, *_ = api.downstream_plan("classification", "demo_chexpert", 0.1, "linear", [], {})
+    assert (mode, preset) == ("linear", "")

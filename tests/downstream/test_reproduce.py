@@ -1,0 +1,80 @@
+"""medvlp reproduce: every row of G2D's Tables 1-3 with the paper's numbers (g2d.md §8), the table file, and
+cells computed on the demo world under the G2D protocol."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from medvlp.cli import main
+from medvlp.reproduce import Cell, parse_roots, plan, reproduce, write_table
+
+# g2d.md §8.1, §8.3, §8.4: row -> {column: paper value}
+G2D = {
+    "SIIM Dice, encoder transfer": {"1 %": 62.6, "10 %": 63.1, "100 %": 66.8},
+    "SIIM Dice, encoder + decoder transfer": {"1 %": 65.6, "10 %": 66.9, "100 %": 68.4},
+    "RSNA Dice, encoder transfer": {"1 %": 70.9, "10 %": 72.6, "100 %": 75.1},
+    "RSNA Dice, encoder + decoder transfer": {"1 %": 72.8, "10 %": 73.4, "100 %": 76.9},
+    "RSNA detection mAP": {"1 %": 15.9, "10 %": 21.7, "100 %": 27.2},
+    "Object-CXR detection mAP": {"1 %": 3.8, "10 %": 13.1, "100 %": 20.4},
+    "RSNA classification": {"AUC": 87.6, "F1": 64.8, "ACC": 81.5},
+    "SIIM classification": {"AUC": 89.7, "F1": 69.3, "ACC": 85.4},
+    "ChestX-ray14 classification": {"AUC": 79.4, "F1": 33.1, "ACC": 82.3},
+    "CheXpert classification": {"AUC": 91.2, "F1": 65.6},
+    "SIIM grounding": {"Recall": 37.7, "IoU": 3.9, "Dice": 5.1},
+    "RSNA grounding": {"Recall": 88.4, "IoU": 33.5, "Dice": 47.7},
+    "ChestX-ray14": {"1 %": 79.1, "10 %": 81.1, "100 %": 83.1},
+}
+
+
+def test_plan_has_every_row_of_g2d_tables_1_to_3_with_the_papers_numbers():
+    cells = plan("g2d", demo=True, roots={})
+    got: dict[str, dict[str, float]] = {}
+    for c in cells:
+        got.setdefault(c.row, {})[c.column] = c.paper
+    assert got == G2D
+    tables = list(dict.fromkeys(c.table for c in cells))
+    assert [t.split(":")[0] for t in tables] == ["Table 1", "Table 2", "Table 3"]
+    enc_dec = [c for c in cells if "encoder + decoder" in c.row]
+    assert enc_dec and all(c.spec["settings"] == {"decoder": "pretrained"} for c in enc_dec)
+    assert {c.spec["data"] for c in cells if c.row.startswith("SIIM")} == {"demo_siim"}
+    real = plan("g2d", demo=False, roots=parse_roots(["siim_pneumothorax=/data/siim"]))
+    assert {c.row for c in real if c.status == "pending"} == {r for r in G2D if r.startswith("SIIM")}
+    assert all(c.status.startswith("skipped: no --roots entry") for c in real if not c.row.startswith("SIIM"))
+    assert len(plan("g2d", True, {}, fractions=[0.1], rows=["grounding"])) == 6  # evaluation rows have no fraction
+
+
+def test_table_lists_paper_ours_and_difference(tmp_path):
+    cells = [Cell("Table 1: x", "SIIM Dice, encoder transfer", "1 %", 62.6, ours=60.1, status="done"),
+             Cell("Table 1: x", "SIIM Dice, encoder transfer", "10 %", 63.1, status="failed: ValueError: boom"),
+             Cell("Table 2: y", "SIIM grounding", "Dice", 5.1, ours=7.3, status="done")]
+    text = write_table("g2d", cells, tmp_path / "t" / "table.md", tmp_path / "run", demo=True)
+    assert "| SIIM Dice, encoder transfer | 1 % | 62.6 | 60.1 | -2.5 | done |" in text
+    assert "| SIIM Dice, encoder transfer | 10 % | 63.1 | - | - | failed: ValueError: boom |" in text
+    assert "| SIIM grounding | Dice | 5.1 | 7.3 | +2.2 | done |" in text
+    assert "## Table 2: y" in text and (tmp_path / "t" / "table.md").read_text() == text
+    with pytest.raises(Exception, match="expected DATASET=PATH"):
+        parse_roots(["siim"])
+
+
+def test_reproduce_cells_on_the_demo(runs, tmp_path, capsys):
+    """The encoder-decoder segmentation row (G2D's pretrained decoder) at 1 % and zero-shot RSNA, through the CLI."""
+    rc = main(["reproduce", "--paper", "g2d", "--demo", "--run", str(runs["g2d"]), "--out", str(tmp_path / "g2d"),
+               "--rows", "SIIM Dice, encoder + decoder", "RSNA classification", "--fractions", "0.01", "--max-steps", "2"])
+    assert rc == 0
+    text = (tmp_path / "g2d" / "table.md").read_text()
+    assert "| SIIM Dice, encoder + decoder transfer | 1 % | 65.6 |" in text and "| RSNA classification | AUC | 87.6 |" in text
+    assert "failed" not in text and text.count("| done |") == 4, text
+    assert "4 of 4 cells computed" in capsys.readouterr().out
+    path, cells = reproduce("g2d", run=runs["g2d"], out=tmp_path / "g2d", demo=True, fractions=[0.01], max_steps=2,
+                            rows=["SIIM Dice, encoder + decoder"])  # finished cells are read back, not run again
+    assert path.is_file() and all(c.status == "done" and not math.isnan(c.ours) for c in cells)
+
+
+@pytest.mark.slow  # every cell of Tables 1-3 on the demo world (about 3 minutes)
+def test_make_reproduce_g2d_on_the_demo_writes_every_row(runs, tmp_path):
+    path, cells = reproduce("g2d", run=runs["g2d"], out=tmp_path / "g2d", demo=True, max_steps=2)
+    text = path.read_text()
+    assert all(f"| {row} |" in text for row in G2D)
+    assert [c for c in cells if c.status != "done"] == [], [c.status for c in cells if c.status != "done"]
