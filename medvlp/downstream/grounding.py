@@ -66,7 +66,7 @@ def zero_shot_grounding(method: Any, dm: Any, split: str, max_length: int, thres
     prompt = prompts[finding]["positive"][0]
     device = default_device()
     method.eval().to(device)
-    text = embed_prompts(method, [prompt], max_length, device)[0]
+    text = embed_prompts(method, [prompt], max_length, device)
     scores: dict[str, list[Tensor]] = {"recall": [], "iou": [], "dice": []}
     n_images = 0
     for batch in dm.eval_dataloader(split):

@@ -33,3 +33,18 @@ def test_methods_without_dense_embeddings_say_so():
     assert G2D.supports("dense_embeddings")
     with pytest.raises(ValueError, match="Unknown capability"):
         VLPMethod.supports("grounding")
+
+
+def test_g2d_grounds_the_demo_siim_finding(runs, capsys):
+    from medvlp.cli import main
+
+    rc = main(["evaluate", "--task", "grounding", "--protocol", "g2d", "--data", "demo_siim", "--run", str(runs["g2d"])])
+    out = capsys.readouterr().out
+    assert rc == 0 and "zero-shot grounding of 'pneumothorax' (Pneumothorax)" in out and "dice" in out
+    from medvlp import api
+
+    res = api.evaluate(runs["g2d"], tasks=("grounding",), data="demo_siim", protocol="g2d")["grounding"]
+    assert res["n_positive"] > 5 and res["n_images"] > res["n_positive"]
+    assert all(0.0 <= res[k] <= 1.0 for k in ("recall", "iou", "dice")) and res["iou"] <= res["dice"]
+    with pytest.raises(ValueError, match="gives no dense embeddings"):
+        api.evaluate(runs["clip"], tasks=("grounding",), data="demo_siim")
