@@ -71,7 +71,7 @@ def test_unet_carries_the_pretrained_encoder_weights(cnn_run):
     assert seg(torch.randn(2, 1, 64, 64)).shape == (2, 64, 64)
 
 
-@pytest.mark.slow  # 16 s; in the default suite the SETR test below trains the same task module end to end
+@pytest.mark.slow  # 16 s; in the default suite the G2D protocol test below trains the same task module end to end
 def test_frozen_unet_on_siim_beats_a_constant_mask(cnn_run, tmp_path):
     res = api.downstream("segmentation", "demo_siim", cnn_run, protocol="frozen", out=tmp_path / "seg",
                          max_epochs=4, batch_size=16, decoder_channels=(32, 16, 16, 8, 8))
@@ -83,6 +83,7 @@ def test_frozen_unet_on_siim_beats_a_constant_mask(cnn_run, tmp_path):
     assert frozen
 
 
+@pytest.mark.slow  # 7 s; the G2D protocol test above trains the same task module end to end in the default suite
 def test_vit_decoder_and_finetune_on_rsna_boxes(tmp_path, demo_fit):
     run = demo_fit(tmp_path / "vit", "clip", "method.image_encoder.img_size=[32]", "data.image_size=32",
                "method.image_encoder.kwargs={patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}",

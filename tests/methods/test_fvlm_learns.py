@@ -9,6 +9,7 @@ learning runs (``tests/learning.py``); about a minute and a half each on 2 idle 
 """
 
 import numpy as np
+import pytest
 
 
 def test_fvlm_learns_the_ct_demo(learned):
@@ -17,6 +18,7 @@ def test_fvlm_learns_the_ct_demo(learned):
     assert r.cfg.data.anatomy_text == "fvlm" and r.cfg.method.anatomies == ["lung", "heart", "esophagus", "aorta"]
 
 
+@pytest.mark.slow  # about 40 s: a second 300-step run (CLIP on the same scans); the fVLM learning test above is in the default suite
 def test_fvlm_beats_clip_trained_for_the_same_steps_on_single_anatomy_findings(learned):
     fvlm, clip = learned["fvlm"], learned["clip_vs_fvlm"]
     assert clip.cfg.trainer.max_steps == fvlm.cfg.trainer.max_steps

@@ -21,7 +21,7 @@ def test_g2d_learns_2d_demo(learned):
     metrics = pd.read_csv(run_dir / "metrics.csv")
     for term in ("vla", "pa"):
         values = metrics[f"train/loss_{term}_step"].dropna().to_numpy()
-        assert len(values) >= 20, term
+        assert len(values) >= 15, term
         first, last = values[:3].mean(), values[-3:].mean()
         assert last < 0.7 * first, f"{term}: {first:.3f} -> {last:.3f}"
 
