@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from medvlp import api
 from medvlp import config as C
@@ -32,6 +33,29 @@ class Runs(dict):
 @pytest.fixture(scope="session")
 def runs(learned):
     return Runs(learned)
+
+
+class UntrainedMethod(torch.nn.Module):
+    """A stand-in method with an untrained timm encoder: what the transfer tasks call (``export_encoder``)."""
+
+    def __init__(self, **enc):
+        super().__init__()
+        from medvlp.config import TimmEncoderConfig
+        from medvlp.registry import IMAGE_ENCODERS
+
+        self.image_encoder = IMAGE_ENCODERS.get("timm")(TimmEncoderConfig(pretrained=False, in_chans=1, **enc))
+
+    def export_encoder(self):
+        from medvlp.methods.base import EncoderExport
+
+        cfg = self.image_encoder.cfg
+        return EncoderExport(self.image_encoder, "2d", int(cfg.in_chans), tuple(cfg.img_size))
+
+
+@pytest.fixture
+def untrained_method():
+    """:class:`UntrainedMethod`, built as ``untrained_method(model="test_resnet")``."""
+    return UntrainedMethod
 
 
 @pytest.fixture

@@ -75,22 +75,6 @@ def test_settings_follow_mgca_per_fraction():
         settings_for(1.0, momentum=0.9)
 
 
-class _Method(torch.nn.Module):
-    def __init__(self, **enc):
-        super().__init__()
-        from medvlp.config import TimmEncoderConfig
-        from medvlp.registry import IMAGE_ENCODERS
-
-        self.image_encoder = IMAGE_ENCODERS.get("timm")(TimmEncoderConfig(pretrained=False, in_chans=1, **enc))
-
-    def export_encoder(self):
-        """What the transfer tasks build on (``VLPMethod.export_encoder``)."""
-        from medvlp.methods.base import EncoderExport
-
-        cfg = self.image_encoder.cfg
-        return EncoderExport(self.image_encoder, "2d", int(cfg.in_chans), tuple(cfg.img_size))
-
-
 LOSSES = {"fcos": {"classification", "bbox_regression", "bbox_ctrness"},
           "retinanet": {"classification", "bbox_regression"},
           "faster_rcnn": {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}}
@@ -100,8 +84,8 @@ LOSSES = {"fcos": {"classification", "bbox_regression", "bbox_ctrness"},
     (dict(model="test_resnet"), "fcos"), (dict(model="test_resnet"), "retinanet"), (dict(model="test_resnet"), "faster_rcnn"),
     (dict(model="vit_base_patch16_224", img_size=[64], kwargs={"patch_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2}),
      "fcos")], ids=["cnn-fcos", "cnn-retinanet", "cnn-faster_rcnn", "vit-fcos"])
-def test_pyramid_levels_and_a_training_step(enc, detector):
-    method = _Method(**enc)
+def test_pyramid_levels_and_a_training_step(enc, detector, untrained_method):
+    method = untrained_method(**enc)
     det = build_detector(method, in_channels=1, image_size=64, settings=settings_for(1.0, detector=detector))
     # the encoder is a copy carrying the run's weights
     for a, b in zip(det.backbone.encoder.state_dict().values(), method.image_encoder.state_dict().values(), strict=True):

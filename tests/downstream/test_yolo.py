@@ -33,23 +33,6 @@ from medvlp.downstream.yolo import (
 )
 
 
-class _Method(torch.nn.Module):
-    """A method with an untrained timm encoder (what the transfer tasks call: ``export_encoder``)."""
-
-    def __init__(self, **enc):
-        super().__init__()
-        from medvlp.config import TimmEncoderConfig
-        from medvlp.registry import IMAGE_ENCODERS
-
-        self.image_encoder = IMAGE_ENCODERS.get("timm")(TimmEncoderConfig(pretrained=False, in_chans=1, **enc))
-
-    def export_encoder(self):
-        from medvlp.methods.base import EncoderExport
-
-        cfg = self.image_encoder.cfg
-        return EncoderExport(self.image_encoder, "2d", int(cfg.in_chans), tuple(cfg.img_size))
-
-
 def _box(*rows):
     return torch.tensor(rows, dtype=torch.float32).reshape(-1, 4)
 
@@ -107,8 +90,8 @@ def test_head_maps_at_strides_8_16_32_with_mgca_widths():
     assert [tuple(m.shape) for m in maps] == [(1, 18, 12, 12), (1, 18, 6, 6), (1, 18, 3, 3)]
 
 
-def test_detector_takes_the_encoders_stage_channels_and_trains_the_head_only():
-    det = build_detector(_Method(model="test_resnet"), 1, 64, 1, settings_for(1.0, detector="yolov3", pyramid_channels=32))
+def test_detector_takes_the_encoders_stage_channels_and_trains_the_head_only(untrained_method):
+    det = build_detector(untrained_method(model="test_resnet"), 1, 64, 1, settings_for(1.0, detector="yolov3", pyramid_channels=32))
     assert isinstance(det, YOLODetector) and det.backbone.strides == (8, 16, 32)
     assert det.head.in_channels == (48, 192, 96)  # test_resnet's layer2-4, not ResNet-50's 512 / 1024 / 2048
     assert det.anchor_sizes == tuple(yolo_anchors(64)[s] for s in (8, 16, 32))
@@ -131,8 +114,8 @@ def test_detector_takes_the_encoders_stage_channels_and_trains_the_head_only():
     assert all(bool((p["labels"] >= 0).all()) for p in preds)  # back to 0-based classes
 
 
-def test_yolov3_needs_a_cnn_and_bad_detectors_are_named():
-    vit = _Method(model="vit_base_patch16_224", img_size=[32], kwargs={"patch_size": 16, "embed_dim": 32, "depth": 1, "num_heads": 2})
+def test_yolov3_needs_a_cnn_and_bad_detectors_are_named(untrained_method):
+    vit = untrained_method(model="vit_base_patch16_224", img_size=[32], kwargs={"patch_size": 16, "embed_dim": 32, "depth": 1, "num_heads": 2})
     with pytest.raises(ValueError, match="yolov3 needs a CNN encoder.*fcos, retinanet or faster_rcnn"):
         build_detector(vit, 1, 32, 1, settings_for(1.0, detector="yolov3"))
     with pytest.raises(ValueError, match="detector='yolo3'. Did you mean 'yolov3'.*fcos, retinanet, faster_rcnn, yolov3"):
@@ -225,12 +208,12 @@ def test_decode_and_nms_give_the_encoded_box_back():
     assert float(perfect["xy"]) == pytest.approx(2.5 * entropy, rel=1e-4)
 
 
-def test_run_detection_with_yolov3_on_the_demo_rsna_boxes(tmp_path):
+def test_run_detection_with_yolov3_on_the_demo_rsna_boxes(tmp_path, untrained_method):
     cfg = C.compose(method="clip", data="demo_rsna", overrides=["data.task=detection", "data.augment=false"])
     api.resolve_data_root(cfg)
     C.resolve(cfg)
     dm = api.build_datamodule(cfg, tokenizer=_tokenizer)
-    res = run_detection(_Method(model="test_resnet"), dm, protocol="frozen", folder=tmp_path, detector="yolov3",
+    res = run_detection(untrained_method(model="test_resnet"), dm, protocol="frozen", folder=tmp_path, detector="yolov3",
                         max_steps=2, batch_size=4, pyramid_channels=32)
     assert res["detector"] == "yolov3" and res["pyramid"] == "StageTaps" and res["history"]["steps"] == 2
     assert set(res["history"]["last_losses"]) == {"xy", "wh", "objectness", "classification"}
