@@ -41,13 +41,15 @@ def load_prompts(path: str | Path) -> dict[str, dict[str, list[str]]]:
     raw = OmegaConf.to_container(OmegaConf.load(path))
     if not isinstance(raw, dict):
         raise DataError(f"Prompt file {path} must map each label to {{positive: [...], negative: [...]}}.")
+    cosine = raw.get("_score") == "cosine"  # positive prompts only
     out = {}
     for label, sides in raw.items():
         if str(label).startswith("_"):  # file-level options (_merge)
             continue
-        if not isinstance(sides, dict) or not sides.get("positive") or not sides.get("negative"):
-            raise DataError(f"Prompt file {path}: label '{label}' needs non-empty 'positive' and 'negative' lists.")
-        out[str(label)] = {"positive": list(sides["positive"]), "negative": list(sides["negative"])}
+        if not isinstance(sides, dict) or not sides.get("positive") or not (cosine or sides.get("negative")):
+            raise DataError(f"Prompt file {path}: label '{label}' needs non-empty 'positive' and 'negative' lists"
+                            + (" (a 'positive' list with _score: cosine)." if cosine else "."))
+        out[str(label)] = {"positive": list(sides["positive"]), "negative": list(sides.get("negative") or [])}
         if sides.get("anatomy"):
             out[str(label)]["anatomy"] = str(sides["anatomy"])
     return out
@@ -63,15 +65,18 @@ def load_options(path: str | Path) -> dict[str, str]:
 
     raw = OmegaConf.to_container(OmegaConf.load(path))
     raw = raw if isinstance(raw, dict) else {}
-    out = {"threshold": str(raw.get("_threshold", "hlip")), "missing": str(raw.get("_missing", "zero"))}
-    if out["threshold"] not in THRESHOLD_RULES or out["missing"] not in MISSING_RULES:
-        raise DataError(f"Prompt file {path}: _threshold must be one of {list(THRESHOLD_RULES)} and _missing one of "
-                        f"{list(MISSING_RULES)}, got {out['threshold']!r} and {out['missing']!r}.")
+    out = {"threshold": str(raw.get("_threshold", "hlip")), "missing": str(raw.get("_missing", "zero")),
+           "score": str(raw.get("_score", "difference"))}
+    if out["threshold"] not in THRESHOLD_RULES or out["missing"] not in MISSING_RULES or out["score"] not in SCORE_RULES:
+        raise DataError(f"Prompt file {path}: _threshold must be one of {list(THRESHOLD_RULES)}, _missing one of "
+                        f"{list(MISSING_RULES)} and _score one of {list(SCORE_RULES)}, got {out['threshold']!r}, "
+                        f"{out['missing']!r} and {out['score']!r}.")
     return out
 
 
 THRESHOLD_RULES = ("hlip", "fvlm", "argmax")
 MISSING_RULES = ("zero", "exclude")
+SCORE_RULES = ("difference", "cosine")  # sim(pos) - sim(neg) | sim(pos) alone (HLIP's head-CT scoring, hlip.md §7.4)
 
 
 def load_merges(path: str | Path) -> dict[str, list[str]]:
@@ -94,19 +99,22 @@ def merge_scores(scores: list[np.ndarray]) -> np.ndarray:
 
 
 def prompt_scores(method, emb: Embeddings, eval_labels: list[str], prompts: dict[str, dict[str, list[str]]],
-                  max_length: int, merges: dict[str, list[str]] | None = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """``(scores, columns)``: per reported label the score ``sim(pos) - sim(neg)`` of every image (NaN where the
-    method cannot score it) and the label column its truth comes from (merged labels: the first source's)."""
+                  max_length: int, merges: dict[str, list[str]] | None = None,
+                  score: str = "difference") -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """``(scores, columns)``: per reported label the score ``sim(pos) - sim(neg)`` (``score="cosine"``: ``sim(pos)``)
+    of every image (NaN where the method cannot score it) and the label column its truth comes from (merged
+    labels: the first source's)."""
     missing = [lab for lab in eval_labels if lab not in prompts]
     if missing:
         raise DataError(f"No prompts for {missing}; add them to the prompt file (data.prompts).")
     scores: dict[str, np.ndarray] = {}
     for lab in eval_labels:
         pos = embed_prompts(method, prompts[lab]["positive"], max_length)
-        neg = embed_prompts(method, prompts[lab]["negative"], max_length)
+        neg = embed_prompts(method, prompts[lab]["negative"], max_length) if score == "difference" else torch.zeros_like(pos)
         where = {"anatomy": prompts[lab]["anatomy"]} if "anatomy" in prompts[lab] else {}
         with torch.no_grad():
             sims = method.similarity(emb.images.to(pos.device), torch.stack([pos, neg]).to(emb.images.dtype), **where).float()
+        sims = sims if score == "difference" else torch.stack([sims[:, 0], torch.zeros_like(sims[:, 0])], dim=1)
         scores[lab] = (sims[:, 0] - sims[:, 1]).cpu().numpy().astype(np.float64)
     columns = {lab: lab for lab in eval_labels}
     for merged, sources in (merges or {}).items():
@@ -141,13 +149,14 @@ def zero_shot_auc(method, emb: Embeddings, label_names: list[str], eval_labels: 
         threshold_emb: embeddings of another split (with labels) on which each label's threshold is
             chosen and then applied to ``emb``; None = chosen on ``emb`` itself (HLIP / fVLM).
     """
-    options = options or {"threshold": "hlip", "missing": "zero"}
+    options = {"threshold": "hlip", "missing": "zero", "score": "difference", **(options or {})}
     for e in (emb, threshold_emb):
         if e is not None and e.labels is None:
             raise DataError("Zero-shot evaluation needs labels, but this split has none.")
     result: dict[str, Any] = {"auroc": {}, "positives": {}, "negatives": {}}
-    scores, columns = prompt_scores(method, emb, eval_labels, prompts, max_length, merges)
-    other = prompt_scores(method, threshold_emb, eval_labels, prompts, max_length, merges)[0] if threshold_emb else None
+    scores, columns = prompt_scores(method, emb, eval_labels, prompts, max_length, merges, options["score"])
+    other = (prompt_scores(method, threshold_emb, eval_labels, prompts, max_length, merges, options["score"])[0]
+             if threshold_emb else None)
     scale = 1.0 / float(method.temperature())
     result["logit_scale"] = scale
     result["thresholded"] = {}

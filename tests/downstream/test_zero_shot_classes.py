@@ -71,3 +71,26 @@ def test_tasks_pick_their_studies_and_softmax_over_their_classes(monkeypatch, tm
     bad.write_text("_mode: classes\n_tasks: {x: {classes: [Normal, Tumour]}}\nNormal: fine\n")
     with pytest.raises(DataError, match=r"task x needs two or more classes with prompts"):
         Z.load_class_prompts(bad)
+
+
+def test_head_ct_cosine_scoring(monkeypatch, tmp_path):
+    """HLIP's RSNA protocol (hlip.md §7.4): the score is the plain cosine with the label's one prompt."""
+    from medvlp.downstream import zero_shot as ZS
+    from medvlp.downstream.protocols import resolve
+
+    path = C.config_dir() / "prompts" / "hlip_rsna_ich.yaml"
+    prompts = ZS.load_prompts(path)
+    assert ZS.load_options(path)["score"] == "cosine" and prompts["subdural"]["negative"] == []
+    assert prompts["any"]["positive"] == ["This CT study shows: intracranial hemorrhage."]
+    assert resolve("hlip", "zeroshot", "rsna_ich", 1).data["eval_labels"] == [
+        "any", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"]
+    text = {"This CT study shows: intracranial hemorrhage.": torch.tensor([1.0, 0.0])}
+    monkeypatch.setattr(ZS, "embed_prompts", lambda method, texts, n: text[texts[0]])
+    method = SimpleNamespace(similarity=lambda img, txt: img @ txt.T)
+    emb = Embeddings(torch.tensor([[0.6, 0.8], [1.0, 0.0]]), torch.zeros(2, 2), ["a", "b"], None)
+    scores, _ = ZS.prompt_scores(method, emb, ["any"], prompts, 16, score="cosine")
+    np.testing.assert_allclose(scores["any"], [0.6, 1.0])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("_score: sum\n")
+    with pytest.raises(DataError, match="_score one of"):
+        ZS.load_options(bad)

@@ -547,7 +547,7 @@ def test_the_released_recipe_value_by_value():
     assert prompts["Atelectasis"] == {"positive": ["Atelectatic."], "negative": ["Not Atelectatic."], "anatomy": "lung"}
     assert prompts["Pulmonary fibrotic sequela"]["positive"] == ["Pulmonary fibrotic."]
     assert {p["anatomy"] for p in prompts.values()} == set(ANATOMIES)
-    assert load_options(CONFIGS / "prompts" / "fvlm_ct_rate.yaml") == {"threshold": "fvlm", "missing": "zero"}
+    assert load_options(CONFIGS / "prompts" / "fvlm_ct_rate.yaml") == {"threshold": "fvlm", "missing": "zero", "score": "difference"}
 
 
 def test_released_schedule_warms_up_from_1e6_then_one_cosine_value_per_epoch():
