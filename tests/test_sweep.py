@@ -57,6 +57,11 @@ def test_task_specs_fill_in_defaults_and_switch_to_real_data_when_a_root_is_give
         S.parse_task("zeroshot:demo_cxr:linear")
     with pytest.raises(C.ConfigError, match="not one of linear, frozen, finetune"):
         S.parse_task("classification:demo_covidx:frozen_head")
+    # a paper's preset in place of a mode, for transfer and evaluation tasks it covers
+    assert S.parse_task("segmentation:demo_siim:g2d") == S.TaskSpec("segmentation", "demo_siim", "g2d")
+    assert S.parse_task("zeroshot:demo_rsna:g2d") == S.TaskSpec("zeroshot", "demo_rsna", "g2d")
+    with pytest.raises(C.ConfigError, match="protocol 'mgca' has no zeroshot protocol"):
+        S.parse_task("zeroshot:demo_rsna:mgca")
 
 
 def test_the_grid_names_each_combination_and_runs_evaluation_tasks_once_per_method(tmp_path):
@@ -286,9 +291,13 @@ def test_make_sweep_killed_halfway_and_restarted(tmp_path):
 
 def test_each_combination_is_one_medvlp_command(tmp_path):
     """What the sweep runs, process by process: downstream with the task settings, evaluate on another dataset."""
-    cfg = _cfg(tmp_path, tasks=["segmentation", "zeroshot:demo_chexpert"], roots={"demo_chexpert": "/data/x"},
-               settings={"max_steps": 5})
-    seg, zs = S.grid(cfg)
+    cfg = _cfg(tmp_path, tasks=["segmentation", "zeroshot:demo_chexpert", "grounding:demo_siim:g2d"],
+               roots={"demo_chexpert": "/data/x"}, settings={"max_steps": 5})
+    seg, zs, gr = S.grid(cfg)
+    assert gr.name == "grounding-demo_siim-g2d"
+    assert sweep_run.combination_command(cfg, gr, tmp_path)[3:] == [
+        "evaluate", "--task", "grounding", "--run", str(tmp_path), "--split", "test", "--data", "demo_siim", "--protocol",
+        "g2d", "--json", str(gr.folder(cfg.runs) / S.RESULT)]
     run_dir = tmp_path / "runs" / "clip"
     argv = sweep_run.combination_command(cfg, seg, run_dir)
     assert argv[:3] == [sys.executable, "-m", "medvlp.cli"]

@@ -19,7 +19,8 @@ combination that fails is logged, marked ``failed`` in the summary and retried b
 others go on, and the sweep exits non-zero at the end.
 
 A task is ``name[:data[:protocol]]`` (``classification``, ``classification:demo_covidx``,
-``segmentation:demo_rsna:finetune``, ``detection:demo_object_cxr``, ``zeroshot``, ``retrieval``);
+``segmentation:demo_rsna:finetune``, ``detection:demo_object_cxr``, ``zeroshot``, ``retrieval``), where the
+protocol is a mode or a paper's preset (``configs/protocol``: ``segmentation:siim_pneumothorax:g2d``);
 each task's default data, protocol and headline metric come from its registered task object
 (``configs/downstream/<task>.yaml``). Without ``--roots``
 everything runs on the synthetic demo world (``data.root=demo``); ``--roots chexpert=/data/chexpert``

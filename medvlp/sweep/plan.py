@@ -31,8 +31,15 @@ class TaskSpec:
     protocol: str
 
 
+def _presets() -> list[str]:
+    from medvlp.downstream.protocols import protocol_names
+
+    return protocol_names()
+
+
 def parse_task(spec: str, roots: dict[str, str] | None = None) -> TaskSpec:
-    """``name[:data[:protocol]]`` -> :class:`TaskSpec` with the defaults of :data:`TASKS`."""
+    """``name[:data[:protocol]]`` -> :class:`TaskSpec` with the defaults of :data:`TASKS`; ``protocol`` is a mode
+    of a transfer task or a paper's preset (``configs/protocol``: ``segmentation:siim_pneumothorax:g2d``)."""
     parts = [p.strip() for p in spec.split(":")]
     name = parts[0].lower()
     names = TASK_REGISTRY.names()
@@ -44,15 +51,22 @@ def parse_task(spec: str, roots: dict[str, str] | None = None) -> TaskSpec:
     d = task.defaults
     data = parts[1] if len(parts) > 1 else ""
     protocol = parts[2] if len(parts) > 2 else ""
-    if not task.transfer:
+    from medvlp.downstream.protocols import is_protocol, load_protocol
+
+    if is_protocol(protocol):  # a paper's preset (configs/protocol): it must cover the task
+        if name not in load_protocol(protocol).tasks:
+            raise C.ConfigError(f"--tasks {spec}: protocol '{protocol}' has no {name} protocol; it covers "
+                                f"{', '.join(load_protocol(protocol).tasks)}.")
+    elif not task.transfer:
         if protocol:
-            raise C.ConfigError(f"--tasks {spec}: {name} evaluates the pre-trained run as it is and takes no protocol; "
-                                f"use {name} or {name}:DATA.")
+            raise C.ConfigError(f"--tasks {spec}: {name} evaluates the pre-trained run as it is and takes no protocol "
+                                f"but a paper's preset ({', '.join(_presets())}); use {name} or {name}:DATA.")
         return TaskSpec(name, data, "")
-    try:
-        protocol = task.check_protocol(protocol)
-    except C.ConfigError as err:
-        raise C.ConfigError(f"--tasks {spec}: {err}") from None
+    else:
+        try:
+            protocol = task.check_protocol(protocol)
+        except C.ConfigError as err:
+            raise C.ConfigError(f"--tasks {spec}: {err}") from None
     if not data:
         data = d.real_data if d.real_data in (roots or {}) else d.demo_data
     return TaskSpec(name, data, protocol)
@@ -94,7 +108,7 @@ class Combination:
     @property
     def name(self) -> str:
         if self.fraction is None:
-            return f"{self.task}-{self.data}"
+            return f"{self.task}-{self.data}" + (f"-{self.protocol}" if self.protocol else "")
         return f"{self.task}-{self.data}-{self.protocol}-f{self.fraction:g}-s{self.seed}"
 
     @property
@@ -106,7 +120,7 @@ class Combination:
 
     def describe(self) -> str:
         if self.fraction is None:
-            return f"{self.method} {self.task} {self.data}"
+            return f"{self.method} {self.task} {self.data}" + (f" {self.protocol}" if self.protocol else "")
         return f"{self.method} {self.task} {self.data} {self.protocol} f={self.fraction:g} s={self.seed}"
 
 
@@ -140,7 +154,7 @@ def grid(cfg: SweepConfig) -> list[Combination]:
             else:
                 own = pretrain_data_of(cfg, method)
                 data = spec.data or own
-                out.append(Combination(method, spec.task, data, "", root="" if data == own else cfg.roots.get(data, "")))
+                out.append(Combination(method, spec.task, data, spec.protocol, root="" if data == own else cfg.roots.get(data, "")))
     return list(dict.fromkeys(out))  # a task given twice runs once
 
 

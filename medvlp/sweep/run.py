@@ -132,7 +132,8 @@ def combination_command(cfg: SweepConfig, combo: Combination, run_dir: Path) -> 
                               "--fraction", f"{combo.fraction:g}", "--protocol", combo.protocol, "--seed", str(combo.seed),
                               "--out", str(folder), *settings, *overrides)
     other = [] if combo.data == pretrain_data_of(cfg, combo.method) else ["--data", combo.data]
-    return medvlp_command("evaluate", "--task", combo.task, "--run", str(run_dir), "--split", "test", *other,
+    preset = ["--protocol", combo.protocol] if combo.protocol else []
+    return medvlp_command("evaluate", "--task", combo.task, "--run", str(run_dir), "--split", "test", *other, *preset,
                           "--json", str(folder / RESULT), *overrides)
 
 
