@@ -87,6 +87,7 @@ class DetectorSettings:
     max_steps: int = 0  # > 0: stop after this many optimiser steps (quick runs)
     min_steps: int = 0  # patience counts only after this many optimiser steps
     bn: str = "eval"  # frozen encoder's batch norms: eval (pre-training statistics) | train (batch statistics, MGCA's code)
+    val_metric: str = "map"  # the validation score early stopping watches: map | map_mgca (MGCA's evaluation, as its code)
     score_threshold: float = 0.05  # detections kept for the standard mAP
     mgca_score_threshold: float = 0.5  # MGCA's objectness threshold (map_mgca)
     nms_iou: float = 0.5
@@ -109,6 +110,8 @@ class DetectorSettings:
                              f"{', '.join(DETECTORS)} (yolov3: MGCA's YOLOv3 head, CNN encoders only).")
         if self.bn not in ("eval", "train"):
             raise ValueError(f"bn='{self.bn}' is not one of ('eval', 'train').")
+        if self.val_metric not in ("map", "map_mgca"):
+            raise ValueError(f"val_metric='{self.val_metric}' is not one of ('map', 'map_mgca').")
 
 
 def settings_for(fraction: float = 1.0, data_name: str = "", **overrides: Any) -> DetectorSettings:
@@ -407,7 +410,8 @@ def run_detection(method: Any, dm: Any, protocol: str = "frozen", seed: int = 0,
         return list(zip(preds, truths, strict=True))
 
     def val_map(items: list[Any]) -> float:
-        value = detection_map([p for p, _ in items], [t for _, t in items], "standard", s.score_threshold)["map"]
+        mode, threshold = ("mgca", s.mgca_score_threshold) if s.val_metric == "map_mgca" else ("standard", s.score_threshold)
+        value = detection_map([p for p, _ in items], [t for _, t in items], mode, threshold)["map"]
         return 0.0 if math.isnan(value) else value
 
     module = TransferModule(model, loss, val_items, val_map, s.lr, s.betas, s.weight_decay,
@@ -444,7 +448,7 @@ class DetectionTask(Task):
     """FCOS / RetinaNet / Faster R-CNN on a feature pyramid of the image encoder, or MGCA's YOLOv3 head (mAP)"""
 
     settings = ("lr", "batch_size", "weight_decay", "betas", "max_epochs", "patience", "max_steps", "min_steps", "detector",
-                "pyramid_channels", "bn")
+                "pyramid_channels", "bn", "val_metric")
 
     def run(self, method: Any, dm: Any, protocol: str, seed: int, folder: Path, settings: dict[str, Any],
             trainer_cfg: Any = None) -> dict[str, Any] | None:

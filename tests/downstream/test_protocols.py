@@ -34,7 +34,8 @@ def test_g2d_preset_values():  # g2d.md 7.1-7.4, 7.6
     siim, rsna = resolve("g2d", "segmentation", "siim_pneumothorax", 0.01), resolve("g2d", "segmentation", "rsna_pneumonia", 1)
     assert siim.mode == rsna.mode == "frozen" and siim.data == {"image_size": 224}
     assert siim.settings == {**seg, "batch_size": 8} and rsna.settings == {**seg, "batch_size": 16}
-    det = {"detector": "yolov3", "weight_decay": 1e-6, "betas": [0.9, 0.999], "max_epochs": 50, "patience": 10, "min_steps": 0, "bn": "train"}
+    det = {"detector": "yolov3", "weight_decay": 1e-6, "betas": [0.9, 0.999], "max_epochs": 50, "patience": 10, "min_steps": 0, "bn": "train",
+           "val_metric": "map_mgca"}
     for data in ("rsna_pneumonia", "object_cxr"):
         r1, r10, r100 = (resolve("g2d", "detection", data, f) for f in (0.01, 0.1, 1.0))
         assert r1.settings == {**det, "batch_size": 8, "lr": 2e-4}  # G2D's appendix: 2e-4 for both datasets at 1 %
@@ -102,3 +103,16 @@ def test_g2d_code_preset_run_transfers_at_224():
     assert cfg.data.image_size == 64  # the user's override wins over the preset
     mode, preset, *_ = api.downstream_plan("classification", "demo_chexpert", 0.1, "linear", [], {})
     assert (mode, preset) == ("linear", "")
+
+
+def test_detection_and_segmentation_settings_of_the_presets_are_checked():
+    from medvlp.downstream import detection, segmentation
+
+    s = detection.settings_for(0.01, "object_cxr", **resolve("mgca", "detection", "object_cxr", 0.01).settings)
+    assert (s.detector, s.bn, s.val_metric, s.lr, s.batch_size) == ("yolov3", "train", "map_mgca", 2.5e-4, 8)
+    with pytest.raises(ValueError, match="val_metric='mAP' is not one of"):
+        detection.settings_for(1.0, val_metric="mAP")
+    seg = segmentation.settings_for(**resolve("g2d", "segmentation", "siim_pneumothorax", 1).settings)
+    assert (seg.decoder, seg.bn, seg.lr, seg.weight_decay) == ("fresh", "train", 2e-4, 0.05)
+    with pytest.raises(ValueError, match="decoder='frozen' is not one of"):
+        segmentation.settings_for(decoder="frozen")
