@@ -62,6 +62,8 @@ class ClassifierSettings:
     patience: int  # validation checks (one per epoch) without a lower validation loss before stopping
     max_steps: int = 0  # > 0: stop after this many optimiser steps (quick runs)
     min_steps: int = 0  # patience counts only after this many optimiser steps (0: from the first epoch, the papers' rule)
+    epochs_given: bool = False  # max_epochs was set by the caller: a hard bound that min_steps does not raise
+    standardize: bool = False  # linear, adamw: the head trains on z-scored features (train statistics), folded back after
     probe: str = "adamw"  # linear: adamw (the papers' mini-batch head) | lbfgs (CLIP's full-batch logistic regression)
     lbfgs_max_iter: int = 1000  # lbfgs: iterations per fit (scikit-learn's LogisticRegression(max_iter=1000) in CLIP)
 
@@ -79,6 +81,7 @@ def settings_for(protocol: str, **overrides: Any) -> ClassifierSettings:
     if unknown:
         raise ValueError(f"Unknown classifier setting(s) {unknown}; known: {sorted(known)}.")
     merged = {**base, **{k: v for k, v in overrides.items() if v is not None}}
+    merged["epochs_given"] = overrides.get("max_epochs") is not None
     missing = [k for k in known if k not in merged]
     if missing:
         raise ValueError(f"configs/downstream/classification.yaml gives protocol '{protocol}' no {missing}.")
@@ -180,7 +183,7 @@ def train_linear(model: Classifier, train: tuple[Tensor, Tensor], val: tuple[Ten
     module = TransferModule(model.head, loss, _val_items, _val_loss(multiclass), s.lr, s.betas, s.weight_decay)
     return fit_transfer(module, train_loader, val_loader, folder, mode="min", patience=s.patience,
                         max_epochs=s.max_epochs, max_steps=s.max_steps, trainer_cfg=trainer_cfg, seed=seed,
-                        min_steps=s.min_steps)
+                        min_steps=s.min_steps, extend_epochs=not s.epochs_given)
 
 
 def _logistic_objective(head: nn.Linear, x: Tensor, y: Tensor, multiclass: bool, c: float) -> Tensor:
@@ -280,6 +283,14 @@ def _train_lbfgs(model: Classifier, train: tuple[Tensor, Tensor], val: tuple[Ten
             "val_score_by_log10_C": {f"{k:g}": tried[k][0][1] for k in sorted(tried)}}
 
 
+@torch.no_grad()
+def fold_standardization(head: nn.Linear, mean: Tensor, std: Tensor) -> None:
+    """A head trained on ``(x - mean) / std`` rewritten to act on ``x``: ``W / std``, ``b - (W / std) mean``."""
+    w = head.weight / std
+    head.bias.sub_(w @ mean)
+    head.weight.copy_(w)
+
+
 def train_finetune(model: Classifier, dm: Any, multiclass: bool, s: ClassifierSettings, seed: int,
                    folder: Path | None = None, trainer_cfg: Any = None) -> tuple[dict[str, Any], Any]:
     """Train backbone + head on the datamodule's (augmented) training loader, early stopping on the
@@ -291,7 +302,8 @@ def train_finetune(model: Classifier, dm: Any, multiclass: bool, s: ClassifierSe
 
     module = TransferModule(model, loss, _val_items, _val_loss(multiclass), s.lr, s.betas, s.weight_decay)
     return fit_transfer(module, dm.train_dataloader(), dm.val_dataloader(), folder, mode="min", patience=s.patience,
-                        max_epochs=s.max_epochs, max_steps=s.max_steps, trainer_cfg=trainer_cfg, seed=seed)
+                        max_epochs=s.max_epochs, max_steps=s.max_steps, trainer_cfg=trainer_cfg, seed=seed,
+                        min_steps=s.min_steps, extend_epochs=not s.epochs_given)
 
 
 @torch.no_grad()
@@ -345,6 +357,11 @@ def run_classification(method: Any, dm: Any, protocol: str = "linear", seed: int
         val = extract_features(model, dm.val_dataloader(), device)
         if s.probe == "lbfgs":
             history, trainer = train_lbfgs(model, train, val, multiclass, s), None
+        elif s.standardize:
+            mean, std = train[0].mean(0), train[0].std(0).clamp_min(1e-6)
+            z = lambda f: ((f[0] - mean) / std, f[1])  # noqa: E731
+            history, trainer = train_linear(model, z(train), z(val), multiclass, s, seed, folder, trainer_cfg)
+            fold_standardization(model.head, mean.to(device), std.to(device))
         else:
             history, trainer = train_linear(model, train, val, multiclass, s, seed, folder, trainer_cfg)
         n_train = len(train[0])
@@ -367,7 +384,7 @@ class ClassificationTask(Task):
     """linear probe / fine-tuning of the image encoder (AUROC, accuracy)"""
 
     settings = ("lr", "batch_size", "weight_decay", "betas", "max_epochs", "patience", "max_steps", "min_steps", "probe",
-                "lbfgs_max_iter")
+                "lbfgs_max_iter", "standardize")
 
     def run(self, method: Any, dm: Any, protocol: str, seed: int, folder: Path, settings: dict[str, Any],
             trainer_cfg: Any = None) -> dict[str, Any] | None:

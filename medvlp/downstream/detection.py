@@ -419,7 +419,8 @@ def run_detection(method: Any, dm: Any, protocol: str = "frozen", seed: int = 0,
                             on_train_batch=bookkeeping)
     history, trainer = fit_transfer(module, dm.train_dataloader(), dm.val_dataloader(), folder, mode="max",
                                     patience=s.patience, max_epochs=s.max_epochs, max_steps=s.max_steps,
-                                    trainer_cfg=trainer_cfg, seed=seed, min_steps=s.min_steps)
+                                    trainer_cfg=trainer_cfg, seed=seed, min_steps=s.min_steps,
+                                    extend_epochs=settings.get("max_epochs") is None)
     if not trainer.is_global_zero:
         return None
     history["last_losses"] = last_losses

@@ -263,7 +263,8 @@ def run_segmentation(method: Any, dm: Any, protocol: str = "frozen", seed: int =
                             frozen=model.encoder if protocol == "frozen" and s.bn == "eval" else None)
     history, trainer = fit_transfer(module, dm.train_dataloader(), dm.val_dataloader(), folder, mode="min",
                                     patience=s.patience, max_epochs=s.max_epochs, max_steps=s.max_steps,
-                                    trainer_cfg=trainer_cfg, seed=seed, min_steps=s.min_steps)
+                                    trainer_cfg=trainer_cfg, seed=seed, min_steps=s.min_steps,
+                                    extend_epochs=settings.get("max_epochs") is None)
     if not trainer.is_global_zero:
         return None
     probs, truths, images = predict_masks(model, dm.test_dataloader(), device)

@@ -149,7 +149,7 @@ class StopAfterMinSteps:
 
 def fit_transfer(module: TransferModule, train_loader: Any, val_loader: Any, folder: Path | None, *, mode: str,
                  patience: int, max_epochs: int, max_steps: int = 0, trainer_cfg: Any = None,
-                 seed: int = 0, min_steps: int = 0) -> tuple[dict[str, Any], L.Trainer]:
+                 seed: int = 0, min_steps: int = 0, extend_epochs: bool = True) -> tuple[dict[str, Any], L.Trainer]:
     """Train ``module`` with early stopping on its score; load the best weights back.
 
     Args:
@@ -158,7 +158,8 @@ def fit_transfer(module: TransferModule, train_loader: Any, val_loader: Any, fol
             from the first check after ``min_steps`` optimiser steps.
         max_epochs, max_steps: the length (``max_steps`` > 0 stops after that many optimiser steps).
             ``min_steps`` > 0 raises ``max_epochs`` to ``ceil(min_steps / steps per epoch) + patience``
-            when that is larger, so a small label fraction (a few steps per epoch) still trains.
+            when that is larger, so a small label fraction (a few steps per epoch) still trains - unless
+            ``extend_epochs`` is False (the user gave ``max_epochs``: a hard bound).
         trainer_cfg: the ``trainer.*`` section (devices, strategy, precision, ...); None = one CPU / GPU.
         folder: where ``checkpoints/best.ckpt`` and ``metrics.csv`` go (None: a temporary folder).
 
@@ -183,7 +184,8 @@ def fit_transfer(module: TransferModule, train_loader: Any, val_loader: Any, fol
         steps_per_epoch = len(train_loader)
     except TypeError:  # an iterable without a length
         steps_per_epoch = 0
-    max_epochs = min_steps_epochs(int(min_steps), steps_per_epoch, int(patience), int(max_epochs))
+    if extend_epochs:
+        max_epochs = min_steps_epochs(int(min_steps), steps_per_epoch, int(patience), int(max_epochs))
     ckpt = ModelCheckpoint(dirpath=Path(folder) / "checkpoints", filename="best", monitor=module.monitor, mode=mode,
                            save_top_k=1, save_weights_only=True, enable_version_counter=False)
     stop = StopAfterMinSteps.make(int(min_steps), monitor=module.monitor, mode=mode, patience=int(patience), min_delta=1e-6,

@@ -10,7 +10,7 @@ from medvlp.downstream.protocols import load_protocol, protocol_names, resolve
 from medvlp.downstream.zero_shot import load_options, load_prompts
 
 LINEAR_MGCA = {"probe": "adamw", "lr": 5e-4, "batch_size": 48, "weight_decay": 1e-6, "betas": [0.9, 0.999], "max_epochs": 50,
-               "patience": 10, "min_steps": 0}  # mgca.md 7.2
+               "patience": 10, "min_steps": 0, "standardize": False}  # mgca.md 7.2: raw features, the papers' stopping rule
 
 
 def test_presets_exist_and_load():
