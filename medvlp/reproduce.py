@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from medvlp import config as C
+from medvlp.cache import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def run_cell(paper: str, run: Path, cell: Cell, out: Path, demo_size: int | None
         else:
             res = api.evaluate(run, tasks=(s["task"],), split="test", data_overrides=overrides, data=s["data"],
                                protocol=paper)
-            result.write_text(json.dumps(res, indent=2, default=str))
+            write_atomic(result, json.dumps(res, indent=2, default=str))  # a killed run leaves no partial result
     res = json.loads(result.read_text())
     key = s.get("key") or s["metric"] or res.get("headline", "")
     cell.ours = 100 * _value(res, key)
@@ -166,9 +167,7 @@ def write_table(paper: str, cells: list[Cell], path: Path, run: Path, demo: bool
             lines.append(f"| {c.row} | {c.column} | {c.paper:.1f} | {ours} | {diff} | {c.status} |")
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_atomic(path, text)
     return text
 
 
