@@ -43,7 +43,8 @@ class UntrainedMethod(torch.nn.Module):
         from medvlp.config import TimmEncoderConfig
         from medvlp.registry import IMAGE_ENCODERS
 
-        self.image_encoder = IMAGE_ENCODERS.get("timm")(TimmEncoderConfig(pretrained=False, in_chans=1, **enc))
+        enc = {"in_chans": 1, **enc}
+        self.image_encoder = IMAGE_ENCODERS.get("timm")(TimmEncoderConfig(pretrained=False, **enc))
 
     def export_encoder(self):
         from medvlp.methods.base import EncoderExport
@@ -54,7 +55,8 @@ class UntrainedMethod(torch.nn.Module):
 
 @pytest.fixture
 def untrained_method():
-    """:class:`UntrainedMethod`, built as ``untrained_method(model="test_resnet")``."""
+    """:class:`UntrainedMethod`, built as ``untrained_method(model="test_resnet")`` (one input channel unless
+    ``in_chans`` is given)."""
     return UntrainedMethod
 
 

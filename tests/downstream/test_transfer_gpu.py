@@ -8,27 +8,12 @@ import time
 import pytest
 import torch
 
-from medvlp.config import TimmEncoderConfig
 from medvlp.downstream.detection import build_detector, detection_step, predict_boxes, settings_for
 from medvlp.downstream.segmentation import build_segmenter, segmentation_loss
-from medvlp.registry import IMAGE_ENCODERS
 
 pytestmark = pytest.mark.gpu
 
-ENCODERS = {"resnet50": dict(model="resnet50"), "vit_b16": dict(model="vit_base_patch16_224", img_size=[224])}
-
-
-class _Method(torch.nn.Module):
-    def __init__(self, **enc):
-        super().__init__()
-        self.image_encoder = IMAGE_ENCODERS.get("timm")(TimmEncoderConfig(pretrained=False, in_chans=3, **enc))
-
-    def export_encoder(self):
-        """What the transfer tasks build on (``VLPMethod.export_encoder``)."""
-        from medvlp.methods.base import EncoderExport
-
-        cfg = self.image_encoder.cfg
-        return EncoderExport(self.image_encoder, "2d", int(cfg.in_chans), tuple(cfg.img_size))
+ENCODERS = {"resnet50": dict(model="resnet50", in_chans=3), "vit_b16": dict(model="vit_base_patch16_224", img_size=[224], in_chans=3)}
 
 
 class _Batch:
@@ -42,10 +27,10 @@ class _Batch:
 
 @pytest.mark.parametrize("encoder", list(ENCODERS))
 @pytest.mark.parametrize("protocol", ["frozen", "finetune"])
-def test_detection_train_steps_in_bf16(encoder, protocol):
+def test_detection_train_steps_in_bf16(encoder, protocol, untrained_method):
     """MGCA's batch of 16 at 224 px; the encoder and pyramid run in bf16, heads and losses in fp32."""
     device = torch.device("cuda")
-    model = build_detector(_Method(**ENCODERS[encoder]), 3, 224, 1, settings_for(1.0)).to(device)
+    model = build_detector(untrained_method(**ENCODERS[encoder]), 3, 224, 1, settings_for(1.0)).to(device)
     if protocol == "frozen":
         model.backbone.train_encoder = False
         for p in model.backbone.encoder.parameters():
@@ -72,10 +57,10 @@ def test_detection_train_steps_in_bf16(encoder, protocol):
 
 
 @pytest.mark.parametrize("encoder", list(ENCODERS))
-def test_segmentation_train_steps_in_bf16(encoder):
+def test_segmentation_train_steps_in_bf16(encoder, untrained_method):
     """U-Net (ResNet-50) or SETR decoder (ViT-B/16), encoder frozen, MGCA's SIIM batch of 8."""
     device = torch.device("cuda")
-    model = build_segmenter(_Method(**ENCODERS[encoder]), 3).to(device).train()
+    model = build_segmenter(untrained_method(**ENCODERS[encoder]), 3).to(device).train()
     for p in model.encoder.parameters():
         p.requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4, weight_decay=0.05)
