@@ -2,7 +2,7 @@
 
 The world draws the diagnosis into the volumes (ventricles, the CSF rim and the hippocampi change from CN
 to MCI to AD; head size, position and intensity do not), so the volume alone tells the class. Zero-shot in
-the ITC mode (spec §6.2: the best-matching query against the three QA strings, no LLM) reaches 0.96 on the
+the ITC mode (spec §6.2: the best-matching query against the three QA strings, no LLM) reaches 0.94 on the
 balanced ADNI test list after 200 steps (the session-shared learning run of ``tests/learning.py``, about
 25 s on 2 idle cores); untrained it predicts one class for every volume. The generation mode runs through
 the frozen random stand-in LLM, so its answers rarely name a class: its parse rate is reported, not asserted
