@@ -46,10 +46,11 @@ sweep:  ## pre-train METHODS where needed, evaluate TASKS x FRACTIONS x SEEDS, w
 
 # make reproduce PAPER=g2d ROOTS="siim_pneumothorax=/data/siim rsna_pneumonia=/data/rsna ..." RUN=runs/g2d-...
 # Without ROOTS: the synthetic stand-ins at small settings (and, without RUN, a demo pre-training run first).
+# PAPER=mgca|hlip: one run per model, e.g. RUN="resnet50=runs/mgca-r50-... vit=runs/mgca-vit-...".
 PAPER ?= g2d
 RUN ?=
 reproduce:  ## a paper's tables under its protocol preset, beside its numbers: results/$(PAPER)/table.md
-	$(PYTHON) -m medvlp.cli reproduce --paper $(PAPER) --out $(OUT)/$(PAPER) $(if $(RUN),--run $(RUN)) \
+	$(PYTHON) -m medvlp.cli reproduce --paper $(PAPER) --out $(OUT)/$(PAPER) $(foreach r,$(RUN),--run $(r)) \
 		$(if $(ROOTS),--roots $(ROOTS),--demo)
 
 clean:

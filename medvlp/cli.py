@@ -152,7 +152,9 @@ def _parser() -> argparse.ArgumentParser:
                                     "protocol on a run and write <out>/table.md: the paper's value, ours and the difference "
                                     "per cell. Resumable: finished cells are read back.")
     rp.add_argument("--paper", required=True, help="a preset with tables, e.g. g2d")
-    rp.add_argument("--run", metavar="RUN_DIR", help="the pre-trained run (e.g. made by medvlp import from the authors' weights)")
+    rp.add_argument("--run", metavar="[MODEL=]RUN_DIR", action="append",
+                    help="the pre-trained run (e.g. made by medvlp import from the authors' weights); for a paper with several "
+                         "models, MODEL=RUN_DIR per model (mgca: resnet50, vit; hlip: chest_ct, brain_mri, head_ct)")
     rp.add_argument("--roots", nargs="*", default=[], metavar="DATASET=PATH", help="the downloads, e.g. siim_pneumothorax=/data/siim "
                                                                                    "rsna_pneumonia=/data/rsna (rows without one are skipped)")
     rp.add_argument("--demo", action="store_true", help="the synthetic stand-ins, small settings (CPU minutes); without --run "
@@ -286,12 +288,12 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
-    from medvlp.reproduce import parse_roots, reproduce
+    from medvlp.reproduce import parse_roots, parse_runs, reproduce
 
-    path, cells = reproduce(args.paper, run=args.run, out=args.out, roots=parse_roots(args.roots), demo=args.demo,
+    path, cells = reproduce(args.paper, run=parse_runs(args.run, args.paper), out=args.out, roots=parse_roots(args.roots), demo=args.demo,
                             max_steps=args.max_steps, pretrain_steps=args.pretrain_steps, fractions=args.fractions,
                             runs=args.runs, rows=args.rows)
-    done = sum(c.status == "done" for c in cells)
+    done = sum(c.status.startswith("done") for c in cells)
     print(path.read_text())
     print(f"wrote {path}: {done} of {len(cells)} cells computed")
 

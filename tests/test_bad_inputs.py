@@ -193,6 +193,24 @@ def test_corrupt_jpeg_is_named_and_skipped_and_listed(mimic, tmp_path):
     assert f"{rec.image_path} is corrupt or truncated" in rows[1].reason
 
 
+def test_an_evaluation_batch_whose_every_item_fails_is_skipped_and_listed(mimic, tmp_path):
+    """Batch size 1 (HLIP's evaluation): the unreadable study's batch is passed over and the study travels with
+    the next batch (or, last, goes straight to ``dm.dropped``); a training batch that loses every item stays an error."""
+    dm = mimic_dm(mimic, on_error="skip", eval_batch_size=1, batch_size=1)
+    dm.set_tokenizer(fake_tokenizer)
+    recs = dm.records("train")
+    for rec in (recs[0], recs[-1]):
+        Path(rec.image_path).write_bytes(b"not an image")
+    batches = list(dm.eval_dataloader("train"))
+    assert len(batches) == len(recs) - 2
+    assert batches[0].skipped == 1 and batches[0].skipped_ids == [recs[0].study_id]
+    assert "corrupt or truncated" in batches[0].skipped_reasons[0]
+    assert sum(b.skipped for b in batches) == 1  # the last one had no batch after it
+    assert [(d.split, d.study_id) for d in dm.dropped if d.study_id == recs[-1].study_id] == [("train", recs[-1].study_id)]
+    with pytest.raises(DataError, match="Every item of a batch failed to load"):
+        list(dm.train_dataloader())
+
+
 def test_truncated_jpeg_is_named(mimic):
     dm = mimic_dm(mimic)
     rec = dm.records("train")[0]

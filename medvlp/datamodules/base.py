@@ -402,7 +402,8 @@ class VLPDataModule:
             **targets,
         )
 
-    def _loader(self, split: str, shuffle: bool, batch_size: int, drop_last: bool = False, sampler: Any = None) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool, batch_size: int, drop_last: bool = False, sampler: Any = None,
+                evaluation: bool = True) -> DataLoader:
         import torch
         from torch.utils.data import DataLoader
 
@@ -414,7 +415,15 @@ class VLPDataModule:
             from medvlp.resume import SeededItems
 
             dataset, shuffle = SeededItems(dataset), False
-        return DataLoader(
+        loader_cls: Any = DataLoader
+        collate: Any = self.collate
+        extra: dict[str, Any] = {}
+        if evaluation:  # a batch whose every item was skipped does not end an evaluation (training: an error)
+            from medvlp.datamodules.skipping import SkippingLoader, skipping_collate
+
+            loader_cls, collate = SkippingLoader, functools.partial(skipping_collate, self.collate)
+            extra = {"dm": self, "split": split}
+        return loader_cls(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
@@ -423,14 +432,16 @@ class VLPDataModule:
             num_workers=workers,
             pin_memory=self.cfg.pin_memory,
             persistent_workers=self.cfg.persistent_workers and workers > 0,
-            collate_fn=self.collate,
+            collate_fn=collate,
             generator=g,
             worker_init_fn=functools.partial(init_worker, mmap_threshold_kb=int(self.cfg.worker_mmap_threshold_kb)),
+            **extra,
         )
 
     def train_dataloader(self) -> DataLoader:
         n = len(self.records("train"))
-        return self._loader("train", shuffle=True, batch_size=self.cfg.batch_size, drop_last=n > self.cfg.batch_size)
+        return self._loader("train", shuffle=True, batch_size=self.cfg.batch_size, drop_last=n > self.cfg.batch_size,
+                            evaluation=False)
 
     def resumable_train_dataloader(self) -> DataLoader:
         """The training loader of pre-training: an :class:`~medvlp.resume.EpochSampler` (its ``sampler``)
@@ -441,7 +452,7 @@ class VLPDataModule:
 
         n = len(self.records("train"))
         return self._loader("train", shuffle=False, batch_size=self.cfg.batch_size, drop_last=n > self.cfg.batch_size,
-                            sampler=EpochSampler(n, seed=int(self.cfg.seed)))
+                            sampler=EpochSampler(n, seed=int(self.cfg.seed)), evaluation=False)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False, batch_size=self.cfg.eval_batch_size)

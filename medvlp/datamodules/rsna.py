@@ -199,6 +199,11 @@ class RSNAPneumoniaDataModule(RadiographDataModule):
             return self.cfg.split_protocol
         return "mgca_cls" if self.cfg.task == "classification" else "mgca_det"
 
+    def split_key(self) -> str:
+        """Names the label-fraction file: the resolved protocol (``auto`` gives classification and detection /
+        segmentation different train splits, so a fraction drawn for one must not be read back for the other)."""
+        return f"{type(self).__name__}|{self.protocol}"
+
     # ------------------------------------------------------------------ tables
     def images(self) -> pd.DataFrame:
         """One row per image, sorted by patientId: ``patient_id``, ``target`` (0/1), ``boxes``

@@ -19,7 +19,8 @@ excluded or unlabelled slice is dropped, and the drops are counted.
 
 Splits: the labelled set is split by StudyInstanceUID with a seeded hash (``data.val_fraction``,
 ``data.test_fraction``; deterministic, independent of file order), because the competition's test
-labels are not distributed.
+labels are not distributed. ``data.test_fraction=1`` (with ``val_fraction=0``) makes the whole labelled set the
+test split: HLIP scores zero-shot on every study (hlip.md 7.4; its protocol preset sets it).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class RSNAICHConfig(VolumeConfig):
     name: str = "rsna_ich"
     exclude: list[str] = field(default_factory=lambda: list(CORRUPT))  # image ids left out
     val_fraction: float = bounded(0.1, ge=0, lt=1)  # of the studies
-    test_fraction: float = bounded(0.1, ge=0, lt=1)
+    test_fraction: float = bounded(0.1, ge=0, le=1)  # 1: every study is a test study (zero-shot on the full set)
     split_seed: int = bounded(0, ge=0, le=2**32 - 1)
     index_workers: int = bounded(0, ge=0)  # processes reading the DICOM headers once (0 = data.num_workers or the CPU count)
     spacing_tolerance: float = bounded(0.1, gt=0)
@@ -122,10 +123,10 @@ class RSNAICHDataModule(VolumeDataModule):
 
     def __init__(self, cfg: RSNAICHConfig, tokenizer: Any = None) -> None:
         super().__init__(cfg, tokenizer)
-        if not (0 <= float(cfg.val_fraction) and 0 <= float(cfg.test_fraction)
-                and float(cfg.val_fraction) + float(cfg.test_fraction) < 1):
-            raise ValueError(f"data.val_fraction and data.test_fraction must be >= 0 with a sum < 1, got "
-                             f"{cfg.val_fraction} and {cfg.test_fraction}.")
+        val, test = float(cfg.val_fraction), float(cfg.test_fraction)
+        if not (0 <= val and 0 <= test and (val + test < 1 or (test == 1 and val == 0))):
+            raise ValueError(f"data.val_fraction and data.test_fraction must be >= 0 with a sum < 1 (or test_fraction=1 "
+                             f"and val_fraction=0: every study tests), got {cfg.val_fraction} and {cfg.test_fraction}.")
         self.counts: dict[str, int] = {}
         self._series: dict[str, dict[str, Any]] | None = None
 
@@ -217,8 +218,10 @@ class RSNAICHDataModule(VolumeDataModule):
 
     def split_of(self, study: str) -> str:
         cfg = self.cfg
-        u = stable_fraction(int(cfg.split_seed), study)
-        return "test" if u < float(cfg.test_fraction) else "val" if u < float(cfg.test_fraction) + float(cfg.val_fraction) else "train"
+        u, test = stable_fraction(int(cfg.split_seed), study), float(cfg.test_fraction)
+        if u < test or test >= 1:
+            return "test"
+        return "val" if u < test + float(cfg.val_fraction) else "train"
 
     # ------------------------------------------------------------------ contract
     def build_records(self, split: str) -> list[Record]:

@@ -29,7 +29,10 @@ from medvlp import config as C
 
 MODES = ("linear", "frozen", "finetune")
 ENTRY_KEYS = ("mode", "data", "settings", "metric", "by_data", "by_fraction")
-ROW_KEYS = ("row", "task", "data", "demo", "settings", "data_overrides", "metric", "paper")
+ROW_KEYS = ("row", "task", "data", "demo", "demo_world", "model", "settings", "data_overrides", "metric", "keys", "skip",
+            "paper")
+MODEL_KEYS = ("title", "encoder", "demo")
+ENCODER_KINDS = ("cnn", "vit")
 
 
 @dataclass
@@ -43,6 +46,12 @@ class Protocol:
     data: dict[str, Any] = field(default_factory=dict)
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     tables: list[dict[str, Any]] = field(default_factory=list)  # the paper's tables (medvlp reproduce)
+    # the pre-trained models the tables' rows come from: name -> {title, encoder (cnn | vit, checked against a
+    # given run), demo (the configs/experiment file --demo pre-trains; "" = the method's own demo config)}
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def model_names(self) -> list[str]:
+        return list(self.models) or ["default"]
 
 
 @dataclass
@@ -72,14 +81,20 @@ def load_protocol(name: str) -> Protocol:
                             f"(configs/protocol/<name>.yaml), or a mode: {', '.join(MODES)}.")
     path = C.config_dir() / "protocol" / f"{name}.yaml"
     raw = OmegaConf.to_container(C.load_yaml(path), resolve=True) or {}
-    unknown = sorted(set(raw) - {"paper", "spec", "follows", "data", "tasks", "tables"})
+    unknown = sorted(set(raw) - {"paper", "spec", "follows", "data", "tasks", "tables", "models"})
     if unknown:
-        raise C.ConfigError(f"{path}: unknown key(s) {unknown}; expected paper, spec, follows, data, tasks, tables.")
+        raise C.ConfigError(f"{path}: unknown key(s) {unknown}; expected paper, spec, follows, data, tasks, tables, models.")
     proto = Protocol(name=name, **raw)
     if proto.follows not in ("paper", "code"):
         raise C.ConfigError(f"{path}: follows must be 'paper' or 'code', got '{proto.follows}'.")
     for task, entry in proto.tasks.items():
         _check_entry(path, f"tasks.{task}", entry or {})
+    for name, model in proto.models.items():
+        extra = sorted(set(model or {}) - set(MODEL_KEYS))
+        if extra or (model or {}).get("encoder", "cnn") not in ENCODER_KINDS:
+            raise C.ConfigError(f"{path}: models.{name} " + (f"has unknown key(s) {extra}" if extra else
+                                f"encoder {model['encoder']!r} is not one of {', '.join(ENCODER_KINDS)}")
+                                + f"; a model has {', '.join(MODEL_KEYS)}.")
     for t, table in enumerate(proto.tables):
         for r, row in enumerate(table.get("rows") or []):
             missing = [k for k in ("row", "task", "data", "demo", "paper") if k not in row]
@@ -88,6 +103,9 @@ def load_protocol(name: str) -> Protocol:
                 raise C.ConfigError(f"{path}: tables[{t}].rows[{r}] ({row.get('row', '?')}) "
                                     + (f"lacks {missing}" if missing else f"has unknown key(s) {extra}")
                                     + f"; a row has {', '.join(ROW_KEYS)}.")
+            if proto.models and row.get("model") not in proto.models:
+                raise C.ConfigError(f"{path}: tables[{t}].rows[{r}] ({row['row']}) names model {row.get('model')!r}; "
+                                    f"the models: {', '.join(proto.models)}.")
             if row["task"] not in proto.tasks:
                 raise C.ConfigError(f"{path}: tables[{t}].rows[{r}] ({row['row']}) uses task {row['task']}, which tasks "
                                     f"does not cover.")

@@ -131,6 +131,19 @@ def test_split_protocols():
     assert make("/x", task="detection", split_protocol="mgca_cls").protocol == "mgca_cls"
 
 
+def test_label_fractions_of_classification_and_detection_are_separate_files(rsna, tmp_path, monkeypatch):
+    """The two tasks have different train splits (mgca_cls / mgca_det): a 10 % file drawn for classification
+    is not read back for detection (which used to fail with "drawn with other settings")."""
+    monkeypatch.setenv("MEDVLP_CACHE", str(tmp_path / "cache"))
+    root, _, _ = rsna
+    cls, det = make(root, label_fraction=0.5), make(root, task="detection", label_fraction=0.5)
+    assert cls.split_key() != det.split_key()
+    n_cls, n_det = len(cls.records("train")), len(det.records("train"))
+    assert n_cls and n_det and len(list((tmp_path / "cache").rglob("*.txt"))) == 2
+    assert {r.study_id for r in make(root, task="segmentation", label_fraction=0.5).records("train")} == \
+        {r.study_id for r in det.records("train")}  # segmentation shares detection's split and its file
+
+
 def test_detection_boxes_in_dicom_frame(rsna):
     root, items, _ = rsna
     recs = all_records(make(root, task="detection"))

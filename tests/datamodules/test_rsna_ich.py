@@ -99,3 +99,10 @@ def test_volumes_splits_and_errors(ich_root, tmp_path):
         RSNAICHDataModule.check_root(RSNAICHConfig(root=str(tmp_path)))
     with pytest.raises(ValueError, match="val_fraction"):
         make(ich_root, val_fraction=0.6, test_fraction=0.5)
+    with pytest.raises(ValueError, match="test_fraction=1"):
+        make(ich_root, val_fraction=0.1, test_fraction=1.0)
+    full = make(ich_root, val_fraction=0.0, test_fraction=1.0)  # HLIP's zero-shot protocol: every study tests
+    everything = make(ich_root, val_fraction=0.0, test_fraction=0.0)
+    with pytest.raises(DataError, match="split 'train' .* has no usable records"):
+        full.records("train")
+    assert sorted(r.study_id for r in full.records("test")) == sorted(r.study_id for r in everything.records("train"))

@@ -68,6 +68,9 @@ def test_ct_presets_and_prompts():
     assert resolve("fvlm", "zeroshot", "ct_rate", 1).data["eval_labels"] == sixteen
     for name in ("hlip", "fvlm"):
         assert resolve(name, "zeroshot", "ct_rate", 1).data["eval_batch_size"] == 1
+    ich = resolve("hlip", "zeroshot", "rsna_ich", 1).data  # hlip.md 7.4: every labelled study, cosine, five labels
+    assert ich["test_fraction"] == 1.0 and ich["val_fraction"] == 0.0 and ich["prompts"] == "hlip_rsna_ich.yaml"
+    assert ich["eval_labels"] == ["any", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"]
     g2d = C.config_dir() / "prompts" / "g2d_cxr.yaml"
     prompts = load_prompts(g2d)
     assert load_options(g2d)["threshold"] == "argmax"
