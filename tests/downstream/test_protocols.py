@@ -71,6 +71,15 @@ def test_ct_presets_and_prompts():
     ich = resolve("hlip", "zeroshot", "rsna_ich", 1).data  # hlip.md 7.4: every labelled study, cosine, five labels
     assert ich["test_fraction"] == 1.0 and ich["val_fraction"] == 0.0 and ich["prompts"] == "hlip_rsna_ich.yaml"
     assert ich["eval_labels"] == ["any", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"]
+    cq = resolve("hlip", "zeroshot", "cq500", 1).data  # 7.4: 11 labels, 18 templates each, plain cosine
+    assert cq["eval_labels"] == ["ICH", "IPH", "IVH", "SDH", "EDH", "SAH", "BleedLocation-Left", "BleedLocation-Right",
+                                 "Fracture", "MassEffect", "MidlineShift"]
+    path = C.config_dir() / "prompts" / cq["prompts"]
+    prompts = load_prompts(path)
+    assert list(prompts) == cq["eval_labels"] and load_options(path)["score"] == "cosine"
+    assert all(len(p["positive"]) == 18 and not p.get("negative") for p in prompts.values())
+    assert prompts["Fracture"]["positive"][0] == "This study shows: skull fracture."
+    assert prompts["EDH"]["positive"][-1] == "This study shows: compatible with extradural hemorrhage."
     g2d = C.config_dir() / "prompts" / "g2d_cxr.yaml"
     prompts = load_prompts(g2d)
     assert load_options(g2d)["threshold"] == "argmax"
