@@ -335,6 +335,17 @@ def test_brainmri_parity_config_matches_the_spec() -> None:
     assert cfg.method.text_encoder.model == "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext"
 
 
+def test_headct_config_is_the_brain_architecture_on_head_ct() -> None:
+    """The released head-CT model is vit_base_multiscan_h2_token1176 (scan + study blocks), as the brain one;
+    the uint8 series' window is recorded (3.4), the prompt prefix is the CT one."""
+    head, brain = resolved("hlip_headct.yaml"), resolved("hlip_brainmri.yaml")
+    assert head.data.name == "head_ct" and head.method.image_encoder == brain.method.image_encoder
+    assert (head.optim, head.trainer.max_epochs) == (brain.optim, brain.trainer.max_epochs)
+    d = head.data
+    assert (d.window, d.scale, d.text_prefix) == ("brain [0, 80] HU", 255.0, "This CT study shows: ")
+    assert (d.num_scans, d.scan_sampling, d.num_slices, d.resize, d.image_size, d.eval_batch_size) == (10, "repeat", 48, 256, 224, 1)
+
+
 def test_hlip_prompt_files_follow_the_spec() -> None:
     from medvlp.downstream.zero_shot import load_merges, load_prompts, merge_scores
 
