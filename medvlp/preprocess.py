@@ -275,7 +275,7 @@ def preprocess(
     wanted = settings(dm)
     manifest = read_manifest(directory)
     if manifest is not None:
-        diff = differences(manifest, wanted)
+        diff = differences(manifest, wanted, crop=bool(getattr(dm.cfg, "crop_from", 0)))
         if diff:
             raise DataError(
                 f"{directory} holds a preprocessed cache made with other settings: {'; '.join(diff)}. It is never "
@@ -346,7 +346,7 @@ def _run(dm: RadiographDataModule, directory: Path, todo: list[tuple[str, Record
 
     if not todo:
         return
-    size = int(getattr(dm.cfg, "image_size", 0) or 0)
+    size = int(getattr(dm, "read_size", 0) or getattr(dm.cfg, "image_size", 0) or 0)
     bar = tqdm(total=len(todo), unit="img", desc=f"preprocess {dm.cfg.name}", disable=not progress, dynamic_ncols=True)
     pool = None
     saved = dict(_WORKER)

@@ -130,6 +130,16 @@ def _takes_image_size(data: str) -> bool:
     return "image_size" in {f.name for f in fields(DATAMODULES.get(name).Config)}
 
 
+def _preset_crop(paper: str, spec: dict[str, Any]) -> tuple[int, int] | None:
+    """``(crop_from, image_size)`` the preset sets for the cell's task and dataset, or None."""
+    from medvlp.downstream.protocols import resolve
+
+    name = C.load_yaml(C.group_file("data", spec["data"])).data.name
+    data = resolve(paper, spec["task"], str(name), float(spec.get("fraction", 1.0))).data
+    crop = int(data.get("crop_from", 0) or 0)
+    return (crop, int(data.get("image_size", 224))) if crop else None
+
+
 def run_cell(paper: str, run: Path, cell: Cell, out: Path, demo_size: int | None, max_steps: int) -> None:
     """Compute one cell (or read its finished result) into ``cell.ours``."""
     from medvlp import api
@@ -148,6 +158,9 @@ def run_cell(paper: str, run: Path, cell: Cell, out: Path, demo_size: int | None
         overrides += [f"data.root={ensure_demo(s['demo_world'])}", "data.on_error=skip"]
     if demo_size and _takes_image_size(s["data"]):
         overrides.append(f"data.image_size={demo_size}")
+        crop = _preset_crop(paper, s)
+        if crop:  # the preset's crop at the demo's scale (256 -> 224 becomes 73 -> 64)
+            overrides.append(f"data.crop_from={round(demo_size * crop[0] / crop[1])}")
     if not result.is_file():
         folder.mkdir(parents=True, exist_ok=True)
         if "fraction" in s:

@@ -66,7 +66,7 @@ def settings(dm: RadiographDataModule) -> dict[str, Any]:
     if hasattr(dm, "cache_settings"):
         return {**base, **{k: _plain(v) for k, v in dm.cache_settings().items()}}
     pixel = {k: _plain(getattr(cfg, k)) for k in dm.pixel_keys if hasattr(cfg, k)}
-    return {**base, "image_size": int(cfg.image_size), "resize": RESIZE_RULE, "dtype": DTYPE,
+    return {**base, "image_size": int(getattr(dm, "read_size", cfg.image_size)), "resize": RESIZE_RULE, "dtype": DTYPE,
             "pixel_settings": pixel}
 
 
@@ -102,9 +102,11 @@ _KEY_NAMES = {"dataset": "data.name", "root": "data.root", "image_size": "data.i
 _SUB_KEY_NAMES = {"pad_hu": "data.window (its low end pads the volumes)"}
 
 
-def differences(manifest: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    """``"<key>: cache <a>, config <b>"`` for every compared setting that differs."""
+def differences(manifest: dict[str, Any], wanted: dict[str, Any], crop: bool = False) -> list[str]:
+    """``"<key>: cache <a>, config <b>"`` for every compared setting that differs (``crop``: the stored size
+    is ``data.crop_from``'s)."""
     out = []
+    names = {**_KEY_NAMES, "image_size": "data.crop_from"} if crop else _KEY_NAMES
     for key, value in wanted.items():
         if key in ("pixel_settings", "volume_settings") and isinstance(value, dict):
             have = manifest.get(key) or {}
@@ -113,7 +115,7 @@ def differences(manifest: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
                     name = _SUB_KEY_NAMES.get(k, f"data.{k}")
                     out.append(f"{name}: cache {have.get(k)!r}, config {value.get(k)!r}")
         elif manifest.get(key) != value:
-            out.append(f"{_KEY_NAMES.get(key, key)}: cache {manifest.get(key)!r}, config {value!r}")
+            out.append(f"{names.get(key, key)}: cache {manifest.get(key)!r}, config {value!r}")
     return out
 
 
@@ -132,6 +134,8 @@ def command(dm: RadiographDataModule, splits: Sequence[str] | None = None) -> st
             parts.append(f"data.{key}={text}")
     else:
         parts.append(f"data.image_size={int(cfg.image_size)}")
+        if int(getattr(cfg, "crop_from", 0) or 0):
+            parts.append(f"data.crop_from={int(cfg.crop_from)}")
         parts += [f"data.{k}={v}" for k, v in settings(dm)["pixel_settings"].items()]
     if getattr(cfg, "preprocessed_dir", ""):
         parts.append(f"data.preprocessed_dir={cache_dir_for(dm)}")
@@ -277,7 +281,7 @@ def open_for_training(dm: RadiographDataModule) -> PreprocessedImages | None:
         log.info("%s: no preprocessed cache at %s; decoding images on the fly (build one with `%s`)",
                  dm.cfg.name, directory, cmd)
         return None
-    diff = differences(manifest, settings(dm))
+    diff = differences(manifest, settings(dm), crop=bool(getattr(dm.cfg, "crop_from", 0)))
     if diff:
         text = f"the preprocessed cache {directory} was made with other settings ({'; '.join(diff)})"
         if mode == "true":

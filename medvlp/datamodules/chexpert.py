@@ -459,4 +459,4 @@ class CheXpertDataModule(RadiographDataModule):
         return ["" if v != v else str(v) for v in df[col]]
 
     def read_pixels(self, record: Record, train: bool) -> np.ndarray:
-        return read_gray(record.image_path, draft_size=int(self.cfg.image_size))
+        return read_gray(record.image_path, draft_size=self.read_size)

@@ -267,4 +267,4 @@ class COVIDxDataModule(RadiographDataModule):
         return records
 
     def read_pixels(self, record: Record, train: bool) -> np.ndarray:
-        return read_gray(record.image_path, draft_size=int(self.cfg.image_size))
+        return read_gray(record.image_path, draft_size=self.read_size)

@@ -335,4 +335,4 @@ class MimicCXRDataModule(RadiographDataModule):
         if isinstance(path, list):
             index = int(torch.randint(len(path), ()).item()) if train and len(path) > 1 else 0
             path = path[index]
-        return read_gray(path, draft_size=int(self.cfg.image_size))
+        return read_gray(path, draft_size=self.read_size)

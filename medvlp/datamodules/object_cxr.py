@@ -325,4 +325,4 @@ class ObjectCXRDataModule(RadiographDataModule):
         return records
 
     def read_pixels(self, record: Record, train: bool) -> np.ndarray:
-        return read_gray(record.image_path, draft_size=int(self.cfg.image_size))
+        return read_gray(record.image_path, draft_size=self.read_size)

@@ -61,6 +61,9 @@ class RadiographConfig(DataConfig):
     aug_degrees: float = bounded(10.0, ge=0, le=180)
     aug_translate: float = bounded(0.05, ge=0, lt=1)  # fraction of the image size
     aug_scale: list[float] = bounded(default_factory=lambda: [0.9, 1.1], gt=0, each=True)
+    # > 0: letterbox to crop_from, then cut an image_size square (centre; random in training with augment):
+    # MGCA's 256 -> 224 classification input, G2D's zero-shot input. 0: letterbox straight to image_size
+    crop_from: int = bounded(0, ge=0)
     preprocessed_dir: str = ""  # cache written by `medvlp preprocess`; "" = <cache_dir>/preprocessed/<name>-<digest>
     use_preprocessed: str = "auto"  # auto (use the cache when its manifest matches) | true (require it) | false
 
@@ -177,6 +180,9 @@ class RadiographDataModule(PreprocessedCacheMixin, VLPDataModule):
             raise ValueError(f"data.channels={cfg.channels} is not valid; choose 1 or 3.")
         if int(cfg.image_size) < 1:
             raise ValueError(f"data.image_size must be a positive number of pixels, got {cfg.image_size}.")
+        if int(getattr(cfg, "crop_from", 0)) and int(cfg.crop_from) < int(cfg.image_size):
+            raise ValueError(f"data.crop_from={cfg.crop_from} must be 0 (off) or at least data.image_size={cfg.image_size} "
+                             f"(the letterbox the image_size crop is cut from).")
         self.init_preprocessed(cfg)
         self._transform: CXRTransform | None = None
         self.counts: dict[str, int] = {}  # items dropped or ignored while building records, by reason
@@ -209,8 +215,14 @@ class RadiographDataModule(PreprocessedCacheMixin, VLPDataModule):
                 degrees=float(cfg.aug_degrees),
                 translate=float(cfg.aug_translate),
                 scale=[float(v) for v in cfg.aug_scale],
+                crop_from=int(getattr(cfg, "crop_from", 0)),
             )
         return self._transform
+
+    @property
+    def read_size(self) -> int:
+        """The letterbox size images are read and stored at: ``data.crop_from`` when set, else ``data.image_size``."""
+        return int(getattr(self.cfg, "crop_from", 0) or self.cfg.image_size)
 
     def read_pixels(self, record: Record, train: bool) -> np.ndarray:  # pragma: no cover - abstract
         """The record's image as uint8 ``[H, W]`` (dense = bright).

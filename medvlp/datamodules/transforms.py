@@ -137,9 +137,13 @@ def letterbox_params(height: int, width: int, size: int) -> tuple[float, float, 
 class CXRTransform:
     """Chest X-ray pipeline: gray uint8 ``[H, W]`` -> float ``[channels, image_size, image_size]``.
 
-    Differences from MGCA (``mgca/datasets/transforms.py``): MGCA resizes to 256 and random-crops
-    224 (centre-crops at eval); here the image is resized straight to ``image_size`` and the
-    train-time augmentation is a light random affine, so eval sees the whole padded image.
+    By default the image is letterboxed straight to ``image_size`` and the train-time augmentation is a
+    light random affine, so evaluation sees the whole padded image. With ``crop_from`` (> ``image_size``)
+    it is letterboxed to ``crop_from`` and an ``image_size`` square is cut out: the centre one at
+    evaluation (torchvision's ``CenterCrop`` offsets), a random one in training with ``augment`` (MGCA's
+    ``mgca/datasets/transforms.py``: 256, then ``RandomCrop`` / ``CenterCrop`` 224; G2D's zero-shot
+    input). Boxes are shifted with the crop and clipped to it, masks cut alike; the affine, if its ranges
+    are not zero, follows the crop.
     """
 
     image_size: int = 224
@@ -150,12 +154,26 @@ class CXRTransform:
     scale: list[float] = field(default_factory=lambda: [0.9, 1.1])
     mean: float = 0.5
     std: float = 0.5
+    crop_from: int = 0  # > image_size: letterbox to this size, then crop image_size (centre; random in training)
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         if self.image_size < 1:
             raise ValueError(f"image_size must be positive, got {self.image_size}")
+        if self.crop_from and self.crop_from < self.image_size:
+            raise ValueError(f"crop_from={self.crop_from} must be 0 (off) or at least image_size={self.image_size}")
+
+    def crop_offset(self, train: bool, generator: torch.Generator | None = None) -> tuple[int, int]:
+        """``(top, left)`` of the ``image_size`` crop in the ``crop_from`` square."""
+        room = self.crop_from - self.image_size if self.crop_from else 0
+        if room <= 0:
+            return 0, 0
+        if train and self.augment:
+            top, left = (int(v) for v in torch.randint(0, room + 1, (2,), generator=generator))
+            return top, left
+        centre = int(round(room / 2.0))
+        return centre, centre
 
     def __call__(self, gray: np.ndarray | Tensor, train: bool = False, generator: torch.Generator | None = None) -> Tensor:
         return self.apply(gray, train=train, generator=generator)[0]
@@ -180,7 +198,7 @@ class CXRTransform:
         """
         img = to_float_image(gray)
         h, w = img.shape[-2:]
-        size = self.image_size
+        size = self.crop_from or self.image_size  # the letterbox; cropped to image_size below
         img = pad_to_square(resize_longest_side(img, size))
         if img.shape[-1] != size:  # rounding of a 1-pixel-wide image
             img = F.interpolate(img[None], size=(size, size), mode="bilinear")[0]
@@ -197,7 +215,16 @@ class CXRTransform:
             new = (max(1, round(h * sy)), max(1, round(w * sx)))
             m = F.interpolate(m[None], size=new, mode="nearest")[0]
             out_mask = F.pad(m, (left, size - new[1] - left, top, size - new[0] - top))
-        if train and self.augment:
+        if size != self.image_size:
+            top, left = self.crop_offset(train, generator)
+            size = self.image_size
+            img = img[..., top:top + size, left:left + size]
+            if out_boxes is not None:
+                out_boxes = (out_boxes - torch.tensor([left, top, left, top], dtype=torch.float32)).clamp(0, size)
+            if out_mask is not None:
+                out_mask = out_mask[..., top:top + size, left:left + size]
+        identity = self.degrees == 0 and self.translate == 0 and all(float(v) == 1.0 for v in self.scale)
+        if train and self.augment and not identity:  # (zero ranges: no warp, no resampling)
             theta = sample_affine(self.degrees, self.translate, self.scale, generator)
             img = warp(img, theta)
             if out_boxes is not None:

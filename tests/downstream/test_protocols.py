@@ -24,9 +24,9 @@ def test_g2d_preset_values():  # g2d.md 7.1-7.4, 7.6
     assert resolve("g2d", "classification", "chexpert", 0.01).settings == {**LINEAR_MGCA, "batch_size": 8}
     for data in ("chexpert", "rsna_pneumonia", "covidx"):
         r = resolve("g2d", "classification", data, 0.1)
-        assert r.mode == "linear" and r.data == {"image_size": 224} and r.settings["batch_size"] == 8
+        assert r.mode == "linear" and r.data == {"image_size": 224, "crop_from": 256} and r.settings["batch_size"] == 8
     ft = resolve("g2d", "classification", "nih14", 1.0)  # 7.6: KAD's setup
-    assert ft.mode == "finetune" and ft.data == {"image_size": 256}
+    assert ft.mode == "finetune" and ft.data == {"image_size": 256, "crop_from": 0}
     assert ft.settings == {"lr": 1e-4, "batch_size": 64, "weight_decay": 1e-6, "betas": [0.9, 0.999], "max_epochs": 50,
                            "patience": 10, "min_steps": 0}
     seg = {"lr": 2e-4, "weight_decay": 0.05, "betas": [0.9, 0.999], "max_epochs": 50, "patience": 10, "min_steps": 0,
@@ -42,11 +42,13 @@ def test_g2d_preset_values():  # g2d.md 7.1-7.4, 7.6
         assert r10.settings == r100.settings == {**det, "batch_size": 16, "lr": 5e-4}
         assert r1.mode == "frozen" and r1.metric == "map_mgca"
     zs = resolve("g2d", "zeroshot", "rsna_pneumonia", 1.0)
-    assert zs.data == {"image_size": 224, "prompts": "g2d_cxr.yaml", "threshold_split": ""}
+    assert zs.data == {"image_size": 224, "prompts": "g2d_cxr.yaml", "threshold_split": "", "crop_from": 256}  # 7.4: 256, crop 224
 
 
 def test_mgca_preset_values():  # mgca.md 7.2-7.4
     assert resolve("mgca", "classification", "chexpert", 0.01).settings == LINEAR_MGCA
+    assert resolve("mgca", "classification", "covidx", 1).data == {"image_size": 224, "crop_from": 256}  # 7.2: 256, crop 224
+    assert "crop_from" not in resolve("mgca", "segmentation", "siim_pneumothorax", 1).data  # 7.3-7.4: straight to 224
     seg = resolve("mgca", "segmentation", "siim_pneumothorax", 0.1)
     assert seg.settings == {"lr": 5e-4, "weight_decay": 0.05, "betas": [0.9, 0.999], "max_epochs": 50, "patience": 10,
                             "min_steps": 0, "decoder": "fresh", "bn": "train", "batch_size": 8}
