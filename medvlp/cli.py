@@ -131,6 +131,9 @@ def _parser() -> argparse.ArgumentParser:
     ds.add_argument("--min-steps", type=int, help="early stopping counts its patience only after this many optimiser steps")
     ds.add_argument("--probe", choices=["adamw", "lbfgs"], help="classification, linear: the papers' AdamW head (default) "
                                                                 "or CLIP's L-BFGS logistic regression (L2 chosen on val)")
+    ds.add_argument("--augment", action="store_true", default=None,
+                    help="classification, linear: train the head on the datamodule's augmented images through the frozen "
+                         "encoder at every step (MGCA's code) instead of on features computed once")
     ds.add_argument("--decoder", choices=["fresh", "pretrained"], help="segmentation: a new decoder (default) or the run's "
                                                                        "pre-trained one (G2D's encoder-decoder transfer)")
     ds.add_argument("--bn", choices=["eval", "train"], help="segmentation / detection with a frozen encoder: its batch norms "
@@ -262,7 +265,8 @@ def cmd_downstream(args: argparse.Namespace) -> None:
 
     settings = {"lr": args.lr, "batch_size": args.batch_size, "max_epochs": args.max_epochs, "patience": args.patience,
                 "max_steps": args.max_steps, "detector": args.detector, "pyramid_channels": args.pyramid_channels,
-                "min_steps": args.min_steps, "probe": args.probe, "decoder": args.decoder, "bn": args.bn, "mode": args.mode}
+                "min_steps": args.min_steps, "probe": args.probe, "augment": args.augment, "decoder": args.decoder, "bn": args.bn,
+                "mode": args.mode}
     for item in args.settings:
         import yaml
 

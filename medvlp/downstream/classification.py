@@ -8,7 +8,10 @@ of its training split (the shared label-fraction files, so every method sees the
 * ``linear`` (MGCA's protocol, ``specs/methods/mgca.md`` §7.2): backbone frozen in eval mode; AdamW
   lr 5e-4, betas (0.9, 0.999), weight decay 1e-6, no schedule, batch 48, at most 50 epochs, early
   stopping on the validation loss (patience 10), the best-validation head is tested. The frozen
-  features are computed once per split (no train-time augmentation of the images).
+  features are computed once per split (no train-time augmentation of the images); with
+  ``augment=true`` the head trains on the datamodule's augmented training images instead, the frozen
+  encoder (eval mode, no gradient) running at every step, as MGCA's code does (its random 224 crops of
+  the 256 letterbox: ``data.crop_from=256``).
 * ``finetune`` (G2D's ChestX-ray14 protocol, ``g2d.md`` §7.6): backbone and head trained; AdamW lr
   1e-4, batch 64, at most 50 epochs, the same early stopping; train-time augmentation of the
   datamodule.
@@ -66,6 +69,7 @@ class ClassifierSettings:
     standardize: bool = False  # linear, adamw: the head trains on z-scored features (train statistics), folded back after
     probe: str = "adamw"  # linear: adamw (the papers' mini-batch head) | lbfgs (CLIP's full-batch logistic regression)
     lbfgs_max_iter: int = 1000  # lbfgs: iterations per fit (scikit-learn's LogisticRegression(max_iter=1000) in CLIP)
+    augment: bool = False  # linear, adamw: train the head on augmented images through the frozen encoder (every step)
 
 
 def settings_for(protocol: str, **overrides: Any) -> ClassifierSettings:
@@ -82,6 +86,8 @@ def settings_for(protocol: str, **overrides: Any) -> ClassifierSettings:
         raise ValueError(f"Unknown classifier setting(s) {unknown}; known: {sorted(known)}.")
     merged = {**base, **{k: v for k, v in overrides.items() if v is not None}}
     merged["epochs_given"] = overrides.get("max_epochs") is not None
+    if merged.get("augment") and overrides.get("standardize") is None:
+        merged["standardize"] = False  # features are not fixed: nothing to z-score once
     missing = [k for k in known if k not in merged]
     if missing:
         raise ValueError(f"configs/downstream/classification.yaml gives protocol '{protocol}' no {missing}.")
@@ -90,6 +96,9 @@ def settings_for(protocol: str, **overrides: Any) -> ClassifierSettings:
         raise ValueError(f"probe='{merged['probe']}' is not one of {PROBES} (adamw: the papers' linear head; lbfgs: CLIP's).")
     if merged["probe"] == "lbfgs" and protocol != "linear":
         raise ValueError("probe=lbfgs fits a logistic regression on frozen features: it needs protocol linear / frozen.")
+    if merged["augment"] and (protocol != "linear" or merged["probe"] != "adamw" or merged["standardize"]):
+        raise ValueError("augment=true trains the linear head on augmented images: it needs protocol linear, probe=adamw "
+                         "and standardize=false (fine-tuning always uses the datamodule's augmentation).")
     for key in ("min_steps", "max_steps", "patience", "lbfgs_max_iter"):
         if int(merged[key]) < 0:
             raise ValueError(f"{key} must be >= 0, got {merged[key]}.")
@@ -292,15 +301,17 @@ def fold_standardization(head: nn.Linear, mean: Tensor, std: Tensor) -> None:
 
 
 def train_finetune(model: Classifier, dm: Any, multiclass: bool, s: ClassifierSettings, seed: int,
-                   folder: Path | None = None, trainer_cfg: Any = None) -> tuple[dict[str, Any], Any]:
-    """Train backbone + head on the datamodule's (augmented) training loader, early stopping on the
+                   folder: Path | None = None, trainer_cfg: Any = None, frozen: nn.Module | None = None
+                   ) -> tuple[dict[str, Any], Any]:
+    """Train backbone + head (or, with the backbone's parameters frozen and ``frozen`` = the backbone kept in
+    eval mode, the head alone) on the datamodule's (augmented) training loader, early stopping on the
     validation loss (a ``Trainer``); keeps the best weights. Returns ``(history, trainer)``."""
     dm.cfg.batch_size = int(s.batch_size)
 
     def loss(m: nn.Module, batch: Any) -> Tensor:
         return classification_loss(m(batch.images).float(), batch.labels, multiclass)
 
-    module = TransferModule(model, loss, _val_items, _val_loss(multiclass), s.lr, s.betas, s.weight_decay)
+    module = TransferModule(model, loss, _val_items, _val_loss(multiclass), s.lr, s.betas, s.weight_decay, frozen=frozen)
     return fit_transfer(module, dm.train_dataloader(), dm.val_dataloader(), folder, mode="min", patience=s.patience,
                         max_epochs=s.max_epochs, max_steps=s.max_steps, trainer_cfg=trainer_cfg, seed=seed,
                         min_steps=s.min_steps, extend_epochs=not s.epochs_given)
@@ -353,6 +364,10 @@ def run_classification(method: Any, dm: Any, protocol: str = "linear", seed: int
     if protocol == "linear":
         for p in model.encoder.parameters():
             p.requires_grad_(False)
+    if protocol == "linear" and s.augment:
+        history, trainer = train_finetune(model, dm, multiclass, s, seed, folder, trainer_cfg, frozen=model.encoder)
+        n_train = len(dm.records("train"))
+    elif protocol == "linear":
         train = extract_features(model, dm.eval_dataloader("train"), device)
         val = extract_features(model, dm.val_dataloader(), device)
         if s.probe == "lbfgs":
@@ -384,7 +399,7 @@ class ClassificationTask(Task):
     """linear probe / fine-tuning of the image encoder (AUROC, accuracy)"""
 
     settings = ("lr", "batch_size", "weight_decay", "betas", "max_epochs", "patience", "max_steps", "min_steps", "probe",
-                "lbfgs_max_iter", "standardize")
+                "lbfgs_max_iter", "standardize", "augment")
 
     def run(self, method: Any, dm: Any, protocol: str, seed: int, folder: Path, settings: dict[str, Any],
             trainer_cfg: Any = None) -> dict[str, Any] | None:

@@ -133,3 +133,35 @@ def test_ddp_transfer_on_two_processes_writes_one_result(runs, tmp_path):
     assert 0.0 <= res["mean_auroc"] <= 1.0 and proc.stdout.count("wrote ") == 1
     assert "distributed_backend=gloo" in proc.stderr or "world_size: 2" in proc.stderr.lower() or "2 processes" in proc.stderr
     assert (out / "checkpoints" / "best.ckpt").is_file() and (out / "metrics.csv").is_file()
+
+
+def test_linear_probe_on_augmented_images_keeps_the_encoder_frozen(runs, tmp_path, monkeypatch):
+    """augment=true (MGCA's code): the head trains on random crops of the letterbox through the frozen encoder,
+    whose weights and batch-norm statistics are untouched; standardisation is off (no fixed features)."""
+    import medvlp.downstream.classification as cls
+
+    seen: dict = {}
+    train_finetune = cls.train_finetune
+
+    def spy(model, dm, *args, **kwargs):
+        seen["before"] = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+        seen["crop"] = dm.transform.crop_from
+        out = train_finetune(model, dm, *args, **kwargs)
+        seen["after"] = model.encoder.state_dict()
+        return out
+
+    monkeypatch.setattr(cls, "train_finetune", spy)
+    size = int(api.load_config(runs["clip"]).data.image_size)
+    res = api.downstream("classification", "demo_chexpert", runs["clip"], augment=True, max_steps=6, out=tmp_path / "aug",
+                         overrides=[f"data.crop_from={size + 8}"])
+    assert res["settings"]["augment"] and not res["settings"]["standardize"] and res["history"]["steps"] == 6
+    assert seen["crop"] == size + 8 and set(seen["before"]) == set(seen["after"])
+    assert any("running_mean" in k for k in seen["before"])  # a CNN: its batch norms stayed in eval mode
+    assert all(torch.equal(seen["before"][k], seen["after"][k]) for k in seen["before"])
+    assert 0.0 <= res["mean_auroc"] <= 1.0
+    with pytest.raises(ValueError, match="augment=true trains the linear head"):
+        settings_for("linear", augment=True, probe="lbfgs")
+    with pytest.raises(ValueError, match="augment=true trains the linear head"):
+        settings_for("finetune", augment=True)
+    with pytest.raises(ValueError, match="augment=true trains the linear head"):
+        settings_for("linear", augment=True, standardize=True)

@@ -10,7 +10,9 @@ from medvlp.downstream.protocols import load_protocol, protocol_names, resolve
 from medvlp.downstream.zero_shot import load_options, load_prompts
 
 LINEAR_MGCA = {"probe": "adamw", "lr": 5e-4, "batch_size": 48, "weight_decay": 1e-6, "betas": [0.9, 0.999], "max_epochs": 50,
-               "patience": 10, "min_steps": 0, "standardize": False}  # mgca.md 7.2: raw features, the papers' stopping rule
+               "patience": 10, "min_steps": 0, "standardize": False, "augment": True}  # mgca.md 7.2: raw features, the
+# papers' stopping rule, the head trained on random 224 crops of the 256 letterbox (through the frozen encoder)
+CROP_MGCA = {"image_size": 224, "crop_from": 256, "aug_degrees": 0.0, "aug_translate": 0.0, "aug_scale": [1.0, 1.0]}
 
 
 def test_presets_exist_and_load():
@@ -24,9 +26,9 @@ def test_g2d_preset_values():  # g2d.md 7.1-7.4, 7.6
     assert resolve("g2d", "classification", "chexpert", 0.01).settings == {**LINEAR_MGCA, "batch_size": 8}
     for data in ("chexpert", "rsna_pneumonia", "covidx"):
         r = resolve("g2d", "classification", data, 0.1)
-        assert r.mode == "linear" and r.data == {"image_size": 224, "crop_from": 256} and r.settings["batch_size"] == 8
+        assert r.mode == "linear" and r.data == CROP_MGCA and r.settings["batch_size"] == 8
     ft = resolve("g2d", "classification", "nih14", 1.0)  # 7.6: KAD's setup
-    assert ft.mode == "finetune" and ft.data == {"image_size": 256, "crop_from": 0}
+    assert ft.mode == "finetune" and ft.data["image_size"] == 256 and ft.data["crop_from"] == 0
     assert ft.settings == {"lr": 1e-4, "batch_size": 64, "weight_decay": 1e-6, "betas": [0.9, 0.999], "max_epochs": 50,
                            "patience": 10, "min_steps": 0}
     seg = {"lr": 2e-4, "weight_decay": 0.05, "betas": [0.9, 0.999], "max_epochs": 50, "patience": 10, "min_steps": 0,
@@ -47,7 +49,7 @@ def test_g2d_preset_values():  # g2d.md 7.1-7.4, 7.6
 
 def test_mgca_preset_values():  # mgca.md 7.2-7.4
     assert resolve("mgca", "classification", "chexpert", 0.01).settings == LINEAR_MGCA
-    assert resolve("mgca", "classification", "covidx", 1).data == {"image_size": 224, "crop_from": 256}  # 7.2: 256, crop 224
+    assert resolve("mgca", "classification", "covidx", 1).data == CROP_MGCA  # 7.2: 256, (random) crop 224
     assert "crop_from" not in resolve("mgca", "segmentation", "siim_pneumothorax", 1).data  # 7.3-7.4: straight to 224
     seg = resolve("mgca", "segmentation", "siim_pneumothorax", 0.1)
     assert seg.settings == {"lr": 5e-4, "weight_decay": 0.05, "betas": [0.9, 0.999], "max_epochs": 50, "patience": 10,
