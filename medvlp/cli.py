@@ -150,6 +150,11 @@ def _parser() -> argparse.ArgumentParser:
 
     importer.add_parser(sub)
 
+    from medvlp import bench
+
+    bench.add_arguments(sub.add_parser(
+        "bench", help="how fast a method's training step runs here: samples/s, step split, memory, FLOPs, MFU, host reads",
+        description=(bench.__doc__ or "").split("\n\n")[0]))
     rp = sub.add_parser("reproduce", help="a paper's tables under its protocol preset, beside the paper's numbers",
                         description="Run every row of a paper's tables (configs/protocol/<paper>.yaml: tables) with its "
                                     "protocol on a run and write <out>/table.md: the paper's value, ours and the difference "
@@ -361,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         "explain": cmd_explain,
         "downstream": cmd_downstream,
         "reproduce": cmd_reproduce,
+        "bench": lambda a: __import__("medvlp.bench", fromlist=["cmd_bench"]).cmd_bench(a),
         "import": cmd_import,
         "vqa": cmd_vqa,
         "sweep": sweep.cmd_sweep,
