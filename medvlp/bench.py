@@ -107,6 +107,9 @@ class Setup:
 
 EAGER = Setup("eager fp32")
 FAST = Setup("compile + bf16 + fused", compile=True, autocast="bf16", fused=True)
+# --matrix: fp32 / bf16 autocast x eager / compiled, the fused AdamW in all four
+MATRIX = [Setup("eager fp32", fused=True), Setup("eager bf16", autocast="bf16", fused=True),
+          Setup("compile fp32", compile=True, fused=True), Setup("compile bf16", compile=True, autocast="bf16", fused=True)]
 
 
 def setup_of(cfg: Any, compile_: bool | None = None, autocast: str | None = None, fused: bool | None = None) -> Setup:
@@ -334,6 +337,10 @@ def bench(cfg: Any, setups: list[Setup], steps: int = 10, warmup: int = 3, peak_
     if len(reports) == 2:
         a, b = (r["ms_per_step"]["median"] for r in reports)
         out["ratio"] = a / b if b > 0 else float("nan")
+    elif len(reports) > 2:  # speed of each setup relative to the first
+        first = reports[0]["ms_per_step"]["median"]
+        for r in reports:
+            r["speedup"] = first / r["ms_per_step"]["median"] if r["ms_per_step"]["median"] > 0 else float("nan")
     return out
 
 
@@ -403,7 +410,8 @@ def cmd_bench(args: Any) -> None:
     else:
         if args.workers is not None:
             cfg.data.num_workers = int(args.workers)
-        setups = [EAGER, FAST] if args.compare else [setup_of(cfg, args.compile, args.autocast, args.fused)]
+        setups = ([EAGER, FAST] if args.compare else MATRIX if args.matrix
+                  else [setup_of(cfg, args.compile, args.autocast, args.fused)])
         res = bench(cfg, setups, steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops)
     print(summary(res))
     if args.json:
@@ -421,6 +429,7 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--workers", type=int, help="data.num_workers")
     p.add_argument("--compare", action="store_true", help="eager fp32 against compile + bf16 autocast + fused AdamW, "
                                                           "interleaved in one process; prints the ratio")
+    p.add_argument("--matrix", action="store_true", help="fp32 / bf16 autocast x eager / compiled (fused AdamW), interleaved")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile both encoders")
     p.add_argument("--autocast", choices=["", "bf16"], default=None, help="bf16 autocast (default: trainer.precision)")
     p.add_argument("--fused", action="store_true", default=None, help="the fused AdamW")
@@ -430,4 +439,4 @@ def add_arguments(p: Any) -> None:
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
 
 
-__all__ = ["EAGER", "FAST", "PEAK_TFLOPS", "Setup", "bench", "bench_data", "count_host_reads", "device_peak", "summary"]
+__all__ = ["EAGER", "FAST", "MATRIX", "PEAK_TFLOPS", "Setup", "bench", "bench_data", "count_host_reads", "device_peak", "summary"]

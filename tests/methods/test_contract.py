@@ -217,6 +217,27 @@ def test_a_cpu_bf16_autocast_step_runs(setup):
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in m.parameters())
 
 
+# Host reads (``.item()``, ``.tolist()``, ``bool(tensor)``, ...: each a device synchronisation on a GPU) one training
+# step of each method may make, counted on the CPU with medvlp.bench.count_host_reads. One is transformers' BERT
+# mask check (``padding_mask.all()``). MedBLIP reads its rows' class ids to build the answer strings of the QA
+# contrast and the LM targets (tokenised on the host) and checks the answers' padding; fVLM selects, per
+# anatomy, the samples whose anatomy is whole and tokenises their texts (about 5 reads per anatomy) and checks
+# the label map's range. Any other method: 1.
+HOST_READ_BOUND = {"medblip": 4, "fvlm": 2 + 6 * 4}
+
+
+def test_host_reads_of_a_training_step_are_bounded(setup):
+    from medvlp.bench import count_host_reads
+
+    m = setup.fresh().train()
+    setup.total(m)  # first call: lazy set-up is not counted
+    with count_host_reads() as reads:
+        total, _ = setup.total(m)
+        total.backward()
+    bound = HOST_READ_BOUND.get(setup.name, 1)
+    assert sum(reads.values()) <= bound, f"{setup.name}: {dict(reads)} host reads in one step (bound {bound})"
+
+
 def global_batch(name: str) -> tuple[str, ...]:
     return tuple(f"method.{k}=true" for k in METHODS.get(name).global_batch_keys)
 
