@@ -388,6 +388,8 @@ def summary(res: dict[str, Any]) -> str:
                 f"host reads {r['host_reads_per_step']:g}/step; peak host {r['peak_host_mib']:.0f} MiB")
         if "peak_device_mib" in r:
             line += f", device {r['peak_device_mib']:.0f} MiB"
+        if "speedup" in r:
+            line += f"; {r['speedup']:.2f}x the first"
         if "flops_per_sample" in r:
             line += f"; {r['flops_per_sample'] / 1e9:.3g} GFLOP/sample, {r['tflops_per_s']:.3g} TFLOP/s"
             line += f", MFU {100 * r['mfu']:.1f} %" if r.get("mfu") else f", MFU n/a ({r['peak_source']})"
