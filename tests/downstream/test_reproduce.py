@@ -151,6 +151,7 @@ def test_a_run_serves_only_the_rows_of_its_model(runs, tmp_path, capsys):
     assert {c.status for c in cells} == {"skipped: no --roots entry for chexpert"}
 
 
+@pytest.mark.slow  # the HLIP run and the Rad-ChestCT format example (the plan test covers every row in the default suite)
 def test_hlip_rows_run_on_the_format_examples(runs, tmp_path):
     """An evaluation-only set (Rad-ChestCT) on its synthetic format example, under the HLIP protocol; rows of a
     model with no run (brain MRI) are skipped and say which --run to give."""

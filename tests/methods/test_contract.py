@@ -183,13 +183,29 @@ def test_a_loss_weight_for_a_term_the_method_lacks_is_an_error(setup):
         api.build_method(cfg)
 
 
-def test_terms_are_declared_finite_scalars(setup):
+# Host reads (``.item()``, ``.tolist()``, ``bool(tensor)``, ...: each a device synchronisation on a GPU) one training
+# step of each method may make, counted on the CPU with medvlp.bench.count_host_reads. One is transformers' BERT
+# mask check (``padding_mask.all()``). MedBLIP reads its rows' class ids to build the answer strings of the QA
+# contrast and the LM targets (tokenised on the host) and checks the answers' padding; fVLM selects, per
+# anatomy, the samples whose anatomy is whole and tokenises their texts (about 5 reads per anatomy) and checks
+# the label map's range. Any other method: 1.
+HOST_READ_BOUND = {"medblip": 4, "fvlm": 2 + 6 * 4}
+
+
+def test_terms_are_declared_finite_scalars_and_host_reads_bounded(setup):
+    from medvlp.bench import count_host_reads
+
     m = setup.fresh().train()
     total, terms = setup.total(m)
     assert terms and set(terms) <= set(m.terms), f"{sorted(terms)} not within {m.terms}"
     for k, v in terms.items():
         assert v.ndim == 0 and torch.isfinite(v), f"{setup.name} term {k} = {v}"
     assert torch.isfinite(total)
+    with count_host_reads() as reads:  # a second step: lazy set-up is not counted
+        total, _ = setup.total(m)
+        total.backward()
+    bound = HOST_READ_BOUND.get(setup.name, 1)
+    assert sum(reads.values()) <= bound, f"{setup.name}: {dict(reads)} host reads in one step (bound {bound})"
 
 
 def test_every_trainable_parameter_gets_a_gradient_and_frozen_ones_stay(setup):
@@ -217,25 +233,6 @@ def test_a_cpu_bf16_autocast_step_runs(setup):
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in m.parameters())
 
 
-# Host reads (``.item()``, ``.tolist()``, ``bool(tensor)``, ...: each a device synchronisation on a GPU) one training
-# step of each method may make, counted on the CPU with medvlp.bench.count_host_reads. One is transformers' BERT
-# mask check (``padding_mask.all()``). MedBLIP reads its rows' class ids to build the answer strings of the QA
-# contrast and the LM targets (tokenised on the host) and checks the answers' padding; fVLM selects, per
-# anatomy, the samples whose anatomy is whole and tokenises their texts (about 5 reads per anatomy) and checks
-# the label map's range. Any other method: 1.
-HOST_READ_BOUND = {"medblip": 4, "fvlm": 2 + 6 * 4}
-
-
-def test_host_reads_of_a_training_step_are_bounded(setup):
-    from medvlp.bench import count_host_reads
-
-    m = setup.fresh().train()
-    setup.total(m)  # first call: lazy set-up is not counted
-    with count_host_reads() as reads:
-        total, _ = setup.total(m)
-        total.backward()
-    bound = HOST_READ_BOUND.get(setup.name, 1)
-    assert sum(reads.values()) <= bound, f"{setup.name}: {dict(reads)} host reads in one step (bound {bound})"
 
 
 def global_batch(name: str) -> tuple[str, ...]:
