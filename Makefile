@@ -2,7 +2,7 @@ PYTHON ?= python
 PYTEST_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test test-slow test-gpu lint demo sweep reproduce clean
+.PHONY: install test test-slow test-gpu bench-gpu lint demo sweep reproduce clean
 
 install:  ## install medvlp (editable) with the test tools
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -15,6 +15,22 @@ test-slow:  ## tests marked slow (exit code 5 = none selected is not an error)
 
 test-gpu:  ## tests that need a CUDA GPU
 	$(PYTHON) -m pytest -q -m gpu $(PYTEST_ARGS)
+
+# On a CUDA machine, offline: the gpu tests, then medvlp bench (fp32 / bf16 x eager / compiled, interleaved) for
+# a CLIP step shaped like ViT-B/16 + BERT-base at 224 px, MGCA's ViT-B/16 recipe and HLIP's CT-RATE recipe at
+# their per-GPU batches, random weights (no hub): one Markdown table, $(OUT)/bench-gpu.md.
+BERT_BASE = method.text_encoder.model=tiny "method.text_encoder.config_overrides={hidden_size: 768, num_hidden_layers: 12, num_attention_heads: 12, intermediate_size: 3072}"
+BENCH = $(PYTHON) -m medvlp.cli bench --matrix --steps 8 --warmup 3 --markdown $(OUT)/bench-gpu.md
+bench-gpu:  ## gpu tests + medvlp bench of clip / mgca / hlip on the GPU: $(OUT)/bench-gpu.md
+	mkdir -p $(OUT) && rm -f $(OUT)/bench-gpu.md
+	$(PYTHON) -m pytest -q -m gpu $(PYTEST_ARGS) 2>&1 | tail -5 | tee $(OUT)/gpu-tests.txt
+	$(BENCH) --config configs/experiment/clip_vit_mimic.yaml --data demo_cxr data.root=demo data.image_size=224 data.channels=3 \
+		method.image_encoder.pretrained=false $(BERT_BASE) --batch-size 128 --workers 8
+	$(BENCH) --config configs/experiment/mgca_vit_mimic.yaml --data demo_cxr data.root=demo \
+		method.image_encoder.pretrained=false $(BERT_BASE) --batch-size 72 --workers 8
+	$(BENCH) --config configs/experiment/hlip_ctrate.yaml --data demo_ct data.root=demo \
+		method.image_encoder.pretrained=false 'method.image_encoder.inflate_from=""' $(BERT_BASE) --batch-size 16 --workers 8
+	cat $(OUT)/bench-gpu.md
 
 lint:
 	$(PYTHON) -m ruff check medvlp tests

@@ -399,6 +399,25 @@ def summary(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+MARKDOWN_HEADER = ("| method | device | setup | batch | samples/s | ms/step (p10-p90) | vs first | peak device MiB | "
+                   "GFLOP/sample | TFLOP/s | MFU | host reads/step |\n"
+                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+
+
+def markdown_rows(res: dict[str, Any]) -> str:
+    """One Markdown table row per setup (:data:`MARKDOWN_HEADER`'s columns)."""
+    rows = []
+    for r in res["setups"]:
+        ms = r["ms_per_step"]
+        mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") else "n/a"
+        gflop = f"{r['flops_per_sample'] / 1e9:.3g}" if "flops_per_sample" in r else "-"
+        tflops = f"{r['tflops_per_s']:.3g}" if "tflops_per_s" in r else "-"
+        rows.append(f"| {res['method']} | {res['device']} | {r['setup']} | {r['batch_size']} | {r['samples_per_s']:.1f} | "
+                    f"{ms['median']:.1f} ({ms['p10']:.1f}-{ms['p90']:.1f}) | {r.get('speedup', 1.0):.2f}x | "
+                    f"{r.get('peak_device_mib', float('nan')):.0f} | {gflop} | {tflops} | {mfu} | {r['host_reads_per_step']:g} |")
+    return "\n".join(rows) + "\n"
+
+
 def cmd_bench(args: Any) -> None:
     from medvlp import api
 
@@ -416,6 +435,11 @@ def cmd_bench(args: Any) -> None:
                   else [setup_of(cfg, args.compile, args.autocast, args.fused)])
         res = bench(cfg, setups, steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops)
     print(summary(res))
+    if args.markdown and "setups" in res:  # appended: one table over several invocations (make bench-gpu)
+        path = Path(args.markdown)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(("" if path.stat().st_size else MARKDOWN_HEADER) + markdown_rows(res))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=2))
@@ -438,6 +462,7 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--data-only", action="store_true", help="the training loader alone: raw files vs the preprocessed cache")
     p.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for the MFU (default: the GPU table)")
     p.add_argument("--json", help="write the whole report to this file")
+    p.add_argument("--markdown", help="append one table row per setup to this Markdown file (the header when it is new)")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
 
 

@@ -60,8 +60,12 @@ def test_two_setups_run_interleaved_with_their_ratio(capsys):
     a, b = (r["ms_per_step"]["median"] for r in res["setups"])
     assert math.isclose(res["ratio"], a / b) and res["setups"][0]["mfu"] == pytest.approx(res["setups"][0]["tflops_per_s"])
     rc = main(["bench", "--method", "clip", "--steps", "1", "--warmup", "0", "--batch-size", "2", "--fused",
-               "--json", str(tmp := __import__("tempfile").mkdtemp()) + "/b.json"])
+               "--json", str(tmp := __import__("tempfile").mkdtemp()) + "/b.json", "--markdown", f"{tmp}/t.md"])
     assert rc == 0
+    assert main(["bench", "--method", "clip", "--steps", "1", "--warmup", "0", "--batch-size", "2", "--markdown", f"{tmp}/t.md"]) == 0
+    table = open(f"{tmp}/t.md").read().splitlines()
+    assert table[0].startswith("| method | device | setup |") and len(table) == 4  # header, rule, one row per call
+    assert table[2].startswith("| clip | cpu | eager + fp32 + fused | 2 |") and table[3].startswith("| clip | cpu | eager + fp32 | 2 |")
     out = capsys.readouterr().out
     assert "clip [eager + fp32 + fused] batch 2:" in out and "samples/s" in out and "GFLOP/sample" in out
     assert json.loads(open(f"{tmp}/b.json").read())["setups"][0]["batch_size"] == 2
