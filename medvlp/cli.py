@@ -296,6 +296,12 @@ def cmd_import(args: argparse.Namespace) -> None:
     run_import(args)
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from medvlp.bench import cmd_bench as run_bench
+
+    run_bench(args)
+
+
 def cmd_reproduce(args: argparse.Namespace) -> None:
     from medvlp.reproduce import parse_roots, parse_runs, reproduce
 
@@ -366,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         "explain": cmd_explain,
         "downstream": cmd_downstream,
         "reproduce": cmd_reproduce,
-        "bench": lambda a: __import__("medvlp.bench", fromlist=["cmd_bench"]).cmd_bench(a),
+        "bench": cmd_bench,
         "import": cmd_import,
         "vqa": cmd_vqa,
         "sweep": sweep.cmd_sweep,

@@ -120,22 +120,25 @@ def cell_folder(out: Path, cell: Cell) -> Path:
     return out / "cells" / name.replace("/", "_")
 
 
+def _data_name(data: str) -> str:
+    """The ``data.name`` (datamodule) of the ``configs/data`` group ``data``."""
+    return str(C.load_yaml(C.group_file("data", data)).data.name)
+
+
 def _takes_image_size(data: str) -> bool:
     """Whether the data config ``data`` (a ``configs/data`` name) has ``data.image_size`` (2D sets do, volumes not)."""
     from dataclasses import fields
 
     from medvlp.registry import DATAMODULES
 
-    name = C.load_yaml(C.group_file("data", data)).data.name
-    return "image_size" in {f.name for f in fields(DATAMODULES.get(name).Config)}
+    return "image_size" in {f.name for f in fields(DATAMODULES.get(_data_name(data)).Config)}
 
 
 def _preset_crop(paper: str, spec: dict[str, Any]) -> tuple[int, int] | None:
     """``(crop_from, image_size)`` the preset sets for the cell's task and dataset, or None."""
     from medvlp.downstream.protocols import resolve
 
-    name = C.load_yaml(C.group_file("data", spec["data"])).data.name
-    data = resolve(paper, spec["task"], str(name), float(spec.get("fraction", 1.0))).data
+    data = resolve(paper, spec["task"], _data_name(spec["data"]), float(spec.get("fraction", 1.0))).data
     crop = int(data.get("crop_from", 0) or 0)
     return (crop, int(data.get("image_size", 224))) if crop else None
 
