@@ -90,6 +90,11 @@ def _process_role() -> str:
     return "first" if not local.isdigit() or int(local) == 0 else "other"
 
 
+def is_first_process() -> bool:
+    """True in the process that owns the run (global rank 0, or the only one)."""
+    return _process_role() == "first"
+
+
 def _lock_run(run_dir: Path):
     """Hold ``<run>/.lock`` while this process trains the run (the kernel releases it when the process
     ends, however it ends): a second ``fit --resume`` of a run still training stops with a clear error."""
@@ -212,7 +217,19 @@ def _trainer(cfg: DictConfig, run_dir: Path, callbacks: list[Any], resumed_step:
         logger=[ResumableCSVLogger(run_dir), tb],
         enable_checkpointing=False,  # RunCheckpoints writes them
         callbacks=[*callbacks, ckpt, LearningRateMonitor(logging_interval="step")],
+        plugins=_cluster_plugins(),
     )
+
+
+def _cluster_plugins() -> list[Any]:
+    """Under a SLURM batch job: Lightning's SLURM environment (ranks and main address from SLURM's
+    variables) without its auto-requeue, whose SIGUSR1 handler writes a checkpoint in the middle of a step
+    (not resumable exactly, and collective calls from a signal handler can hang). A preempted or requeued
+    job continues from the run's step checkpoints with ``medvlp fit --resume``
+    (``examples/slurm/fit_multinode.sbatch``)."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
 
 
 def _strategy(t: DictConfig) -> Any:

@@ -233,7 +233,8 @@ def cmd_fit(args: argparse.Namespace) -> None:
         print(C.to_yaml(cfg))
         return
     run_dir = api.fit(cfg, resume=args.resume)
-    print(f"\nrun directory: {run_dir}\nnext: medvlp zeroshot --run {run_dir}   |   medvlp retrieve --run {run_dir}")
+    if api.is_first_process():  # the processes a multi-GPU run launches say nothing
+        print(f"\nrun directory: {run_dir}\nnext: medvlp zeroshot --run {run_dir}   |   medvlp retrieve --run {run_dir}")
 
 
 def cmd_eval(args: argparse.Namespace, task: str) -> None:

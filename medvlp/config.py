@@ -118,6 +118,9 @@ class TimmEncoderConfig(ImageEncoderConfig):
     name: str = "timm"
     model: str = "vit_base_patch16_224"
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # CNNs: weights and inputs in channels-last (NHWC) memory order, the layout oneDNN's and cuDNN's fastest
+    # convolutions use (test_resnet forward + backward on 2 CPU cores: 1.3-1.6x); no effect on ViTs
+    channels_last: bool = True
 
 
 @dataclass

@@ -49,7 +49,8 @@ def item_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class EpochSampler(DistributedSampler):
-    """Indices of a training epoch, as ``(index, item seed)`` pairs for :class:`SeededItems`.
+    """Indices of a training epoch, as ``(index, item seed)`` pairs for :class:`SeededItems` (``keyed``) or
+    plain indices.
 
     The permutation of epoch ``e`` is ``randperm(n)`` from a generator seeded with ``seed + e``
     (``DistributedSampler``'s rule). Under DDP the epoch is padded to a multiple of the world size
@@ -60,11 +61,13 @@ class EpochSampler(DistributedSampler):
     already consumed.
     """
 
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True) -> None:  # noqa: D107 - no super().__init__
-        # DistributedSampler's constructor asks torch.distributed for the world, which may not exist yet.
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, keyed: bool = True) -> None:  # noqa: D107
+        # no super().__init__: DistributedSampler's constructor asks torch.distributed for the world, which may
+        # not exist yet.
         self.n = int(n)
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
+        self.keyed = bool(keyed)
         self.epoch = 0
         self._skip = 0  # items of this rank to skip when self.epoch is next iterated
 
@@ -106,7 +109,7 @@ class EpochSampler(DistributedSampler):
         epoch, skip = self.epoch, self._skip
         self._skip = 0  # taken by this iteration (the body runs on the first next(), after set_epoch)
         for index in self.order(epoch)[skip:]:
-            yield index, item_seed(self.seed, epoch, index)
+            yield (index, item_seed(self.seed, epoch, index)) if self.keyed else index
 
 
 class SeededItems:

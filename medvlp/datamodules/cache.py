@@ -156,23 +156,146 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
     return data
 
 
-def read_index(directory: Path) -> dict[str, tuple]:
-    """``{key: meta}`` from ``index.jsonl`` (2D: ``(H, W)`` of the stored original; 3D: the spacing
-    ``(z, y, x)`` mm and origin ``(x, y, z)`` mm of the stored volume); a torn last line (an
-    interrupted write) is ignored."""
-    path = Path(directory) / INDEX
+COMPACT_INDEX = "index.npz"  # the index as arrays, rebuilt from index.jsonl whenever that file changed
+
+
+class CompactIndex:
+    """A cache's index as a few numpy arrays: the 128-bit digests of the keys, sorted, and their entries.
+
+    At MIMIC-CXR scale (377k images) a dict of strings and tuples takes hundreds of MB and seconds to build,
+    and every DataLoader worker copies it page by page (reference counting writes into every object);
+    these arrays take a few MB, load in milliseconds from ``index.npz`` and stay shared between forked
+    workers. It answers what training asks of the index: ``key in index``, ``index.get(key)`` (the entry
+    as the tuple ``index.jsonl`` holds: ints stay ints) and ``len(index)``.
+    """
+
+    def __init__(self, hi: np.ndarray, lo: np.ndarray, meta: np.ndarray, ints: np.ndarray, widths: np.ndarray) -> None:
+        self.hi, self.lo, self.meta, self.ints, self.widths = hi, lo, meta, ints, widths
+
+    @staticmethod
+    def digest(key: str) -> tuple[int, int]:
+        d = hashlib.blake2b(key.encode("utf-8"), digest_size=16).digest()
+        return int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little")
+
+    @classmethod
+    def build(cls, entries: dict[str, tuple]) -> CompactIndex:
+        n = len(entries)
+        width = max((len(m) for m in entries.values()), default=0)
+        hi, lo = np.empty(n, np.uint64), np.empty(n, np.uint64)
+        meta = np.full((n, width), np.nan)
+        ints = np.ones(width, bool)
+        widths = np.empty(n, np.int8)
+        for i, (key, m) in enumerate(entries.items()):
+            hi[i], lo[i] = cls.digest(key)
+            meta[i, :len(m)] = m
+            widths[i] = len(m)
+            for c, v in enumerate(m):
+                if not isinstance(v, int) or isinstance(v, bool):
+                    ints[c] = False
+        order = np.lexsort((lo, hi))
+        return cls(hi[order], lo[order], meta[order], ints, widths[order])
+
+    def _row(self, key: str) -> int:
+        h, low = self.digest(key)
+        i = int(np.searchsorted(self.hi, np.uint64(h)))
+        while i < len(self.hi) and int(self.hi[i]) == h:
+            if int(self.lo[i]) == low:
+                return i
+            i += 1
+        return -1
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self._row(key) >= 0
+
+    def get(self, key: str, default: Any = None) -> tuple | Any:
+        i = self._row(key)
+        if i < 0:
+            return default
+        row = self.meta[i, : int(self.widths[i])]
+        return tuple(int(v) if self.ints[c] else float(v) for c, v in enumerate(row))
+
+    def __getitem__(self, key: str) -> tuple:
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __len__(self) -> int:
+        return len(self.hi)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CompactIndex):
+            return NotImplemented
+        return all(np.array_equal(getattr(self, k), getattr(other, k), equal_nan=k == "meta")
+                   for k in ("hi", "lo", "meta", "ints", "widths"))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def save(self, path: Path, stamp: tuple[int, int]) -> None:
+        """Write ``path`` (``.npz``, no pickles) beside the index, atomically; ``stamp`` = ``(size, mtime_ns)``
+        of the ``index.jsonl`` it was built from."""
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, hi=self.hi, lo=self.lo, meta=self.meta, ints=self.ints, widths=self.widths,
+                     stamp=np.array(stamp, np.int64))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path, stamp: tuple[int, int]) -> CompactIndex | None:
+        """The arrays in ``path`` if they were built from the ``index.jsonl`` of this ``stamp``; else None."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if tuple(int(v) for v in z["stamp"]) != tuple(stamp):
+                    return None
+                return cls(z["hi"], z["lo"], z["meta"], z["ints"], z["widths"])
+        except (OSError, ValueError, KeyError, EOFError):  # absent, cut short or of another layout: rebuilt
+            return None
+
+
+def parse_index(path: Path) -> dict[str, tuple]:
+    """``{key: meta}`` from an ``index.jsonl``; a torn line (an interrupted write) is ignored, and of a key
+    written twice the last line counts."""
     index: dict[str, tuple] = {}
     if not path.is_file():
         return index
     with open(path, encoding="utf-8") as fh:
-        for line in fh:
+        text = fh.read()
+    lines = text.splitlines()
+    try:  # every line whole (the usual case): one parse
+        rows = json.loads("[" + ",".join(line for line in lines if line.strip()) + "]")
+    except ValueError:
+        rows = []
+        for line in lines:
             try:
-                key, *meta = json.loads(line)
-            except (ValueError, TypeError):
+                rows.append(json.loads(line))
+            except ValueError:
                 continue
-            if meta:
-                index[str(key)] = tuple(meta)
+    for row in rows:
+        if isinstance(row, list) and len(row) > 1:
+            index[str(row[0])] = tuple(row[1:])
     return index
+
+
+def read_index(directory: Path) -> CompactIndex:
+    """The index of the cache in ``directory`` (2D: ``(H, W)`` of the stored original; 3D: the spacing
+    ``(z, y, x)`` mm and origin ``(x, y, z)`` mm of the stored volume) as a :class:`CompactIndex`: read from
+    ``index.npz`` when that was built from the current ``index.jsonl``, else parsed from it (a torn last
+    line ignored) and ``index.npz`` rewritten beside it when the folder is writable."""
+    path = Path(directory) / INDEX
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return CompactIndex.build({})
+    stamp = (st.st_size, st.st_mtime_ns)
+    compact = CompactIndex.load(Path(directory) / COMPACT_INDEX, stamp)
+    if compact is not None:
+        return compact
+    compact = CompactIndex.build(parse_index(path))
+    try:
+        compact.save(Path(directory) / COMPACT_INDEX, stamp)
+    except OSError as err:  # a read-only cache: parsed again next time
+        log.debug("could not write %s: %s", Path(directory) / COMPACT_INDEX, err)
+    return compact
 
 
 # --------------------------------------------------------------------------- reading (training)
@@ -182,7 +305,7 @@ class PreprocessedImages:
 
     directory: Path
     root: str
-    index: dict[str, tuple]
+    index: CompactIndex | dict[str, tuple]
     command: str = ""  # the command that builds / completes it (for messages)
     dtype: str = DTYPE  # of every stored array
     ndim: int = 2  # 2: images [h, w]; 3: volumes [D, H, W] (read memory-mapped)

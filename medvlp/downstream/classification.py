@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from medvlp.distributed import world
+from medvlp.distributed import all_reduce_sum, world
 from medvlp.downstream.metrics import accuracy, auroc
 from medvlp.downstream.task import Task, task_defaults, transfer_title
 from medvlp.downstream.transfer import TransferModule, fit_transfer
@@ -105,14 +105,23 @@ def settings_for(protocol: str, **overrides: Any) -> ClassifierSettings:
     return ClassifierSettings(**merged)
 
 
-def classification_loss(logits: Tensor, labels: Tensor, multiclass: bool) -> Tensor:
-    """Mean BCE over the known (non-NaN) labels, or softmax CE on the one-hot class."""
+def classification_loss(logits: Tensor, labels: Tensor, multiclass: bool, global_mean: bool = False) -> Tensor:
+    """Mean BCE over the known (non-NaN) labels, or softmax CE on the one-hot class (no host sync).
+
+    ``global_mean`` (training under DDP): the mean over the known labels of every process's batch - this
+    process's sum times the world size over the all-reduced count - so that DDP's averaged gradient is the
+    gradient of the global batch (processes whose batches hold different numbers of known labels would
+    otherwise weight them unequally). One process: the plain mean either way."""
     if multiclass:
         return F.cross_entropy(logits, labels.argmax(dim=1))
     known = ~torch.isnan(labels)
-    if not known.any():
-        return logits.sum() * 0.0
-    return F.binary_cross_entropy_with_logits(logits[known], labels[known])
+    total = F.binary_cross_entropy_with_logits(logits, labels.nan_to_num(), weight=known.to(logits.dtype),
+                                               reduction="sum")
+    count = known.sum().to(logits.dtype)
+    _, size = world()
+    if global_mean and size > 1:
+        return total * size / all_reduce_sum(count).clamp_min(1)
+    return total / count.clamp_min(1)  # 0 when no label is known
 
 
 def scores_and_metrics(logits: np.ndarray, labels: np.ndarray, names: list[str], multiclass: bool) -> dict[str, Any]:
@@ -181,13 +190,19 @@ def _val_loss(multiclass: bool) -> Callable[[list[tuple[Tensor, Tensor]]], float
 def train_linear(model: Classifier, train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], multiclass: bool,
                  s: ClassifierSettings, seed: int, folder: Path | None = None, trainer_cfg: Any = None) -> tuple[dict[str, Any], Any]:
     """Fit the head on cached features with early stopping on the validation loss (a ``Trainer``); keeps the
-    best head. Returns ``(history, trainer)``."""
-    g = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(TensorDataset(*train), batch_size=s.batch_size, shuffle=True, generator=g)
+    best head. Returns ``(history, trainer)``.
+
+    The order of epoch ``e`` is a function of ``(seed, e)`` alone and DDP splits it between the processes
+    (:class:`~medvlp.resume.EpochSampler`): a step of W processes on ``batch_size`` features each trains on
+    the same features as one process on ``W * batch_size``, and reaches the same head."""
+    from medvlp.resume import EpochSampler
+
+    sampler = EpochSampler(len(train[0]), seed=seed, keyed=False)
+    train_loader = DataLoader(TensorDataset(*train), batch_size=s.batch_size, sampler=sampler)
     val_loader = DataLoader(TensorDataset(*val), batch_size=max(len(val[0]), 1))
 
     def loss(head: nn.Module, batch: Any) -> Tensor:
-        return classification_loss(head(batch[0]).float(), batch[1], multiclass)
+        return classification_loss(head(batch[0]).float(), batch[1], multiclass, global_mean=True)
 
     module = TransferModule(model.head, loss, _val_items, _val_loss(multiclass), s.lr, s.betas, s.weight_decay)
     return fit_transfer(module, train_loader, val_loader, folder, mode="min", patience=s.patience,
@@ -309,7 +324,7 @@ def train_finetune(model: Classifier, dm: Any, multiclass: bool, s: ClassifierSe
     dm.cfg.batch_size = int(s.batch_size)
 
     def loss(m: nn.Module, batch: Any) -> Tensor:
-        return classification_loss(m(batch.images).float(), batch.labels, multiclass)
+        return classification_loss(m(batch.images).float(), batch.labels, multiclass, global_mean=True)
 
     module = TransferModule(model, loss, _val_items, _val_loss(multiclass), s.lr, s.betas, s.weight_decay, frozen=frozen)
     return fit_transfer(module, dm.train_dataloader(), dm.val_dataloader(), folder, mode="min", patience=s.patience,

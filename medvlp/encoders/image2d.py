@@ -96,6 +96,9 @@ class TimmImageEncoder(nn.Module):
         except (RuntimeError, ValueError, TypeError) as err:
             raise ValueError(f"method.image_encoder: timm could not build '{cfg.model}' with {kwargs}: {err}") from err
         self.is_vit = hasattr(self.model, "blocks") and hasattr(self.model, "patch_embed")
+        self.channels_last = bool(cfg.channels_last) and not self.is_vit
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.out_dim = int(self.model.num_features)
@@ -112,7 +115,7 @@ class TimmImageEncoder(nn.Module):
         """
         if self.is_vit:
             return self._forward_vit(images, return_attention)
-        fmap = self.model.forward_features(images)  # [B, C, h, w]
+        fmap = self.model.forward_features(self._layout(images))  # [B, C, h, w]
         return ImageFeatures(
             pooled=fmap.mean(dim=(2, 3)),
             tokens=fmap.flatten(2).transpose(1, 2),
@@ -140,8 +143,12 @@ class TimmImageEncoder(nn.Module):
         depth = n if depth <= 0 else depth
         if depth > n:
             raise ValueError(f"{self.cfg.model} has {n} feature stages; a depth of {depth} was asked for.")
-        return list(self.model.forward_intermediates(images, indices=list(range(depth)), intermediates_only=True,
+        return list(self.model.forward_intermediates(self._layout(images), indices=list(range(depth)), intermediates_only=True,
                                                      stop_early=True))
+
+    def _layout(self, images: Tensor) -> Tensor:
+        """The input in the memory order of the weights (channels-last CNNs)."""
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
     def _forward_vit(self, images: Tensor, return_attention: bool) -> ImageFeatures:
         m = self.model

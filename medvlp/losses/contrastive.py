@@ -23,6 +23,7 @@ def clip_loss(
     txt_emb: Tensor,
     logit_scale: Tensor | float,
     gather_distributed: bool = True,
+    local_loss: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Symmetric InfoNCE between paired embeddings.
 
@@ -30,13 +31,23 @@ def clip_loss(
         img_emb: ``[B, D]`` L2-normalised image embeddings (row i pairs with ``txt_emb[i]``).
         txt_emb: ``[B, D]`` L2-normalised text embeddings.
         logit_scale: the inverse temperature ``1 / tau`` (already exponentiated / clamped).
-        gather_distributed: use the negatives of every rank (gradients flow to all of them).
+        gather_distributed: use the negatives of every rank.
+        local_loss: under DDP, each rank scores its own rows against the gathered columns and the gather
+            carries gradients to every rank (open_clip's ``--local-loss --gather-with-grad``: the mean over
+            ranks is the global loss and DDP's averaged gradient is its gradient). False: the "plain
+            gather" (open_clip's default) - every rank builds the whole ``G x G`` matrix from features
+            gathered without gradients, its own slice grad-carrying, so its loss is the global loss and
+            DDP's averaged gradient is that gradient divided by the world size (same optimum; AdamW is
+            nearly scale-free). The same value on one process either way.
 
     Returns:
         ``(loss, loss_i2t, loss_t2i)`` with ``loss = (loss_i2t + loss_t2i) / 2``.
     """
     rank, size = world()
-    if gather_distributed and size > 1:
+    if gather_distributed and size > 1 and not local_loss:
+        img_emb, txt_emb = gather(img_emb, with_grad=False), gather(txt_emb, with_grad=False)
+        all_txt, all_img, offset = txt_emb, img_emb, 0
+    elif gather_distributed and size > 1:
         all_txt, all_img = gather(txt_emb), gather(img_emb)
         offset = rank * img_emb.shape[0]
     else:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,10 @@ class HLIPConfig(MethodConfig):
     lock_text: bool = False  # freeze the text transformer except its LayerNorms (CT-RATE recipe)
     lock_text_layer_norm: bool = False  # with lock_text, freeze the LayerNorms too
     gather_distributed: bool = True  # negatives from every GPU
+    # under DDP (CLIP loss): local_grad = each rank's rows against the gathered columns, the gather carrying
+    # gradients (open_clip --local-loss --gather-with-grad, HLIP's 2026 CT-RATE recipe); plain = the whole
+    # matrix on every rank, only the local slice grad-carrying (open_clip's default, the paper's runs)
+    gather: Literal["local_grad", "plain"] = "local_grad"
 
 
 @register_method("hlip")
@@ -101,7 +106,8 @@ class HLIP(VLPMethod):
         self.log_terms({"logit_scale": scale}, batch_size=len(batch))
         if self.cfg.loss == "siglip":
             return {"siglip": siglip_loss(img, txt, scale, self.logit_bias, gather_distributed=self.cfg.gather_distributed)}
-        loss, _, _ = clip_loss(img, txt, scale, gather_distributed=self.cfg.gather_distributed)
+        loss, _, _ = clip_loss(img, txt, scale, gather_distributed=self.cfg.gather_distributed,
+                               local_loss=self.cfg.gather == "local_grad")
         return {"itc": loss}
 
     def temperature(self) -> float:

@@ -20,11 +20,12 @@ def _full(img, txt, scale):
 def _worker(rank, world, init_file, img, txt, scale, out):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     b = img.shape[0] // world
-    my_img = img[rank * b:(rank + 1) * b].clone().requires_grad_(True)
-    my_txt = txt[rank * b:(rank + 1) * b].clone().requires_grad_(True)
-    loss, _, _ = clip_loss(my_img, my_txt, scale, gather_distributed=True)
-    loss.backward()
-    out[rank] = (loss.item(), my_img.grad.clone(), my_txt.grad.clone())
+    for local_loss in (True, False):
+        my_img = img[rank * b:(rank + 1) * b].clone().requires_grad_(True)
+        my_txt = txt[rank * b:(rank + 1) * b].clone().requires_grad_(True)
+        loss, _, _ = clip_loss(my_img, my_txt, scale, gather_distributed=True, local_loss=local_loss)
+        loss.backward()
+        out[(rank, local_loss)] = (loss.item(), my_img.grad.clone(), my_txt.grad.clone())
     dist.destroy_process_group()
 
 
@@ -36,12 +37,18 @@ def test_gathered_loss_equals_single_process(tmp_path):
     loss, g_img, g_txt = _full(img, txt, scale)
     out = mp.Manager().dict()
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), img, txt, scale, out), nprocs=2, join=True)
-    # DDP averages parameter gradients over ranks: the mean of the rank losses is the full loss and
-    # half of each rank's embedding gradient is the full-batch gradient of its slice.
-    assert abs((out[0][0] + out[1][0]) / 2 - loss) < 1e-5
+    # DDP averages parameter gradients over ranks. Local loss with the gradient-carrying gather: the mean of
+    # the rank losses is the full loss and half of each rank's embedding gradient is the full-batch gradient
+    # of its slice. Plain gather: every rank's loss is the full loss and each rank's embedding gradient is
+    # the full-batch gradient of its slice (so DDP's average is the full gradient over the world size).
+    assert abs((out[(0, True)][0] + out[(1, True)][0]) / 2 - loss) < 1e-5
+    assert abs(out[(0, False)][0] - loss) < 1e-5 and abs(out[(1, False)][0] - loss) < 1e-5
     for r in range(2):
-        assert torch.allclose(out[r][1] / 2, g_img[r * 4:(r + 1) * 4], atol=1e-6)
-        assert torch.allclose(out[r][2] / 2, g_txt[r * 4:(r + 1) * 4], atol=1e-6)
+        rows = slice(r * 4, (r + 1) * 4)
+        assert torch.allclose(out[(r, True)][1] / 2, g_img[rows], atol=1e-6)
+        assert torch.allclose(out[(r, True)][2] / 2, g_txt[rows], atol=1e-6)
+        assert torch.allclose(out[(r, False)][1], g_img[rows], atol=1e-6)
+        assert torch.allclose(out[(r, False)][2], g_txt[rows], atol=1e-6)
 
 
 def _anatomy_worker(rank, world, init_file, v, t, normal, keys, cut, out):
