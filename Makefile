@@ -8,7 +8,7 @@ install:  ## install medvlp (editable) with the test tools
 	$(PYTHON) -m pip install -e ".[dev]"
 
 test:  ## the default suite (CPU, < 10 min on 2 cores)
-	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 test-slow:  ## tests marked slow (exit code 5 = none selected is not an error)
 	$(PYTHON) -m pytest -q -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]

@@ -35,9 +35,46 @@ def _restore_medvlp_logger():
     logger.propagate, logger.level = propagate, level
 
 
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ... under pytest -n N; "" in one process
+if WORKER:  # one thread per test process: the demo models are too small for two threads to pay off
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def shared_dir(tmp_path_factory) -> Path:
+    """A folder every test process of the session sees (the parent of the per-process ones under -n)."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if WORKER else base) / "shared"
+
+
 @pytest.fixture(scope="session")
 def learned(tmp_path_factory):
-    """The session's shared learning runs (``tests/learning.py``): ``learned["clip"]`` trains once."""
+    """The session's shared learning runs (``tests/learning.py``): ``learned["clip"]`` trains once, in
+    whichever test process needs it first. Under ``pytest -n N`` each process first trains its share of
+    the runs whose learning tests were collected, so that none waits for another's run."""
     from learning import LearnedRuns
 
-    return LearnedRuns(tmp_path_factory)
+    runs = LearnedRuns(shared_dir(tmp_path_factory))
+    if WORKER and _LEARNING:
+        index, count = int(WORKER[2:]), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        for key in _LEARNING[index::count]:
+            runs[key]  # noqa: B018 - trains (or loads) it now
+    return runs
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _prefetch_learning_runs(request):
+    if WORKER and _LEARNING:
+        request.getfixturevalue("learned")
+
+
+# the learning runs, longest first, dealt to the test processes in turn: fvlm, mgca, clip | hlip, g2d, medblip
+PREFETCH = ("fvlm", "hlip", "mgca", "g2d", "clip", "medblip")
+_LEARNING: list[str] = []
+
+
+def pytest_collection_finish(session):
+    """The learning runs whose learning tests (``tests/methods/test_<key>_learns.py``) this session runs."""
+    wanted = {Path(str(item.fspath)).name for item in session.items}
+    _LEARNING[:] = [k for k in PREFETCH if f"test_{k}_learns.py" in wanted]

@@ -9,6 +9,7 @@ from them, so that no method is trained twice for the same purpose.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,18 +98,51 @@ def train(out_dir: Path, auc_min: float | None, steps: int, overrides: tuple[str
     return Learned(cfg, run_dir, untrained, made[0], before, api.evaluate(run_dir), auc_min)
 
 
-class LearnedRuns(dict):
-    """``learned[key]``: the run of ``RUNS[key]`` (or of an entry added with :meth:`add`), made on first use."""
+def _load(key: str, folder: Path, auc_min: float | None, compose: dict[str, Any], steps: int) -> Learned:
+    """A learning run another test process made: the untrained method rebuilt from the same seed, the trained
+    one from the run directory, the evaluations from ``learned.json``."""
+    import torch
 
-    def __init__(self, factory: Any) -> None:
+    saved = json.loads((folder / "learned.json").read_text())
+    rest = {k: v for k, v in compose.items() if k != "overrides"}
+    cfg = C.compose(**rest, overrides=[*demo_overrides(folder, steps), *compose.get("overrides", ())])
+    api.resolve_data_root(cfg)
+    C.resolve(cfg)
+    torch.manual_seed(cfg.run.seed)
+    untrained = api.build_method(cfg)
+    trained, _ = api.load_run(saved["run_dir"])
+    return Learned(cfg, Path(saved["run_dir"]), untrained, trained, saved["before"], saved["after"], auc_min)
+
+
+class LearnedRuns(dict):
+    """``learned[key]``: the run of ``RUNS[key]`` (or of an entry added with :meth:`add`), made on first use.
+
+    Test processes running side by side (``pytest -n 2``) share the runs through ``shared``: the first
+    process to need a run trains it under a file lock and writes ``learned.json`` beside it; the others
+    wait for the lock and load it."""
+
+    def __init__(self, shared: Path) -> None:
         super().__init__()
-        self.factory = factory
+        self.shared = Path(shared)
         self.specs = dict(RUNS)
 
     def add(self, key: str, auc_min: float | None, compose: dict[str, Any], steps: int) -> None:
         self.specs.setdefault(key, (auc_min, compose, steps))
 
     def __missing__(self, key: str) -> Learned:
+        import fcntl
+
         auc_min, compose, steps = self.specs[key]
-        self[key] = train(self.factory.mktemp(f"learned-{key}"), auc_min, steps, **compose)
+        folder = self.shared / f"learned-{key}"
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / ".lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if (folder / "learned.json").is_file():
+                self[key] = _load(key, folder, auc_min, compose, steps)
+            else:
+                self[key] = train(folder, auc_min, steps, **compose)
+                record = {"run_dir": str(self[key].run_dir), "before": self[key].before, "after": self[key].after}
+                tmp = folder / "learned.json.tmp"
+                tmp.write_text(json.dumps(record))
+                tmp.replace(folder / "learned.json")
         return self[key]
