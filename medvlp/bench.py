@@ -107,16 +107,43 @@ class Setup:
 
 EAGER = Setup("eager fp32")
 FAST = Setup("compile + bf16 + fused", compile=True, autocast="bf16", fused=True)
+FAST_FP32 = Setup("compile + fp32 + fused", compile=True, fused=True)
+
+
+def bf16_native(device: Any) -> bool:
+    """The device computes bf16 in hardware: a CUDA GPU (Ampere or newer), or a CPU with AVX512-BF16 / AMX
+    (elsewhere torch emulates bf16 on the CPU, several times slower than fp32)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _default_device() -> Any:
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def fast_setup(device: Any) -> Setup:
+    """medvlp's switches for ``--compare``: compile, fused AdamW, and bf16 autocast where the device has it."""
+    return FAST if bf16_native(device) else FAST_FP32
 # --matrix: fp32 / bf16 autocast x eager / compiled, the fused AdamW in all four
 MATRIX = [Setup("eager fp32", fused=True), Setup("eager bf16", autocast="bf16", fused=True),
           Setup("compile fp32", compile=True, fused=True), Setup("compile bf16", compile=True, autocast="bf16", fused=True)]
 
 
 def setup_of(cfg: Any, compile_: bool | None = None, autocast: str | None = None, fused: bool | None = None) -> Setup:
-    """The setup a run config asks for (``trainer.compile``, ``trainer.precision``), the flags winning."""
+    """The setup a run config asks for (``trainer.compile``, ``trainer.precision``, ``optim.fused``), the flags
+    winning."""
     c = bool(cfg.trainer.compile) if compile_ is None else compile_
     a = ("bf16" if "bf16" in str(cfg.trainer.precision) else "") if autocast is None else autocast
-    f = bool(fused)
+    f = bool(fused) if fused is not None else bool(cfg.optim.get("fused") or False)
     name = " + ".join([p for p in ("compile" if c else "eager", a or "fp32", "fused" if f else "") if p])
     return Setup(name, c, a, f)
 
@@ -270,13 +297,35 @@ def device_peak(device: Any, setup: Setup, override: float | None = None) -> tup
     if override:
         return float(override), "--peak-tflops"
     if device.type != "cuda":
-        return None, "no table entry for a CPU (give --peak-tflops)"
+        dtype = torch.bfloat16 if setup.autocast else torch.float32
+        kind = "bf16" if setup.autocast else "fp32"
+        return cpu_matmul_peak(dtype), f"this CPU's measured {kind} matmul rate (2048^3, best of 5)"
     name = torch.cuda.get_device_name(device)
     kind = "bf16" if setup.autocast else ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32")
     for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
         if key in name:
             return PEAK_TFLOPS[key][kind], f"{key} {kind} (dense)"
     return None, f"'{name}' is not in the peak table (give --peak-tflops)"
+
+
+_CPU_PEAK: dict[Any, float] = {}
+
+
+def cpu_matmul_peak(dtype: Any) -> float:
+    """TFLOP/s of a 2048 x 2048 x 2048 matmul in ``dtype`` on this CPU with torch's threads (best of 5): the
+    CPU has no data-sheet entry, so its MFU is against what its BLAS reaches on the friendliest shape."""
+    import torch
+
+    if dtype not in _CPU_PEAK:
+        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        a @ b  # warm-up
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        _CPU_PEAK[dtype] = 2 * 2048**3 / best / 1e12
+    return _CPU_PEAK[dtype]
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -322,7 +371,7 @@ def bench(cfg: Any, setups: list[Setup], steps: int = 10, warmup: int = 3, peak_
 
     # the step runs outside a Trainer: the method's self.log calls have nowhere to go, by design here
     warnings.filterwarnings("ignore", message=r".*`self\.log\(\)`.*")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(device) if device else _default_device()
     runners = [build_runner(cfg, s, dev) for s in setups]
     eager = next((r for r in runners if not r.setup.compile), None)
     flops = count_flops(eager) if eager is not None else None
@@ -431,7 +480,7 @@ def cmd_bench(args: Any) -> None:
     else:
         if args.workers is not None:
             cfg.data.num_workers = int(args.workers)
-        setups = ([EAGER, FAST] if args.compare else MATRIX if args.matrix
+        setups = ([EAGER, fast_setup(_default_device())] if args.compare else MATRIX if args.matrix
                   else [setup_of(cfg, args.compile, args.autocast, args.fused)])
         res = bench(cfg, setups, steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops)
     print(summary(res))
@@ -453,8 +502,9 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, caches; default 3)")
     p.add_argument("--batch-size", type=int, help="data.batch_size")
     p.add_argument("--workers", type=int, help="data.num_workers")
-    p.add_argument("--compare", action="store_true", help="eager fp32 against compile + bf16 autocast + fused AdamW, "
-                                                          "interleaved in one process; prints the ratio")
+    p.add_argument("--compare", action="store_true", help="eager fp32 against compile + fused AdamW + bf16 autocast "
+                                                          "(where the device computes bf16 natively), interleaved in one "
+                                                          "process; prints the ratio")
     p.add_argument("--matrix", action="store_true", help="fp32 / bf16 autocast x eager / compiled (fused AdamW), interleaved")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile both encoders")
     p.add_argument("--autocast", choices=["", "bf16"], default=None, help="bf16 autocast (default: trainer.precision)")

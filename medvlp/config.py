@@ -325,6 +325,8 @@ class OptimConfig:
     min_lr_ratio: float = bounded(0.0, ge=0, le=1)  # final lr = lr * min_lr_ratio
     no_decay_norm_bias: bool = True  # no weight decay on norms, biases and 1-d parameters
     text_lr_mult: float = bounded(1.0, ge=0)  # lr multiplier of the text encoder
+    # AdamW's fused kernel (one launch for every parameter); null = on when training on a GPU
+    fused: bool | None = None
 
 
 @dataclass

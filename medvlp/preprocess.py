@@ -78,6 +78,7 @@ from medvlp.datamodules.cache import (  # noqa: F401  (the reader, re-exported: 
     image_file,
     image_key,
     open_for_training,
+    parse_index,
     read_index,
     read_manifest,
     settings,

@@ -36,7 +36,8 @@ def _restore_medvlp_logger():
 
 
 WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ... under pytest -n N; "" in one process
-if WORKER:  # one thread per test process: the demo models are too small for two threads to pay off
+if WORKER:  # one thread per test process (and the processes it starts, which must compute as it does)
+    os.environ["OMP_NUM_THREADS"] = "1"
     import torch
 
     torch.set_num_threads(1)

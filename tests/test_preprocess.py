@@ -109,7 +109,7 @@ def test_resume_after_interruption(roots, tmp_path):
     first = P.preprocess(cfg_for("rsna", roots["rsna"], cache, task="detection"), workers=2, progress=False)
     assert first.done == first.total == 10 and first.skipped_existing == 0
     index = P.read_index(cache)
-    keys = sorted(index)
+    keys = sorted(P.parse_index(cache / "index.jsonl"))
     files = [cache / P.image_file(k) for k in keys]
     assert all(f.is_file() for f in files) and not list(cache.rglob("*.tmp"))
     files[0].unlink()  # deleted

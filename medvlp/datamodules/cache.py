@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,20 +181,21 @@ class CompactIndex:
     @classmethod
     def build(cls, entries: dict[str, tuple]) -> CompactIndex:
         n = len(entries)
-        width = max((len(m) for m in entries.values()), default=0)
-        hi, lo = np.empty(n, np.uint64), np.empty(n, np.uint64)
-        meta = np.full((n, width), np.nan)
-        ints = np.ones(width, bool)
-        widths = np.empty(n, np.int8)
-        for i, (key, m) in enumerate(entries.items()):
-            hi[i], lo[i] = cls.digest(key)
-            meta[i, :len(m)] = m
-            widths[i] = len(m)
-            for c, v in enumerate(m):
-                if not isinstance(v, int) or isinstance(v, bool):
-                    ints[c] = False
-        order = np.lexsort((lo, hi))
-        return cls(hi[order], lo[order], meta[order], ints, widths[order])
+        metas = list(entries.values())
+        blob = b"".join(hashlib.blake2b(k.encode("utf-8"), digest_size=16).digest() for k in entries)
+        digests = np.frombuffer(blob, dtype="<u8").reshape(n, 2) if n else np.zeros((0, 2), np.uint64)
+        widths = np.fromiter(map(len, metas), np.int8, n)
+        width = int(widths.max()) if n else 0
+        if n and int(widths.min()) == width:
+            meta = np.array(metas, dtype=np.float64).reshape(n, width)
+        else:
+            meta = np.full((n, width), np.nan)
+            for i, m in enumerate(metas):
+                meta[i, :len(m)] = m
+        ints = np.array([all(type(m[c]) is int for m in metas if len(m) > c) for c in range(width)], bool)
+        order = np.lexsort((digests[:, 1], digests[:, 0]))
+        return cls(np.ascontiguousarray(digests[order, 0]), np.ascontiguousarray(digests[order, 1]), meta[order], ints,
+                   widths[order])
 
     def _row(self, key: str) -> int:
         h, low = self.digest(key)
@@ -223,6 +225,9 @@ class CompactIndex:
     def __len__(self) -> int:
         return len(self.hi)
 
+    def __iter__(self):
+        raise TypeError("A CompactIndex holds the digests of its keys, not the keys; parse_index(index.jsonl) lists them.")
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, CompactIndex):
             return NotImplemented
@@ -248,7 +253,7 @@ class CompactIndex:
                 if tuple(int(v) for v in z["stamp"]) != tuple(stamp):
                     return None
                 return cls(z["hi"], z["lo"], z["meta"], z["ints"], z["widths"])
-        except (OSError, ValueError, KeyError, EOFError):  # absent, cut short or of another layout: rebuilt
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # absent, cut short, another layout
             return None
 
 

@@ -125,8 +125,14 @@ class UnetSegmenter(nn.Module):
             raise ValueError(f"The encoder's weights do not fit smp.Unet('{name}'): e.g. {missing[:3]} are missing.")
         self.unet.load_state_dict(state, strict=False)
         self.encoder = self.unet.encoder
+        # the pretrained encoder's memory order (channels-last CNNs): the same kernels, so the same numbers
+        self.channels_last = bool(getattr(encoder, "channels_last", False))
+        if self.channels_last:
+            self.unet.encoder.to(memory_format=torch.channels_last)
 
     def forward(self, images: Tensor) -> Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.unet(images)[:, 0]
 
 

@@ -364,7 +364,9 @@ class VLPMethod(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.optim_cfg
-        opt = torch.optim.AdamW(self.param_groups(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        fused = bool(o.fused) if o.fused is not None else self.device.type == "cuda"
+        opt = torch.optim.AdamW(self.param_groups(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                                **({"fused": True} if fused else {}))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = o.warmup_steps or int(o.warmup_ratio * total)
         period = int(o.restart_steps)
