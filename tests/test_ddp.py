@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from ddp_run import FIT_STEPS, PROBE_EPOCHS, commands
+
 from medvlp import api
 
 HERE = Path(__file__).resolve().parent
