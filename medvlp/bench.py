@@ -184,9 +184,11 @@ class Runner:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def next_batch(self) -> Any:
+        """The next batch as Lightning hands it to the step: the method's host-side hook, then the transfer."""
         from lightning.fabric.utilities.apply_func import move_data_to_device
 
-        return move_data_to_device(next(self.batches), self.device)
+        batch = self.method.on_before_batch_transfer(next(self.batches), 0)
+        return move_data_to_device(batch, self.device)
 
     def step(self, record: bool = True) -> None:
         d = self.device
@@ -297,8 +299,10 @@ def device_peak(device: Any, setup: Setup, override: float | None = None) -> tup
     if override:
         return float(override), "--peak-tflops"
     if device.type != "cuda":
-        dtype = torch.bfloat16 if setup.autocast else torch.float32
-        kind = "bf16" if setup.autocast else "fp32"
+        # bf16 against the bf16 rate only where the CPU has bf16 units; elsewhere it is emulated, and the best
+        # this CPU does is its fp32 rate
+        native = bool(setup.autocast) and bf16_native(device)
+        dtype, kind = (torch.bfloat16, "bf16") if native else (torch.float32, "fp32")
         return cpu_matmul_peak(dtype), f"this CPU's measured {kind} matmul rate (2048^3, best of 5)"
     name = torch.cuda.get_device_name(device)
     kind = "bf16" if setup.autocast else ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32")

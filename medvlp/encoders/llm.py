@@ -396,6 +396,7 @@ class FrozenLLM(nn.Module):
         visual_first: bool = False,
         supervise_prompt: bool = False,
         positions_from_mask: bool = False,
+        right_padded: bool = False,
     ) -> dict[str, Tensor]:
         """What the LM consumes for teacher-forced training on the answer (spec §4.3); a pure function of the
         inputs and the frozen embedding table.
@@ -408,6 +409,8 @@ class FrozenLLM(nn.Module):
             supervise_prompt: decoder-only only: the prompt tokens are LM targets too (the official code).
             positions_from_mask: decoder-only only: ``position_ids = cumsum(mask) - 1`` (clamped at 0), so pads
                 do not shift positions (spec §11 Q8); else ``0 .. L-1`` as in the official code.
+            right_padded: the caller built the answers right-padded (MedBLIP's step does), so the check that
+                they are - a read of the device - is skipped.
 
         Returns:
             seq2seq: ``inputs_embeds`` ``[B, Tp+Q, W]`` (encoder input), ``attention_mask`` ``[B, Tp+Q]``,
@@ -429,7 +432,7 @@ class FrozenLLM(nn.Module):
         if visual_first:
             parts.reverse()
         if self._seq2seq:
-            if bool((answer_mask[:, 1:] > answer_mask[:, :-1]).any()):
+            if not right_padded and bool((answer_mask[:, 1:] > answer_mask[:, :-1]).any()):
                 raise ValueError("lm_inputs: encoder-decoder answers must be right-padded (pads after the tokens)")
             return {
                 "inputs_embeds": torch.cat([e for e, _ in parts], dim=1),
@@ -491,6 +494,7 @@ class FrozenLLM(nn.Module):
         supervise_prompt: bool = False,
         positions_from_mask: bool = False,
         global_mean: bool = False,
+        right_padded: bool = False,
     ) -> Tensor:
         """Mean token cross-entropy (float32) over the supervised positions of :meth:`lm_inputs` (same
         arguments); 0 when there is none. Gradients reach ``visual`` (and LoRA adapters), never the base.
@@ -499,7 +503,8 @@ class FrozenLLM(nn.Module):
         times the world size over the all-reduced count), so that the processes' mean - what DDP's gradient
         averaging optimises - is the token mean of the global batch, however the tokens are spread."""
         inputs = self.lm_inputs(visual, prompt_ids, prompt_mask, answer_ids, answer_mask, visual_first=visual_first,
-                                supervise_prompt=supervise_prompt, positions_from_mask=positions_from_mask)
+                                supervise_prompt=supervise_prompt, positions_from_mask=positions_from_mask,
+                                right_padded=right_padded)
         ce, selected = self._token_losses(inputs)
         count = selected.sum().float()
         if global_mean:

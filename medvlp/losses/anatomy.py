@@ -31,6 +31,14 @@ def text_keys(texts: list[str], device: torch.device | None = None) -> Tensor:
     return torch.tensor(keys, dtype=torch.long, device=device)
 
 
+def all_targets_equal(normal: list[bool], texts: list[str], normal_positives: bool = True,
+                      duplicate_positives: bool = True) -> bool:
+    """Whether :func:`fnr_targets` of these samples (no ``extra``) has every entry equal - no signal -, from
+    host-side lists: every pair of samples is positive (one sample; all identical texts; all normal)."""
+    return (len(normal) <= 1 or (duplicate_positives and len(set(texts)) == 1)
+            or (normal_positives and all(normal)))
+
+
 def fnr_targets(normal: Tensor, keys: Tensor, normal_positives: bool = True, duplicate_positives: bool = True,
                 extra: Tensor | None = None) -> Tensor:
     """The target matrix ``Y`` ``[N, N]`` of one anatomy (rows sum to 1).
@@ -79,8 +87,8 @@ def soft_target_clip(img: Tensor, txt: Tensor, temperature: Tensor | float, targ
 def anatomy_itc(v: Tensor, t: Tensor, normal: Tensor, keys: Tensor, temperature: Tensor | float, *,
                 gather_distributed: bool = True, with_grad: bool = False, normal_positives: bool = True,
                 duplicate_positives: bool = True, momentum_text: Tensor | None = None,
-                peer: tuple[Tensor, Tensor, float] | None = None, alpha: float = 0.5,
-                abnormal_only: bool = False) -> Tensor | None:
+                peer: tuple[Tensor, Tensor, Tensor | float] | None = None, alpha: float = 0.5,
+                abnormal_only: bool = False, uniform: bool | None = None) -> Tensor | None:
     """One anatomy's loss over the global batch (spec §4), or None when it contributes nothing here.
 
     Every process calls it for the same anatomies in the same order (it gathers), whatever its number of
@@ -100,6 +108,8 @@ def anatomy_itc(v: Tensor, t: Tensor, normal: Tensor, keys: Tensor, temperature:
         peer: ``(v', t', tau')`` a peer model's embeddings of the same samples (co-teaching): the targets
             become ``alpha Y + (1 - alpha) softmax(S')`` (``S'^T`` for text-to-image), on abnormal rows only
             with ``abnormal_only``.
+        uniform: whether every target is equal, when the caller knows it from host-side data
+            (:func:`all_targets_equal`); None: read from the targets (a host synchronisation).
 
     Returns:
         The soft-target InfoNCE (:func:`soft_target_clip`), or None with no local sample or when every
@@ -121,11 +131,11 @@ def anatomy_itc(v: Tensor, t: Tensor, normal: Tensor, keys: Tensor, temperature:
     soft = None
     if peer is not None:
         pv, pt, ptemp = peer
-        soft = everywhere(pv) @ everywhere(pt).T / float(ptemp)
+        soft = everywhere(pv) @ everywhere(pt).T / ptemp
     if n == 0:
         return None
     y = fnr_targets(normal_all, keys_all, normal_positives, duplicate_positives, extra)
-    if bool((y == y[0, 0]).all()):
+    if uniform if uniform is not None else bool((y == y[0, 0]).all()):
         return None
     y_t2i = None
     if soft is not None:
@@ -138,4 +148,4 @@ def anatomy_itc(v: Tensor, t: Tensor, normal: Tensor, keys: Tensor, temperature:
     return soft_target_clip(v_all, t_all, temperature, y, y_t2i)[0]
 
 
-__all__ = ["anatomy_itc", "fnr_targets", "soft_target_clip", "text_keys"]
+__all__ = ["all_targets_equal", "anatomy_itc", "fnr_targets", "soft_target_clip", "text_keys"]

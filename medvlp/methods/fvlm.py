@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from medvlp.batch import ImageTextBatch
 from medvlp.config import AnatomyViTConfig, ImageEncoderConfig, MethodConfig, bounded
 from medvlp.distributed import all_reduce_sum, world
-from medvlp.losses.anatomy import anatomy_itc, text_keys
+from medvlp.losses.anatomy import all_targets_equal, anatomy_itc, text_keys
 from medvlp.methods.base import VLPMethod
 from medvlp.registry import register_method
 
@@ -165,19 +165,24 @@ class FVLM(VLPMethod):
             self.text_proj_m = copy.deepcopy(self.text_proj).requires_grad_(False)
 
     # ------------------------------------------------------------------ anatomy geometry
-    def label_map(self, batch: ImageTextBatch) -> Tensor:
-        """``batch.anatomy_masks`` as ``[B, D, H, W]`` (a clear error when the loader gives none)."""
+    def label_map(self, batch: ImageTextBatch, check: bool = True) -> Tensor:
+        """``batch.anatomy_masks`` as ``[B, D, H, W]`` (a clear error when the loader gives none); ``check``:
+        its values are checked against the anatomies (one host read; the training step checks them in its own)."""
         masks = batch.anatomy_masks
         if masks is None:
             raise ValueError("fVLM needs each volume's anatomy label map: set data.anatomy_dir (TotalSegmentator output) "
                              "and data.anatomy_groups (fvlm4 for lung, heart, esophagus, aorta).")
         labels = masks[:, 0] if masks.ndim == 5 else masks
-        top = int(labels.max())
-        if top > len(self.anatomies) or top < 0:
-            raise ValueError(f"The anatomy label map holds the value {top}, but this fVLM has {len(self.anatomies)} "
+        if check:
+            self._check_labels(int(labels.min()), int(labels.max()))
+        return labels
+
+    def _check_labels(self, low: int, top: int) -> None:
+        if top > len(self.anatomies) or low < 0:
+            bad = top if top > len(self.anatomies) else low
+            raise ValueError(f"The anatomy label map holds the value {bad}, but this fVLM has {len(self.anatomies)} "
                              f"anatomies ({self.anatomies}, labels 1..{len(self.anatomies)}): merge the TotalSegmentator "
                              f"classes with data.anatomy_groups (fvlm4).")
-        return labels
 
     def anatomy_presence(self, labels: Tensor) -> tuple[Tensor, Tensor]:
         """``(present, touching)`` ``[B, A]`` bool: the anatomy has a voxel in the volume / on one of its six faces."""
@@ -300,7 +305,7 @@ class FVLM(VLPMethod):
         return float(self.temp.detach().clamp(float(self.cfg.temperature_min), float(self.cfg.temperature_max)))
 
     # ------------------------------------------------------------------ loss
-    def report_texts(self, batch: ImageTextBatch, k: int, rows: Tensor) -> list[str]:
+    def report_texts(self, batch: ImageTextBatch, k: int, rows: list[int]) -> list[str]:
         """The anatomy-``k`` texts of ``rows`` as encoded: a normal text longer than the template loses it."""
         name = self.anatomies[k]
         texts = batch.anatomy_texts.get(name) if batch.anatomy_texts else None
@@ -308,7 +313,7 @@ class FVLM(VLPMethod):
             raise ValueError(f"The batch has no '{name}' anatomy texts (batch.anatomy_texts has "
                              f"{sorted(batch.anatomy_texts or {})}); fVLM needs data.anatomy_text=fvlm.")
         template = self.cfg.normal_template.format(anatomy=name)
-        out = [texts[i] for i in rows.tolist()]
+        out = [texts[i] for i in rows]
         if self.cfg.strip_template:
             out = [t.replace(template, "") if t.startswith(template) and t != template else t for t in out]
         return out
@@ -322,18 +327,26 @@ class FVLM(VLPMethod):
                     m.temp.clamp_(float(c.temperature_min), float(c.temperature_max))
         if batch.anatomy_abnormal is None:
             raise ValueError("fVLM needs per-anatomy abnormal flags (batch.anatomy_abnormal): set data.anatomy_text=fvlm.")
-        labels = self.label_map(batch)
+        labels = self.label_map(batch, check=False)
         present, touching = self.anatomy_presence(labels)
         used = present & ~touching if c.intact_only else present  # [B, A]
         abnormal = batch.anatomy_abnormal.to(used.device).bool()
         gathered = c.gather_distributed
         counts = (used & abnormal).sum(0)
-        contributing = (all_reduce_sum(counts) if gathered else counts) > 0
-        if not bool(contributing.any()):  # every process agrees: the batch is skipped
+        counts = all_reduce_sum(counts) if gathered else counts
+        # one host read for the whole step: which samples each anatomy uses, their abnormal flags, which
+        # anatomies contribute on some process, and the label map's range (checked here)
+        b, a = used.shape
+        host = torch.cat([used.flatten().long(), abnormal.flatten().long(), counts.long(),
+                          torch.stack([labels.min(), labels.max()]).long()]).tolist()
+        used_h, abnormal_h, counts_h = host[:b * a], host[b * a:2 * b * a], host[2 * b * a:2 * b * a + a]
+        self._check_labels(host[-2], host[-1])
+        ks = [k for k in range(a) if counts_h[k] > 0]
+        if not ks:  # every process agrees: the batch is skipped
             return {}
-        ks = contributing.nonzero().flatten().tolist()
-        rows = {k: used[:, k].nonzero().flatten() for k in ks}
-        texts = {k: self.report_texts(batch, k, rows[k]) for k in ks}
+        rows_h = {k: [i for i in range(b) if used_h[i * a + k]] for k in ks}
+        rows = {k: torch.tensor(rows_h[k], dtype=torch.long, device=used.device) for k in ks}
+        texts = {k: self.report_texts(batch, k, rows_h[k]) for k in ks}
         feats, pooled = model.anatomy_features(batch.images, labels, rows, texts)
         peer_feats = momentum = None
         if teacher is not None:
@@ -343,17 +356,22 @@ class FVLM(VLPMethod):
             with torch.no_grad():
                 momentum = self.momentum_text_features(texts, pooled.device)
 
+        alone = not gathered or world()[1] == 1
         per_anatomy: dict[str, Tensor] = {}
         for k in ks:
             v, t = feats[k]
-            normal = ~abnormal[rows[k], k]
-            keys = text_keys([batch.anatomy_texts[self.anatomies[k]][i] for i in rows[k].tolist()], v.device)
+            normal_h = [not abnormal_h[i * a + k] for i in rows_h[k]]
+            raw = [batch.anatomy_texts[self.anatomies[k]][i] for i in rows_h[k]]
+            # on one process the host knows whether every target is equal (no signal) without reading the device
+            uniform = (all_targets_equal(normal_h, raw, c.fnr_normal, c.fnr_duplicates)
+                       if alone and momentum is None and peer_feats is None else None)
             loss = anatomy_itc(
-                v, t, normal, keys, model.temp, gather_distributed=gathered, with_grad=c.gather_with_grad,
+                v, t, torch.tensor(normal_h, device=v.device), text_keys(raw, v.device), model.temp,
+                gather_distributed=gathered, with_grad=c.gather_with_grad,
                 normal_positives=c.fnr_normal, duplicate_positives=c.fnr_duplicates,
                 momentum_text=momentum[k] if momentum is not None else None,
-                peer=(*peer_feats[k], float(teacher.temp.detach())) if peer_feats is not None else None,
-                alpha=float(c.coteach_alpha), abnormal_only=c.coteach_scope == "abnormal_only")
+                peer=(*peer_feats[k], teacher.temp.detach()) if peer_feats is not None else None,
+                alpha=float(c.coteach_alpha), abnormal_only=c.coteach_scope == "abnormal_only", uniform=uniform)
             if loss is not None:
                 per_anatomy[self.anatomies[k]] = loss
         if not per_anatomy:

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 QUESTION = "What will this subject be diagnosed with?"
 ANSWERS = ["Not demented", "mild cognitive impairment (MCI)", "Dementia"]  # classes CN, MCI, AD (§3.3)
+CLASS_IDS = "class_ids"  # batch.meta key: each row's class, listed on the host before the transfer
 
 
 @dataclass
@@ -176,17 +177,26 @@ class MedBLIP(VLPMethod):
     def qa_string(self, answer: str, question: str | None = None) -> str:
         return f"Question: {question or self.cfg.question} Answer: {answer}"
 
-    def class_ids(self, batch: ImageTextBatch) -> Tensor:
-        """``[B]`` class index of each row (-100: no diagnosis); the labels are one-hot in ``answers`` order."""
+    def class_ids(self, batch: ImageTextBatch, device: torch.device | None = None) -> Tensor:
+        """``[B]`` class index of each row (-100: no diagnosis) on ``device`` (default the method's); the labels
+        are one-hot in ``answers`` order."""
         n = len(batch)
+        device = device or self.device
         if batch.labels is None:
-            return torch.full((n,), -100, dtype=torch.long, device=self.device)
-        labels = batch.labels.to(self.device)
+            return torch.full((n,), -100, dtype=torch.long, device=device)
+        labels = batch.labels.to(device)
         if labels.shape[1] != len(self.cfg.answers):
             raise ValueError(f"The batch has {labels.shape[1]} label columns but method.answers has {len(self.cfg.answers)} "
                              f"answers ({list(self.cfg.answers)}); give one answer per class, in the datamodule's order.")
         known = ~torch.isnan(labels).any(1)
         return torch.where(known, labels.nan_to_num(0).argmax(1), torch.full_like(known, -100, dtype=torch.long))
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Lightning calls this on the host before moving the batch to the device: the class of every row as a
+        list (``batch.meta["class_ids"]``), so that the step builds its answer strings without reading the device."""
+        if isinstance(batch, ImageTextBatch) and batch.labels is not None and batch.labels.device.type == "cpu":
+            batch.meta = {**(batch.meta or {}), CLASS_IDS: self.class_ids(batch, batch.labels.device).tolist()}
+        return batch
 
     def descriptions(self, batch: ImageTextBatch) -> list[str]:
         """The EHR descriptions (the datamodule's ``descriptions``; else the batch texts)."""
@@ -258,7 +268,8 @@ class MedBLIP(VLPMethod):
         eps = float(c.label_smoothing)
         desc = self.descriptions(batch)
         cls = self.class_ids(batch)
-        answers = [c.answers[int(k)] if k >= 0 else "" for k in cls.tolist()]
+        ids = batch.meta.get(CLASS_IDS) if batch.meta else None  # prepared on the host before the transfer
+        answers = [c.answers[int(k)] if k >= 0 else "" for k in (ids if ids is not None else cls.tolist())]
         out: dict[str, Tensor] = {}
         desc_ids = desc_mask = None
         if self.loss_weight("itc_desc") > 0 or self.itm_head is not None:
@@ -275,6 +286,7 @@ class MedBLIP(VLPMethod):
             a_ids, a_mask = self.answer_tokens(answers)
             out["lm"] = self.llm.lm_loss(self.llm_proj(z_raw), p_ids, p_mask, a_ids, a_mask,
                                          supervise_prompt=bool(c.lm_supervise_prompt), global_mean=bool(c.gather_distributed),
+                                         right_padded=True,
                                          **self.lm_kwargs())
             self.log_terms({"prompts_truncated": float(cut)}, batch_size=len(batch))
         if self.itm_head is not None:

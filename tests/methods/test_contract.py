@@ -184,12 +184,12 @@ def test_a_loss_weight_for_a_term_the_method_lacks_is_an_error(setup):
 
 
 # Host reads (``.item()``, ``.tolist()``, ``bool(tensor)``, ...: each a device synchronisation on a GPU) one training
-# step of each method may make, counted on the CPU with medvlp.bench.count_host_reads. One is transformers' BERT
-# mask check (``padding_mask.all()``). MedBLIP reads its rows' class ids to build the answer strings of the QA
-# contrast and the LM targets (tokenised on the host) and checks the answers' padding; fVLM selects, per
-# anatomy, the samples whose anatomy is whole and tokenises their texts (about 5 reads per anatomy) and checks
-# the label map's range. Any other method: 1.
-HOST_READ_BOUND = {"medblip": 4, "fvlm": 2 + 6 * 4}
+# step of each method may make, counted on the CPU with medvlp.bench.count_host_reads after the method's host-side
+# hook (``on_before_batch_transfer``, which Lightning runs before moving the batch). One is transformers' BERT mask
+# check (``padding_mask.all()``), once per text pass: MedBLIP makes two (the description and the QA string through
+# its Q-Former). fVLM reads once more: which samples each anatomy uses (whole in the volume), their flags and the
+# label map's range, in one packed transfer (its texts are tokenised on the host). Any other method: 1.
+HOST_READ_BOUND = {"medblip": 2, "fvlm": 2}
 
 
 def test_terms_are_declared_finite_scalars_and_host_reads_bounded(setup):
@@ -201,8 +201,9 @@ def test_terms_are_declared_finite_scalars_and_host_reads_bounded(setup):
     for k, v in terms.items():
         assert v.ndim == 0 and torch.isfinite(v), f"{setup.name} term {k} = {v}"
     assert torch.isfinite(total)
+    batch = m.on_before_batch_transfer(copy.copy(setup.batch), 0)  # on the host, before the transfer (Lightning)
     with count_host_reads() as reads:  # a second step: lazy set-up is not counted
-        total, _ = setup.total(m)
+        total, _ = setup.total(m, batch)
         total.backward()
     bound = HOST_READ_BOUND.get(setup.name, 1)
     assert sum(reads.values()) <= bound, f"{setup.name}: {dict(reads)} host reads in one step (bound {bound})"

@@ -206,7 +206,7 @@ def test_text_assembly_follows_the_released_code():
     m = method()
     b = batch(m, 3, abnormal=torch.tensor([[False, True, False, False]] * 3),
               texts={k: [v] * 3 for k, v in texts.items()})
-    rows = torch.arange(3)
+    rows = [0, 1, 2]
     assert m.report_texts(b, 0, rows)[0] == "Lungs are clear."  # normal with findings: findings only
     assert m.report_texts(b, 3, rows)[0] == "aorta shows no significant abnormalities."  # normal, no findings: template
     assert m.report_texts(b, 1, rows)[0] == texts["heart"]  # abnormal: impression + findings
