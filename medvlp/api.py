@@ -325,8 +325,9 @@ def fit(cfg: DictConfig, resume: str | Path | None = None) -> Path:
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     method = build_method(cfg)
     method.shard_classes = list(cfg.trainer.fsdp_wrap)
-    if cfg.trainer.compile:
+    if cfg.trainer.compile:  # both encoders (their other methods stay reachable through the compiled wrapper)
         method.image_encoder = torch.compile(method.image_encoder)
+        method.text_encoder = torch.compile(method.text_encoder)
     dm = build_datamodule(cfg, tokenizer=method.tokenizer)
     train_loader = dm.resumable_train_dataloader()  # reads the records: bad data fails before the run directory exists
     val_loader = dm.val_dataloader()

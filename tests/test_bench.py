@@ -110,3 +110,34 @@ def test_flop_formulas_without_the_module_tracker_equal_flop_counter_mode():
     with FlopCounterMode(display=False) as counter:
         run()
     assert _flops_by_dispatch(run) == counter.get_total_flops() == 3 * 2 * 8 * (16 * 32 + 32 * 4) - 2 * 8 * 16 * 32
+
+
+def test_fit_compiles_both_encoders_and_the_run_reloads(tmp_path, monkeypatch):
+    """trainer.compile=true: ``medvlp fit`` trains both encoders through ``torch.compile`` (TorchDynamo traces
+    them; the eager backend here spares the CPU the code generation, which ``medvlp bench --compile`` runs),
+    and the run directory reloads into a method with the trained weights."""
+    import torch
+
+    from medvlp import api
+    from medvlp import config as C
+
+    real, wrapped = torch.compile, []
+
+    def traced(module, **kwargs):
+        wrapped.append(type(module).__name__)
+        return real(module, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", traced)
+    cfg = C.compose("clip", overrides=[f"run.out_dir={tmp_path}", "trainer.compile=true", "trainer.max_steps=2",
+                                       "trainer.enable_progress_bar=false", "trainer.limit_val_batches=0",
+                                       "data.limit_train=32", "data.batch_size=16"])
+    api.resolve_data_root(cfg)
+    C.resolve(cfg)
+    run = api.fit(cfg)
+    assert wrapped == ["TimmImageEncoder", "HFTextEncoder"]
+    weights = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert any(k.startswith("image_encoder._orig_mod.") for k in weights)
+    assert any(k.startswith("text_encoder._orig_mod.") for k in weights)
+    method, _ = api.load_run(run)
+    name = next(k for k in weights if k.startswith("text_encoder._orig_mod."))
+    assert torch.equal(method.state_dict()[name.replace("._orig_mod.", ".")], weights[name])
