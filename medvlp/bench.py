@@ -465,9 +465,10 @@ def markdown_rows(res: dict[str, Any]) -> str:
         mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") else "n/a"
         gflop = f"{r['flops_per_sample'] / 1e9:.3g}" if "flops_per_sample" in r else "-"
         tflops = f"{r['tflops_per_s']:.3g}" if "tflops_per_s" in r else "-"
+        device_mib = f"{r['peak_device_mib']:.0f}" if "peak_device_mib" in r else "-"  # a CPU: see the host figure
         rows.append(f"| {res['method']} | {res['device']} | {r['setup']} | {r['batch_size']} | {r['samples_per_s']:.1f} | "
                     f"{ms['median']:.1f} ({ms['p10']:.1f}-{ms['p90']:.1f}) | {r.get('speedup', 1.0):.2f}x | "
-                    f"{r.get('peak_device_mib', float('nan')):.0f} | {gflop} | {tflops} | {mfu} | {r['host_reads_per_step']:g} |")
+                    f"{device_mib} | {gflop} | {tflops} | {mfu} | {r['host_reads_per_step']:g} |")
     return "\n".join(rows) + "\n"
 
 
