@@ -517,10 +517,13 @@ def stable_fraction(seed: int, key: str) -> float:
 
 def stack_images(images: list[Any], multi_scan: bool) -> tuple[Any, Any]:
     """``(images [B, ...], scan_mask or None)``. Multi-scan items ``[S_i, C, D, H, W]`` are padded with
-    zero scans to the largest ``S`` of the batch; ``scan_mask`` ``[B, S]`` marks the real ones."""
+    zero scans to the largest ``S`` of the batch; ``scan_mask`` ``[B, S]`` marks the real ones. A batch whose
+    studies all have ``S`` scans needs no mask (None): the encoder then learns that without reading the device."""
     import torch
 
     if not multi_scan:
+        return torch.stack(images), None
+    if len({int(im.shape[0]) for im in images}) == 1:
         return torch.stack(images), None
     most = max(int(im.shape[0]) for im in images)
     out = images[0].new_zeros((len(images), most, *images[0].shape[1:]))

@@ -233,8 +233,9 @@ class HierarchicalViT(nn.Module):
         x = x.reshape(b, n, d, h, w, c) + self.spatial_positions(grid).to(x.dtype)
         seq = self.sequence_positions(n)
         if seq is not None:
-            counts = scan_mask.sum(dim=1).tolist() if scan_mask is not None else None
-            if not self.training and counts is not None and n > self.max_scans and min(counts) < n:
+            counts = (scan_mask.sum(dim=1).tolist() if scan_mask is not None and not self.training and n > self.max_scans
+                      else None)  # read only where it decides something
+            if counts is not None and min(counts) < n:
                 # rows interpolated to each study's own scan count, as if it were alone; padding gets none
                 seq = torch.stack([F.pad(self.sequence_positions(int(k)), (0, 0, 0, n - int(k))) for k in counts])
                 x = x + seq.to(x.dtype)[:, :, None, None, None]
