@@ -27,14 +27,16 @@ def proc_kb(pid: int, key: str) -> int:
 
 def run_workers(dm, split: str, epochs: int) -> tuple[int, dict[int, list[int]], dict[int, int]]:
     """Iterate ``epochs`` over ``split`` with 2 persistent workers; per worker pid, the RSS after each batch."""
+    from torch.utils.data import DataLoader
+
     loader = dm._loader(split, shuffle=True, batch_size=4)
     rss: dict[int, list[int]] = {}
     seen = 0
-    it = iter(loader)
+    it = DataLoader.__iter__(loader)  # the workers' iterator itself (a SkippingLoader wraps it in a generator)
     pids = [w.pid for w in it._workers]
     for epoch in range(epochs):
         if epoch:
-            it = iter(loader)
+            it = DataLoader.__iter__(loader)
         for batch in it:
             seen += batch.images.shape[0]
             for pid in pids:
