@@ -174,15 +174,20 @@ class CompactIndex:
         self.hi, self.lo, self.meta, self.ints, self.widths = hi, lo, meta, ints, widths
 
     @staticmethod
-    def digest(key: str) -> tuple[int, int]:
-        d = hashlib.blake2b(key.encode("utf-8"), digest_size=16).digest()
+    def digest_bytes(key: str) -> bytes:
+        """The key's 128-bit BLAKE2b digest: two little-endian uint64 halves, ``(hi, lo)``."""
+        return hashlib.blake2b(key.encode("utf-8"), digest_size=16).digest()
+
+    @classmethod
+    def digest(cls, key: str) -> tuple[int, int]:
+        d = cls.digest_bytes(key)
         return int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little")
 
     @classmethod
     def build(cls, entries: dict[str, tuple]) -> CompactIndex:
         n = len(entries)
         metas = list(entries.values())
-        blob = b"".join(hashlib.blake2b(k.encode("utf-8"), digest_size=16).digest() for k in entries)
+        blob = b"".join(map(cls.digest_bytes, entries))
         digests = np.frombuffer(blob, dtype="<u8").reshape(n, 2) if n else np.zeros((0, 2), np.uint64)
         widths = np.fromiter(map(len, metas), np.int8, n)
         width = int(widths.max()) if n else 0
