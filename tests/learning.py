@@ -73,15 +73,20 @@ class Learned:
         assert auc_ok and r5_ok, msg
 
 
-def train(out_dir: Path, auc_min: float | None, steps: int, overrides: tuple[str, ...] = (), **compose: Any) -> Learned:
-    """Compose, evaluate the untrained method, fit (keeping the trained method), evaluate the run."""
+def untrained_run(out_dir: Path, steps: int, overrides: tuple[str, ...] = (), **compose: Any) -> tuple[Any, Any]:
+    """``(config, untrained method)`` of a learning run: composed and resolved, the method built from the run's seed."""
     import torch
 
     cfg = C.compose(**compose, overrides=[*demo_overrides(out_dir, steps), *overrides])
     api.resolve_data_root(cfg)
     C.resolve(cfg)
     torch.manual_seed(cfg.run.seed)
-    untrained = api.build_method(cfg)
+    return cfg, api.build_method(cfg)
+
+
+def train(out_dir: Path, auc_min: float | None, steps: int, overrides: tuple[str, ...] = (), **compose: Any) -> Learned:
+    """Compose, evaluate the untrained method, fit (keeping the trained method), evaluate the run."""
+    cfg, untrained = untrained_run(out_dir, steps, overrides, **compose)
     before = api.evaluate_method(untrained, cfg) if auc_min is not None else {}
     made: list[Any] = []
     build = api.build_method
@@ -101,15 +106,8 @@ def train(out_dir: Path, auc_min: float | None, steps: int, overrides: tuple[str
 def _load(key: str, folder: Path, auc_min: float | None, compose: dict[str, Any], steps: int) -> Learned:
     """A learning run another test process made: the untrained method rebuilt from the same seed, the trained
     one from the run directory, the evaluations from ``learned.json``."""
-    import torch
-
     saved = json.loads((folder / "learned.json").read_text())
-    rest = {k: v for k, v in compose.items() if k != "overrides"}
-    cfg = C.compose(**rest, overrides=[*demo_overrides(folder, steps), *compose.get("overrides", ())])
-    api.resolve_data_root(cfg)
-    C.resolve(cfg)
-    torch.manual_seed(cfg.run.seed)
-    untrained = api.build_method(cfg)
+    cfg, untrained = untrained_run(folder, steps, **compose)
     trained, _ = api.load_run(saved["run_dir"])
     return Learned(cfg, Path(saved["run_dir"]), untrained, trained, saved["before"], saved["after"], auc_min)
 
